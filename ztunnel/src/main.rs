@@ -1,1 +1,51 @@
-fn main() {}
+//! weft-ztunnel entry point.
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "weft-ztunnel", version, about = "Weft's per-node L4 proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(weft_ztunnel::config::Config),
+    /// Remove every pinned eBPF program, link and map of this node's
+    /// ztunnel: enrolled pods' traffic goes direct again.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf/weft")]
+        bpf_pin_dir: std::path::PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let json = matches!(&cli.command, Command::Run(c) if c.log_json);
+    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let result = match cli.command {
+        Command::Run(cfg) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(weft_ztunnel::app::run(cfg))),
+        Command::Uninstall { bpf_pin_dir } => {
+            weft_ztunnel::capture::ebpf::Capture::remove_all(&bpf_pin_dir).map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-ztunnel: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

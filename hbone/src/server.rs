@@ -1,0 +1,195 @@
+//! HBONE server: accepts a mutual-TLS HTTP/2 connection and hands each
+//! CONNECT request to a handler as an `InboundTunnel`, which the handler
+//! accepts (200) or rejects (401, 503, ...).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, Instrument};
+use weft_api::Identity;
+
+use crate::client::H2Settings;
+use crate::error::HboneError;
+use crate::stream::H2Stream;
+use crate::tls::{self, TlsError, ALPN_H2};
+
+/// One CONNECT request waiting for the handler's verdict.
+///
+/// Dropping it without `accept` or `reject` answers 503, so a handler that
+/// bails out early never leaves the client hanging.
+pub struct InboundTunnel {
+    /// The `:authority` of the CONNECT: where the client wants to go.
+    pub target: SocketAddr,
+    /// The client's SPIFFE id, proven in the TLS handshake.
+    pub peer: Identity,
+    /// Request headers (`forwarded`, `baggage`, `traceparent`, ...).
+    pub headers: http::HeaderMap,
+    respond: Option<SendResponse<Bytes>>,
+    recv: Option<RecvStream>,
+}
+
+impl std::fmt::Debug for InboundTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundTunnel")
+            .field("target", &self.target)
+            .field("peer", &self.peer.to_string())
+            .field("headers", &self.headers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InboundTunnel {
+    /// Answers `status` (401 policy denied, 503 target unreachable, ...) and
+    /// ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        if let Some(respond) = self.respond.take() {
+            send_status(respond, status);
+        }
+    }
+
+    /// Answers 200 and returns the tunnel's byte stream.
+    pub fn accept(mut self) -> Result<H2Stream, HboneError> {
+        let (mut respond, recv) = match (self.respond.take(), self.recv.take()) {
+            (Some(respond), Some(recv)) => (respond, recv),
+            _ => return Err(HboneError::ConnectionClosed),
+        };
+        let response = Response::builder().status(StatusCode::OK).body(())?;
+        let send = respond.send_response(response, false)?;
+        Ok(H2Stream::new(send, recv, None))
+    }
+
+    /// The client address from the `forwarded` header's `for=` parameter,
+    /// if present and parseable.
+    pub fn forwarded_for(&self) -> Option<std::net::IpAddr> {
+        parse_forwarded_for(self.headers.get(http::header::FORWARDED)?.to_str().ok()?)
+    }
+}
+
+impl Drop for InboundTunnel {
+    fn drop(&mut self) {
+        if let Some(respond) = self.respond.take() {
+            send_status(respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+}
+
+fn send_status(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    match Response::builder().status(status).body(()) {
+        Ok(response) => {
+            if let Err(e) = respond.send_response(response, true) {
+                debug!(error = %e, %status, "could not send HBONE response");
+            }
+        }
+        Err(_) => respond.send_reset(h2::Reason::INTERNAL_ERROR),
+    }
+}
+
+/// `for=` of the first element of a `Forwarded` header (RFC 7239), with
+/// optional quotes, brackets and port.
+pub fn parse_forwarded_for(value: &str) -> Option<std::net::IpAddr> {
+    let first = value.split(',').next()?;
+    for pair in first.split(';') {
+        let (key, val) = pair.trim().split_once('=')?;
+        if !key.eq_ignore_ascii_case("for") {
+            continue;
+        }
+        let val = val.trim().trim_matches('"');
+        if let Ok(addr) = val.parse::<SocketAddr>() {
+            return Some(addr.ip());
+        }
+        let val = val.trim_start_matches('[').trim_end_matches(']');
+        return val.parse().ok();
+    }
+    None
+}
+
+/// Serves HBONE on one accepted connection until the client goes away.
+///
+/// The TLS and HTTP/2 handshakes are bounded by `settings.handshake_timeout`.
+/// Each valid CONNECT runs `handler` in its own task; a request with another
+/// method gets 405 and one whose `:authority` is not `ip:port` gets 400,
+/// without reaching the handler. Handshake failures come back as errors whose
+/// [`HboneError::reason`] labels metrics (unknown CA, bad identity, not TLS,
+/// timeout, ...).
+pub async fn serve<IO, H, Fut>(
+    io: IO,
+    tls: Arc<rustls::ServerConfig>,
+    settings: &H2Settings,
+    handler: H,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(InboundTunnel) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let deadline = settings.handshake_timeout;
+    let (mut connection, peer) =
+        match tokio::time::timeout(deadline, handshake(io, tls, settings)).await {
+            Ok(result) => result.map_err(HboneError::classify)?,
+            Err(_) => return Err(HboneError::HandshakeTimeout(deadline)),
+        };
+
+    while let Some(next) = connection.accept().await {
+        let (request, respond) = next?;
+        if request.method() != Method::CONNECT {
+            send_status(respond, StatusCode::METHOD_NOT_ALLOWED);
+            continue;
+        }
+        let target = match request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        {
+            Some(target) => target,
+            None => {
+                send_status(respond, StatusCode::BAD_REQUEST);
+                continue;
+            }
+        };
+        let (parts, recv) = request.into_parts();
+        let tunnel = InboundTunnel {
+            target,
+            peer: peer.clone(),
+            headers: parts.headers,
+            respond: Some(respond),
+            recv: Some(recv),
+        };
+        let span = tracing::debug_span!("hbone_tunnel", src = %peer, dst = %target);
+        tokio::spawn(handler.clone()(tunnel).instrument(span));
+    }
+    Ok(())
+}
+
+type ServerConnection<IO> = h2::server::Connection<tokio_rustls::server::TlsStream<IO>, Bytes>;
+
+async fn handshake<IO>(
+    io: IO,
+    tls: Arc<rustls::ServerConfig>,
+    settings: &H2Settings,
+) -> Result<(ServerConnection<IO>, Identity), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tls_stream = tokio_rustls::TlsAcceptor::from(tls).accept(io).await?;
+    let (_, conn) = tls_stream.get_ref();
+    if conn.alpn_protocol() != Some(ALPN_H2) {
+        return Err(TlsError::NoH2.into());
+    }
+    let peer = tls::peer_identity(conn)?;
+    let connection = h2::server::Builder::new()
+        .initial_window_size(settings.initial_stream_window)
+        .initial_connection_window_size(settings.initial_connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_send_buffer_size(settings.max_send_buffer_size)
+        .max_header_list_size(settings.max_header_list_size)
+        .handshake::<_, Bytes>(tls_stream)
+        .await?;
+    Ok((connection, peer))
+}

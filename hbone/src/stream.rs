@@ -1,0 +1,244 @@
+//! `H2Stream`: one HTTP/2 CONNECT stream seen as a byte stream
+//! (`AsyncRead + AsyncWrite`), with half-close mapped to END_STREAM.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Size of the buffers `copy_bidirectional` uses in each direction.
+pub const COPY_BUFFER_SIZE: usize = 64 * 1024;
+
+/// Bytes copied per `poll_write` are staged in a reused `BytesMut`; it is
+/// grown by at least this much so most writes do not allocate.
+const WRITE_STAGING: usize = 64 * 1024;
+
+/// Counts the streams of one connection and remembers when it last went
+/// idle, so the pool can close connections nobody uses.
+#[derive(Debug)]
+pub(crate) struct StreamCounter {
+    active: AtomicUsize,
+    /// Milliseconds since `clock_base()` when `active` last dropped to 0.
+    idle_since_ms: AtomicU64,
+}
+
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(clock_base().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl StreamCounter {
+    pub(crate) fn new() -> StreamCounter {
+        StreamCounter {
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// How long the connection has had no stream, or `None` while busy.
+    pub(crate) fn idle_for(&self) -> Option<Duration> {
+        if self.active() > 0 {
+            return None;
+        }
+        let since = self.idle_since_ms.load(Ordering::Acquire);
+        Some(Duration::from_millis(now_ms().saturating_sub(since)))
+    }
+}
+
+/// One counted stream; dropping it uncounts it.
+#[derive(Debug)]
+pub(crate) struct StreamSlot(Arc<StreamCounter>);
+
+impl StreamSlot {
+    pub(crate) fn acquire(counter: &Arc<StreamCounter>) -> StreamSlot {
+        counter.active.fetch_add(1, Ordering::AcqRel);
+        StreamSlot(counter.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        // Stamp first so a reader seeing 0 never sees an older idle time.
+        self.0.idle_since_ms.store(now_ms(), Ordering::Release);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A CONNECT tunnel over one HTTP/2 stream.
+///
+/// Reading returns `Ok(0)` at the peer's END_STREAM; `poll_shutdown` sends
+/// END_STREAM (half-close) and the read side stays open. Received data is
+/// handed back to HTTP/2 flow control as soon as it is read; writes only go
+/// out as the peer's window allows, so nothing is buffered without bound.
+/// Dropping the stream before both sides ended it resets it (RST_STREAM).
+#[derive(Debug)]
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received bytes not yet read by the caller.
+    pending: Bytes,
+    read_eof: bool,
+    write_closed: bool,
+    staging: BytesMut,
+    _slot: Option<StreamSlot>,
+}
+
+impl H2Stream {
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        slot: Option<StreamSlot>,
+    ) -> H2Stream {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            read_eof: false,
+            write_closed: false,
+            staging: BytesMut::new(),
+            _slot: slot,
+        }
+    }
+}
+
+fn h2_to_io(err: h2::Error) -> io::Error {
+    if err.is_io() {
+        return err
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    let kind = if err.is_reset() || err.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, err)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            if this.read_eof {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Give the window back now: `pending` holds at most one
+                    // frame, so memory stays bounded by the frame size.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
+                }
+                Some(Err(e)) => {
+                    // A peer that finished sending and then resets with
+                    // NO_ERROR ("stop sending") still delivered everything.
+                    if e.reason() == Some(h2::Reason::NO_ERROR) {
+                        this.read_eof = true;
+                        continue;
+                    }
+                    return Poll::Ready(Err(h2_to_io(e)));
+                }
+                None => this.read_eof = true,
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            )));
+        }
+        this.send.reserve_capacity(buf.len());
+        let capacity = match ready!(this.send.poll_capacity(cx)) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            None => {
+                // The stream can no longer send: report why if we can.
+                return Poll::Ready(Err(match this.send.poll_reset(cx) {
+                    Poll::Ready(Ok(reason)) => io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        format!("stream reset by peer: {reason}"),
+                    ),
+                    Poll::Ready(Err(e)) => h2_to_io(e),
+                    Poll::Pending => io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HTTP/2 stream closed for sending",
+                    ),
+                }));
+            }
+        };
+        let n = capacity.min(buf.len());
+        if this.staging.capacity() < n {
+            // Reclaims the old allocation once h2 has written earlier chunks.
+            this.staging.reserve(n.max(WRITE_STAGING));
+        }
+        this.staging.extend_from_slice(&buf[..n]);
+        let chunk = this.staging.split().freeze();
+        this.send.send_data(chunk, false).map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection task writes queued frames out on its own.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.write_closed = true;
+        // Drop any reservation we will never use so other streams get it.
+        this.send.reserve_capacity(0);
+        match this.send.send_data(Bytes::new(), true) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(h2_to_io(e))),
+        }
+    }
+}
+
+/// Copies both ways until both sides finished, preserving half-close: when
+/// one side reaches EOF, the other side's write half is shut down and the
+/// opposite direction keeps flowing. Returns (bytes a->b, bytes b->a).
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER_SIZE, COPY_BUFFER_SIZE).await
+}

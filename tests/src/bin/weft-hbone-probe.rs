@@ -1,0 +1,106 @@
+//! weft-hbone-probe: a deliberately independent HBONE peer for end-to-end
+//! tests. It dials a pod's 15008 as a mesh client would (with a certificate
+//! from the mesh CA or from a foreign one, expecting a chosen server
+//! identity), or sends raw hostile bytes. Prints one JSON line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_api::Identity;
+use weft_hbone::ca::LocalCa;
+use weft_hbone::{client, tls};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn need(args: &[String], name: &str) -> String {
+    arg(args, name).unwrap_or_else(|| {
+        eprintln!("weft-hbone-probe: missing {name}");
+        std::process::exit(2)
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let out = match args.get(1).map(String::as_str) {
+        Some("connect") => connect(&args).await,
+        Some("raw") => raw(&args).await,
+        _ => {
+            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca)\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls");
+            std::process::exit(2)
+        }
+    };
+    println!("{out}");
+}
+
+async fn connect(args: &[String]) -> serde_json::Value {
+    let to: SocketAddr = need(args, "--to").parse().expect("--to ip:port");
+    let target: SocketAddr = need(args, "--target").parse().expect("--target ip:port");
+    let identity: Identity = need(args, "--identity").parse().expect("--identity spiffe id");
+    let expect: Identity = need(args, "--expect").parse().expect("--expect spiffe id");
+    let ca = if args.iter().any(|a| a == "--foreign-ca") {
+        LocalCa::generate("cluster.local").expect("generate foreign CA")
+    } else {
+        LocalCa::load(&PathBuf::from(need(args, "--ca-dir"))).expect("load mesh CA")
+    };
+    let result = async {
+        let cert = ca.sign(&identity, Duration::from_secs(3600))?;
+        // A foreign client still trusts the real mesh root when it has one,
+        // so the only thing wrong is its own certificate.
+        let trust = match arg(args, "--ca-dir") {
+            Some(dir) => LocalCa::load(&PathBuf::from(dir))?.trust_bundle(),
+            None => ca.trust_bundle(),
+        };
+        let cfg = tls::client_config(&cert, &trust, &expect)?;
+        let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to)).await??;
+        let conn = tokio::time::timeout(Duration::from_secs(5), client::connect(tcp, cfg, &Default::default())).await??;
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), conn.open(target, Default::default())).await??;
+        stream.write_all(b"WHO\n").await?;
+        let mut buf = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    }
+    .await;
+    match result {
+        Ok(reply) => json!({ "ok": true, "reply": reply }),
+        Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
+    }
+}
+
+async fn raw(args: &[String]) -> serde_json::Value {
+    let to: SocketAddr = need(args, "--to").parse().expect("--to ip:port");
+    let kind = need(args, "--kind");
+    let payload: Vec<u8> = match kind.as_str() {
+        "garbage" => (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(),
+        "http1" => b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+        // A TLS record header announcing a 512-byte ClientHello, then only
+        // part of it.
+        "truncated-tls" => vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0xaa, 0xbb],
+        other => return json!({ "ok": false, "error": format!("unknown kind {other}") }),
+    };
+    let result = async {
+        let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to)).await??;
+        s.write_all(&payload).await?;
+        s.shutdown().await?;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut got)).await;
+        anyhow::Ok((read.is_ok(), got))
+    }
+    .await;
+    match result {
+        Ok((closed, got)) => json!({
+            "ok": true,
+            "closed_by_server": closed,
+            "response_bytes": got.len(),
+            "response_text": String::from_utf8_lossy(&got).chars().filter(|c| !c.is_control()).take(200).collect::<String>(),
+        }),
+        Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
+    }
+}

@@ -1,0 +1,100 @@
+//! The ztunnel end of the CNI protocol (`weft_api::cni`): one JSON request
+//! line, one JSON response line, per connection on a unix socket. The
+//! plugin's ADD returns only after we answer, so a pod's traffic is captured
+//! before its app starts.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{info, warn};
+use weft_api::cni::{CniCommand, CniRequest, CniResponse};
+
+use crate::inpod::{InPod, PodInfo};
+
+/// Longest request line accepted (a request is a few hundred bytes).
+const MAX_REQUEST: usize = 64 * 1024;
+
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))
+}
+
+pub async fn serve(listener: UnixListener, inpod: Arc<InPod>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(handle(stream, inpod.clone()));
+            }
+            Err(e) => {
+                warn!(component = "cni", error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, inpod: Arc<InPod>) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST as u64));
+    let response = match reader.read_line(&mut line).await {
+        Ok(0) => return,
+        Ok(_) => match serde_json::from_str::<CniRequest>(line.trim()) {
+            Ok(req) => answer(req, &inpod).await,
+            Err(e) => error(format!("malformed CNI request: {e}")),
+        },
+        Err(e) => error(format!("reading CNI request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    let _ = w.write_all(&out).await;
+}
+
+async fn answer(req: CniRequest, inpod: &InPod) -> CniResponse {
+    let pod = format!("{}/{}", req.pod_namespace, req.pod_name);
+    let result = match req.command {
+        CniCommand::Add => {
+            inpod
+                .add(PodInfo {
+                    namespace: req.pod_namespace.clone(),
+                    name: req.pod_name.clone(),
+                    container_id: req.container_id.clone(),
+                    netns: req.netns.clone().into(),
+                    ips: req.ips.clone(),
+                })
+                .await
+        }
+        CniCommand::Del => inpod
+            .delete(&req.pod_namespace, &req.pod_name)
+            .await
+            .map(|_| false),
+        CniCommand::Check => inpod.check(&req.pod_namespace, &req.pod_name).await,
+    };
+    match result {
+        Ok(enrolled) => {
+            info!(component = "cni", command = ?req.command, pod, enrolled, "CNI request done");
+            CniResponse {
+                ok: true,
+                enrolled,
+                error: None,
+            }
+        }
+        Err(e) => {
+            warn!(component = "cni", command = ?req.command, pod, error = %e, "CNI request failed");
+            error(e.to_string())
+        }
+    }
+}
+
+fn error(msg: String) -> CniResponse {
+    CniResponse {
+        ok: false,
+        enrolled: false,
+        error: Some(msg),
+    }
+}

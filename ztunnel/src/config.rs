@@ -1,0 +1,78 @@
+//! ztunnel settings, from flags or environment.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    /// Name of this node: the ztunnel serves the pods scheduled on it.
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node_name: String,
+    /// Addresses the node's kubelet probes come from; their connections to
+    /// pods are not captured.
+    #[arg(long = "node-ip", env = "WEFT_NODE_IP", value_delimiter = ',')]
+    pub node_ips: Vec<IpAddr>,
+    /// Mesh model file (YAML), watched for changes. Stands in for the
+    /// controller's config stream.
+    #[arg(long, env = "WEFT_MODEL_FILE")]
+    pub model_file: PathBuf,
+    /// Directory holding the local mesh CA (root-cert.pem, root-key.pem);
+    /// generated on first start.
+    #[arg(long, env = "WEFT_CA_DIR")]
+    pub ca_dir: PathBuf,
+    /// Where enrolled pods are remembered across restarts.
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/run/weft/ztunnel")]
+    pub state_dir: PathBuf,
+    /// bpffs directory for this ztunnel's pinned maps and links.
+    #[arg(long, env = "WEFT_BPF_PIN_DIR", default_value = "/sys/fs/bpf/weft")]
+    pub bpf_pin_dir: PathBuf,
+    /// Unix socket the CNI plugin talks to.
+    #[arg(long, env = "WEFT_CNI_SOCKET", default_value = weft_api::cni::DEFAULT_SOCKET)]
+    pub cni_socket: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// Workload certificate lifetime (renewed at half life).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// CONNECT streams per pooled HTTP/2 connection before another opens.
+    #[arg(long, default_value_t = 100)]
+    pub max_streams_per_connection: usize,
+    /// Trust domain of the local CA.
+    #[arg(long, default_value = weft_api::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "WEFT_LOG_JSON")]
+    pub log_json: bool,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations() {
+        assert_eq!(super::parse_duration("24h").unwrap().as_secs(), 86400);
+        assert_eq!(super::parse_duration("150ms").unwrap().as_millis(), 150);
+        assert!(super::parse_duration("10").is_err());
+        assert!(super::parse_duration("5d").is_err());
+    }
+}

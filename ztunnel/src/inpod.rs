@@ -1,0 +1,314 @@
+//! The pods of this node: which ones the CNI plugin has handed over, which
+//! of those the mesh model says to capture, and the enrollment itself
+//! (listeners inside the pod's netns, kernel steering, in-pod routing).
+//! Reconcile is level-based: it compares what is enrolled with what the
+//! model wants now, whatever woke it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use weft_api::ports;
+
+use crate::capture::ebpf::PodCapture;
+use crate::capture::netns::Netns;
+use crate::capture::pod_routing;
+use crate::proxy::{inbound, outbound, socket, EnrolledPod, ProxyInputs};
+
+/// What the CNI plugin told us about a pod; persisted so a restarted
+/// ztunnel finds its pods again without touching them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub container_id: String,
+    pub netns: PathBuf,
+    pub ips: Vec<IpAddr>,
+}
+
+impl PodInfo {
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+struct Known {
+    info: PodInfo,
+    enrolled: Option<Enrollment>,
+}
+
+struct Enrollment {
+    pod: Arc<EnrolledPod>,
+    cancel: CancellationToken,
+}
+
+pub struct InPod {
+    pi: Arc<ProxyInputs>,
+    pods: Mutex<HashMap<String, Known>>,
+    state_dir: PathBuf,
+}
+
+#[derive(Serialize)]
+pub struct PodStatus {
+    pub pod: String,
+    pub ips: Vec<IpAddr>,
+    pub netns: PathBuf,
+    pub enrolled: bool,
+}
+
+impl InPod {
+    pub fn new(pi: Arc<ProxyInputs>, state_dir: &Path) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(state_dir.join("pods"))
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", state_dir.display()))?;
+        Ok(Arc::new(Self {
+            pi,
+            pods: Mutex::new(HashMap::new()),
+            state_dir: state_dir.to_owned(),
+        }))
+    }
+
+    /// Loads the pods remembered from an earlier run, forgets those whose
+    /// network namespace is gone, and drops kernel steering for netns
+    /// cookies no remembered pod has any more.
+    pub async fn restore(&self) -> anyhow::Result<()> {
+        let dir = self.state_dir.join("pods");
+        let mut live_cookies = Vec::new();
+        let mut pods = self.pods.lock().await;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let info: PodInfo = match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                Some(i) => i,
+                None => {
+                    warn!(component = "inpod", file = %path.display(), "unreadable pod record; removing");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            match Netns::open(&info.netns) {
+                Ok(ns) => live_cookies.push(ns.cookie()),
+                Err(_) => {
+                    info!(component = "inpod", pod = %info.key(), "pod netns gone; forgetting it");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            }
+            pods.insert(info.key(), Known { info, enrolled: None });
+        }
+        for cookie in self.pi.capture.enrolled_cookies() {
+            if !live_cookies.contains(&cookie) {
+                let _ = self.pi.capture.unenroll(cookie, &[]);
+            }
+        }
+        Ok(())
+    }
+
+    /// CNI ADD: remember the pod and capture it if the model says so.
+    /// Returns whether it is captured.
+    pub async fn add(&self, info: PodInfo) -> anyhow::Result<bool> {
+        Netns::open(&info.netns)
+            .map_err(|e| anyhow::anyhow!("pod netns {}: {e}", info.netns.display()))?;
+        self.persist(&info)?;
+        let key = info.key();
+        let mut pods = self.pods.lock().await;
+        let known = pods.entry(key).or_insert(Known {
+            info: info.clone(),
+            enrolled: None,
+        });
+        if known.info != info {
+            if let Some(e) = known.enrolled.take() {
+                self.unenroll(e);
+            }
+            known.info = info;
+        }
+        self.reconcile_one(known)?;
+        Ok(known.enrolled.is_some())
+    }
+
+    /// CNI DEL: stop capturing and forget the pod.
+    pub async fn delete(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
+        let key = format!("{namespace}/{name}");
+        if let Some(mut k) = self.pods.lock().await.remove(&key) {
+            if let Some(e) = k.enrolled.take() {
+                self.unenroll(e);
+            }
+        }
+        let _ = std::fs::remove_file(self.record_path(namespace, name));
+        Ok(())
+    }
+
+    /// CNI CHECK: is the pod in the state the model wants?
+    pub async fn check(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
+        let pods = self.pods.lock().await;
+        let k = pods
+            .get(&format!("{namespace}/{name}"))
+            .ok_or_else(|| anyhow::anyhow!("pod {namespace}/{name} is unknown to this ztunnel"))?;
+        let want = self.wants_capture(&k.info);
+        if want != k.enrolled.is_some() {
+            anyhow::bail!(
+                "pod {namespace}/{name}: capture is {}, the mesh model wants it {}",
+                on_off(k.enrolled.is_some()),
+                on_off(want)
+            );
+        }
+        Ok(want)
+    }
+
+    /// Brings every known pod to the state the current model wants.
+    pub async fn reconcile(&self) {
+        let mut pods = self.pods.lock().await;
+        for known in pods.values_mut() {
+            if let Err(e) = self.reconcile_one(known) {
+                warn!(component = "inpod", pod = %known.info.key(), error = %e, "reconcile failed");
+            }
+        }
+        let n = pods.values().filter(|k| k.enrolled.is_some()).count();
+        self.pi.metrics.enrolled_pods.set(n as i64);
+    }
+
+    pub async fn status(&self) -> Vec<PodStatus> {
+        let pods = self.pods.lock().await;
+        let mut v: Vec<_> = pods
+            .values()
+            .map(|k| PodStatus {
+                pod: k.info.key(),
+                ips: k.info.ips.clone(),
+                netns: k.info.netns.clone(),
+                enrolled: k.enrolled.is_some(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.pod.cmp(&b.pod));
+        v
+    }
+
+    fn wants_capture(&self, info: &PodInfo) -> bool {
+        let snap = self.pi.state.load();
+        // Pod labels may opt out; without a workload record yet, the
+        // namespace label decides.
+        match snap.workload(&info.namespace, &info.name) {
+            Some(w) => w.captured,
+            None => {
+                let probe = weft_api::model::Workload {
+                    name: info.name.clone(),
+                    namespace: info.namespace.clone(),
+                    ..Default::default()
+                };
+                snap.model.is_captured(&probe)
+            }
+        }
+    }
+
+    fn reconcile_one(&self, known: &mut Known) -> anyhow::Result<()> {
+        let want = self.wants_capture(&known.info);
+        match (want, known.enrolled.is_some()) {
+            (true, false) => {
+                known.enrolled = Some(self.enroll(&known.info)?);
+                info!(component = "inpod", pod = %known.info.key(), "pod enrolled: traffic captured");
+            }
+            (false, true) => {
+                if let Some(e) = known.enrolled.take() {
+                    self.unenroll(e);
+                }
+                info!(component = "inpod", pod = %known.info.key(), "pod unenrolled: traffic direct");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn enroll(&self, info: &PodInfo) -> anyhow::Result<Enrollment> {
+        let netns = Netns::open(&info.netns)?;
+        let has_v6 = info.ips.iter().any(IpAddr::is_ipv6);
+        let outbound4 =
+            socket::listener_in(&netns, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports::OUTBOUND))?;
+        let outbound6 = if has_v6 {
+            Some(socket::listener_in(
+                &netns,
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), ports::OUTBOUND),
+            )?)
+        } else {
+            None
+        };
+        let inbound = socket::listener_in(
+            &netns,
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), ports::INBOUND_PLAINTEXT),
+        )?;
+        let hbone = socket::listener_in(
+            &netns,
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), ports::HBONE),
+        )?;
+        pod_routing::install(&netns)
+            .map_err(|e| anyhow::anyhow!("in-pod routing for {}: {e}", info.key()))?;
+        self.pi.capture.enroll(&PodCapture {
+            netns: &netns,
+            ips: info.ips.clone(),
+            probe_sources: self.pi.cfg.node_ips.clone(),
+            inbound: inbound.as_fd(),
+            hbone: hbone.as_fd(),
+        })?;
+        let pod = Arc::new(EnrolledPod {
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+            ips: info.ips.clone(),
+            netns,
+        });
+        let cancel = CancellationToken::new();
+        let pi = &self.pi;
+        let spawn_outbound = |l: std::net::TcpListener| -> anyhow::Result<()> {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::spawn(outbound::run(pi.clone(), pod.clone(), l, cancel.clone()));
+            Ok(())
+        };
+        spawn_outbound(outbound4)?;
+        if let Some(l) = outbound6 {
+            spawn_outbound(l)?;
+        }
+        for (l, kind) in [(inbound, inbound::Kind::Plaintext), (hbone, inbound::Kind::Hbone)] {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::spawn(inbound::run(pi.clone(), pod.clone(), l, kind, cancel.clone()));
+        }
+        Ok(Enrollment { pod, cancel })
+    }
+
+    fn unenroll(&self, e: Enrollment) {
+        if let Err(err) = self.pi.capture.unenroll(e.pod.netns.cookie(), &e.pod.ips) {
+            warn!(component = "inpod", pod = %e.pod.name, error = %err, "removing kernel steering failed");
+        }
+        if let Err(err) = pod_routing::remove(&e.pod.netns) {
+            warn!(component = "inpod", pod = %e.pod.name, error = %err, "removing in-pod routing failed");
+        }
+        // Listeners close when their accept loops end; connections in
+        // flight keep running to their natural end.
+        e.cancel.cancel();
+    }
+
+    fn record_path(&self, namespace: &str, name: &str) -> PathBuf {
+        self.state_dir
+            .join("pods")
+            .join(format!("{namespace}__{name}.json"))
+    }
+
+    fn persist(&self, info: &PodInfo) -> anyhow::Result<()> {
+        let path = self.record_path(&info.namespace, &info.name);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(info)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}

@@ -1,0 +1,247 @@
+//! Inbound: connections to an enrolled pod are steered in the kernel to its
+//! listeners: HBONE on 15008 (mTLS, the peer's identity verified) and
+//! plaintext on 15006 (non-mesh clients, PERMISSIVE). Policy is evaluated
+//! for the destination pod, then ztunnel connects to the app from inside
+//! the pod's namespace with the client's own IP as source.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::StatusCode;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+use weft_api::Identity;
+use weft_ebpf_common::MARK_INBOUND;
+use weft_hbone::server::{self, InboundTunnel};
+use weft_hbone::stream::copy_bidirectional;
+use weft_hbone::tls;
+
+use super::outbound::finish;
+use super::{socket, EnrolledPod, ProxyInputs};
+use crate::metrics::{ConnectionGuard, ConnectionLabels, DenialLabels, Reporter, SecurityPolicy};
+use crate::rbac::{self, Decision};
+
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Hbone,
+    Plaintext,
+}
+
+pub async fn run(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<EnrolledPod>,
+    listener: TcpListener,
+    kind: Kind,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let id = pi.conn_id();
+                let pod_name = format!("{}/{}", pod.namespace, pod.name);
+                match kind {
+                    Kind::Hbone => {
+                        let span = tracing::info_span!("inbound_hbone", conn = id, pod = %pod_name, src = %peer);
+                        tokio::spawn(serve_hbone(pi.clone(), pod.clone(), stream, peer).instrument(span));
+                    }
+                    Kind::Plaintext => {
+                        let span = tracing::info_span!("inbound_plaintext", conn = id, pod = %pod_name, src = %peer);
+                        tokio::spawn(plaintext(pi.clone(), pod.clone(), stream, peer).instrument(span));
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(component = "inbound", error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn serve_hbone(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let snap = pi.state.load();
+    let Some(me) = pod.ips.first().and_then(|ip| snap.workload_by_ip(*ip)) else {
+        pi.metrics.failure(Reporter::destination, "unknown_destination_workload");
+        return;
+    };
+    let my_identity = snap.identity(me.workload);
+    drop(snap);
+    let cfg = match pi.certs.fetch(&my_identity).await {
+        Ok(cert) => match tls::server_config(&cert, &pi.certs.trust_bundle()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(component = "inbound", error = %e, "cannot build TLS config");
+                return;
+            }
+        },
+        Err(e) => {
+            pi.metrics.failure(Reporter::destination, "no_certificate");
+            warn!(component = "inbound", identity = %my_identity, error = %e, "no certificate for pod");
+            return;
+        }
+    };
+    let handler_pi = pi.clone();
+    let handler_pod = pod.clone();
+    let result = server::serve(stream, cfg, &pi.h2, move |tunnel: InboundTunnel| {
+        let pi = handler_pi.clone();
+        let pod = handler_pod.clone();
+        async move { tunnel_to_app(pi, pod, tunnel, peer.ip()).await }
+    })
+    .await;
+    if let Err(e) = result {
+        let reason = e.reason().as_str();
+        {
+            pi.metrics
+                .handshake_failures
+                .get_or_create(&crate::metrics::HandshakeLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc();
+            warn!(component = "inbound", src = %peer, reason, error = %e, "HBONE connection rejected");
+        }
+    }
+}
+
+async fn tunnel_to_app(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, tunnel: InboundTunnel, peer_ip: IpAddr) {
+    let target = tunnel.target;
+    if !pod.ips.contains(&target.ip()) || weft_api::ports::is_proxy_port(target.port()) {
+        pi.metrics.failure(Reporter::destination, "bad_target");
+        info!(component = "inbound", dst = %target, identity = %tunnel.peer, "CONNECT target is not this pod");
+        tunnel.reject(StatusCode::BAD_REQUEST);
+        return;
+    }
+    let peer_identity = tunnel.peer.clone();
+    let Some(labels) = authorize(&pi, &pod, peer_ip, Some(&peer_identity), target) else {
+        tunnel.reject(StatusCode::UNAUTHORIZED);
+        return;
+    };
+    let mut app = match connect_app(&pod, peer_ip, target).await {
+        Ok(s) => s,
+        Err(e) => {
+            pi.metrics.failure(Reporter::destination, "app_unreachable");
+            info!(component = "inbound", dst = %target, error = %e, "app unreachable");
+            tunnel.reject(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let mut stream = match tunnel.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(component = "inbound", error = %e, "client went away before 200");
+            return;
+        }
+    };
+    let guard = ConnectionGuard::open(pi.metrics.clone(), labels);
+    debug!(component = "inbound", src = %peer_ip, dst = %target, identity = %peer_identity, "hbone tunnel open");
+    let res = copy_bidirectional(&mut stream, &mut app).await;
+    finish(&guard, res, "inbound_hbone");
+}
+
+async fn plaintext(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut client: TcpStream, peer: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    // The kernel steered this connection here without rewriting it: the
+    // address the client dialled is our local address.
+    let target = match client.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    if !pod.ips.contains(&target.ip()) || weft_api::ports::is_proxy_port(target.port()) {
+        pi.metrics.failure(Reporter::destination, "bad_target");
+        return;
+    }
+    let Some(labels) = authorize(&pi, &pod, peer.ip(), None, target) else {
+        return;
+    };
+    let mut app = match connect_app(&pod, peer.ip(), target).await {
+        Ok(s) => s,
+        Err(e) => {
+            pi.metrics.failure(Reporter::destination, "app_unreachable");
+            info!(component = "inbound", dst = %target, error = %e, "app unreachable");
+            return;
+        }
+    };
+    let guard = ConnectionGuard::open(pi.metrics.clone(), labels);
+    let res = copy_bidirectional(&mut client, &mut app).await;
+    finish(&guard, res, "inbound_plaintext");
+}
+
+/// Evaluates policy for the pod; on allow returns the metric labels of the
+/// connection, on deny counts and logs the denial.
+fn authorize(
+    pi: &ProxyInputs,
+    pod: &EnrolledPod,
+    src_ip: IpAddr,
+    src_identity: Option<&Identity>,
+    target: SocketAddr,
+) -> Option<ConnectionLabels> {
+    let snap = pi.state.load();
+    let Some(dst) = snap.workload_by_ip(target.ip()) else {
+        pi.metrics.failure(Reporter::destination, "unknown_destination_workload");
+        warn!(component = "inbound", pod = %pod.name, dst = %target, "destination pod is not in the mesh model; refusing");
+        return None;
+    };
+    let src = snap.workload_by_ip(src_ip);
+    let conn = rbac::Connection {
+        src_ip,
+        src_identity,
+        dst_port: target.port(),
+    };
+    if let Decision::Deny { policy } = rbac::evaluate(&snap, dst.workload, &conn) {
+        let policy = policy.unwrap_or_else(|| "no-matching-allow".to_owned());
+        pi.metrics
+            .denials
+            .get_or_create(&DenialLabels {
+                policy: policy.clone(),
+                destination_workload: dst.workload.name.clone(),
+                destination_workload_namespace: dst.workload.namespace.clone(),
+            })
+            .inc();
+        info!(
+            component = "inbound",
+            src = %src_ip,
+            dst = %target,
+            identity = %src_identity.map(|i| i.to_string()).unwrap_or_default(),
+            policy,
+            "connection denied by policy"
+        );
+        return None;
+    }
+    Some(ConnectionLabels {
+        reporter: Reporter::destination,
+        source_workload: src.map(|s| s.workload.name.clone()).unwrap_or_default(),
+        source_workload_namespace: src
+            .map(|s| s.workload.namespace.clone())
+            .unwrap_or_default(),
+        source_principal: src_identity.map(|i| i.to_string()).unwrap_or_default(),
+        destination_workload: dst.workload.name.clone(),
+        destination_workload_namespace: dst.workload.namespace.clone(),
+        destination_principal: snap.identity(dst.workload).to_string(),
+        destination_service: String::new(),
+        connection_security_policy: if src_identity.is_some() {
+            SecurityPolicy::mutual_tls
+        } else {
+            SecurityPolicy::none
+        },
+    })
+}
+
+/// Connects to the app inside the pod's netns with the client's IP as the
+/// source (IP_TRANSPARENT + the inbound mark, routed back by the pod's
+/// fwmark rule).
+async fn connect_app(pod: &EnrolledPod, src: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let transparent = if src.is_ipv4() == target.is_ipv4() && !src.is_loopback() {
+        Some(src)
+    } else {
+        None
+    };
+    let sock = socket::tcp_in(&pod.netns, target, MARK_INBOUND, transparent)?;
+    let s = sock.connect(target).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}

@@ -1,0 +1,50 @@
+//! The in-memory mesh model the data plane reads. A `Snapshot` is an
+//! immutable, indexed view of one `MeshModel`; `MeshState` swaps whole
+//! snapshots when the source (file today, gRPC stream later) delivers a new
+//! model, so a connection sees one consistent version from start to end.
+
+mod snapshot;
+
+use std::sync::{Arc, RwLock};
+
+pub use snapshot::{OutboundRoute, Snapshot, WorkloadRef};
+use weft_api::MeshModel;
+
+#[derive(Clone, Default)]
+pub struct MeshState {
+    current: Arc<RwLock<Arc<Snapshot>>>,
+    version: Arc<std::sync::atomic::AtomicU64>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl MeshState {
+    pub fn load(&self) -> Arc<Snapshot> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Installs a new model and wakes everything waiting for a change.
+    pub fn store(&self, model: MeshModel) {
+        let version = self
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let snap = Arc::new(Snapshot::new(model, version));
+        match self.current.write() {
+            Ok(mut g) => *g = snap,
+            Err(poisoned) => *poisoned.into_inner() = snap,
+        }
+        self.changed.notify_waiters();
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves on the next `store`.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+}

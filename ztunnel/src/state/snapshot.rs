@@ -1,0 +1,257 @@
+//! One indexed version of the mesh model.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use weft_api::model::{AuthorizationPolicy, Service, Workload};
+use weft_api::{Identity, MeshModel};
+
+pub struct Snapshot {
+    pub version: u64,
+    pub model: MeshModel,
+    workload_by_ip: HashMap<IpAddr, usize>,
+    service_by_vip: HashMap<IpAddr, usize>,
+    /// Endpoint workloads of each service (index into `model.workloads`).
+    endpoints: Vec<Vec<usize>>,
+    round_robin: AtomicUsize,
+}
+
+/// A workload plus what the data plane derives from it.
+#[derive(Clone, Copy)]
+pub struct WorkloadRef<'a> {
+    pub workload: &'a Workload,
+    pub captured: bool,
+}
+
+/// Where an outbound connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutboundRoute {
+    /// To an enrolled workload: HBONE to `hbone`, CONNECT `target`.
+    Hbone {
+        target: SocketAddr,
+        hbone: SocketAddr,
+        identity: Identity,
+        workload: String,
+        namespace: String,
+        service: Option<String>,
+    },
+    /// Outside the mesh (or to a workload that is not enrolled): plain TCP.
+    Passthrough {
+        target: SocketAddr,
+        service: Option<String>,
+    },
+    /// A Service with no endpoint for the port: refuse.
+    NoEndpoint { service: String },
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot::new(MeshModel::default(), 0)
+    }
+}
+
+impl Snapshot {
+    pub fn new(model: MeshModel, version: u64) -> Self {
+        let mut workload_by_ip = HashMap::new();
+        for (i, w) in model.workloads.iter().enumerate() {
+            for ip in &w.ips {
+                workload_by_ip.insert(*ip, i);
+            }
+        }
+        let mut service_by_vip = HashMap::new();
+        let mut endpoints = Vec::with_capacity(model.services.len());
+        for (si, s) in model.services.iter().enumerate() {
+            for vip in &s.vips {
+                service_by_vip.insert(*vip, si);
+            }
+            endpoints.push(
+                model
+                    .workloads
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| s.selects(w) && !w.ips.is_empty())
+                    .map(|(i, _)| i)
+                    .collect(),
+            );
+        }
+        Self {
+            version,
+            model,
+            workload_by_ip,
+            service_by_vip,
+            endpoints,
+            round_robin: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<WorkloadRef<'_>> {
+        let w = &self.model.workloads[*self.workload_by_ip.get(&ip)?];
+        Some(WorkloadRef {
+            workload: w,
+            captured: self.model.is_captured(w),
+        })
+    }
+
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<WorkloadRef<'_>> {
+        let w = self
+            .model
+            .workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)?;
+        Some(WorkloadRef {
+            workload: w,
+            captured: self.model.is_captured(w),
+        })
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        Some(&self.model.services[*self.service_by_vip.get(&ip)?])
+    }
+
+    pub fn identity(&self, w: &Workload) -> Identity {
+        self.model.identity_of(w)
+    }
+
+    /// Decides where a connection to `dst` goes.
+    pub fn route_outbound(&self, dst: SocketAddr) -> OutboundRoute {
+        if let Some(&si) = self.service_by_vip.get(&dst.ip()) {
+            let svc = &self.model.services[si];
+            let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
+                return OutboundRoute::NoEndpoint {
+                    service: format!("{}/{}", svc.namespace, svc.name),
+                };
+            };
+            let eps = &self.endpoints[si];
+            if eps.is_empty() {
+                return OutboundRoute::NoEndpoint {
+                    service: format!("{}/{}", svc.namespace, svc.name),
+                };
+            }
+            let pick = eps[self.round_robin.fetch_add(1, Ordering::Relaxed) % eps.len()];
+            let w = &self.model.workloads[pick];
+            let ip = pick_family(&w.ips, dst.ip());
+            return self.route_to_workload(
+                w,
+                SocketAddr::new(ip, port.target()),
+                Some(format!("{}.{}", svc.name, svc.namespace)),
+            );
+        }
+        match self.workload_by_ip.get(&dst.ip()) {
+            Some(&wi) => self.route_to_workload(&self.model.workloads[wi], dst, None),
+            None => OutboundRoute::Passthrough {
+                target: dst,
+                service: None,
+            },
+        }
+    }
+
+    fn route_to_workload(
+        &self,
+        w: &Workload,
+        target: SocketAddr,
+        service: Option<String>,
+    ) -> OutboundRoute {
+        if !self.model.is_captured(w) {
+            return OutboundRoute::Passthrough { target, service };
+        }
+        OutboundRoute::Hbone {
+            target,
+            hbone: SocketAddr::new(target.ip(), weft_api::ports::HBONE),
+            identity: self.identity(w),
+            workload: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service,
+        }
+    }
+
+    /// Policies of `w`'s namespace that select it.
+    pub fn policies_for<'a>(
+        &'a self,
+        w: &'a Workload,
+    ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
+        self.model.policies.iter().filter(move |p| {
+            p.namespace == w.namespace
+                && p.selector
+                    .as_ref()
+                    .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        })
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.model.workloads.iter().filter(move |w| w.node == node)
+    }
+}
+
+fn pick_family(ips: &[IpAddr], like: IpAddr) -> IpAddr {
+    ips.iter()
+        .copied()
+        .find(|ip| ip.is_ipv4() == like.is_ipv4())
+        .unwrap_or(ips[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snapshot {
+        let m = MeshModel::from_yaml(
+            r#"
+namespaces:
+  - { name: shop, labels: { weft.dev/dataplane-mode: ambient } }
+  - { name: plain }
+workloads:
+  - { name: web, namespace: shop, service_account: web, node: n1, ips: [10.1.0.2], labels: { app: web } }
+  - { name: db, namespace: plain, node: n2, ips: [10.1.1.2], labels: { app: db } }
+services:
+  - { name: web, namespace: shop, vips: [10.96.0.1], ports: [{ port: 80, target_port: 8080 }], selector: { app: web } }
+  - { name: db, namespace: plain, vips: [10.96.0.2], ports: [{ port: 5432 }], selector: { app: db } }
+  - { name: empty, namespace: shop, vips: [10.96.0.3], ports: [{ port: 80 }], selector: { app: none } }
+"#,
+        )
+        .unwrap();
+        Snapshot::new(m, 1)
+    }
+
+    #[test]
+    fn service_vip_to_enrolled_endpoint_is_hbone() {
+        let s = snap();
+        match s.route_outbound("10.96.0.1:80".parse().unwrap()) {
+            OutboundRoute::Hbone {
+                target,
+                hbone,
+                identity,
+                service,
+                ..
+            } => {
+                assert_eq!(target, "10.1.0.2:8080".parse().unwrap());
+                assert_eq!(hbone, "10.1.0.2:15008".parse().unwrap());
+                assert_eq!(identity.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+                assert_eq!(service.as_deref(), Some("web.shop"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn non_mesh_and_unknown_destinations_pass_through() {
+        let s = snap();
+        assert!(matches!(
+            s.route_outbound("10.96.0.2:5432".parse().unwrap()),
+            OutboundRoute::Passthrough { target, .. } if target == "10.1.1.2:5432".parse().unwrap()
+        ));
+        assert!(matches!(
+            s.route_outbound("192.0.2.1:443".parse().unwrap()),
+            OutboundRoute::Passthrough { .. }
+        ));
+        assert!(matches!(
+            s.route_outbound("10.96.0.3:80".parse().unwrap()),
+            OutboundRoute::NoEndpoint { .. }
+        ));
+        assert!(matches!(
+            s.route_outbound("10.96.0.1:81".parse().unwrap()),
+            OutboundRoute::NoEndpoint { .. }
+        ));
+    }
+}
