@@ -71,6 +71,17 @@ impl WorkloadCert {
         certs_to_pem(&self.chain)
     }
 
+    /// The private key as PEM, for handing the certificate to another
+    /// process; never log it.
+    pub fn key_pem(&self) -> String {
+        let label = match &*self.key {
+            PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+            PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+            _ => "PRIVATE KEY",
+        };
+        pem_block(label, self.key.secret_der())
+    }
+
     /// When to ask for a new certificate: half way through the validity.
     pub fn refresh_at(&self) -> SystemTime {
         let lifetime = self

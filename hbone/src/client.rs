@@ -77,7 +77,9 @@ impl std::fmt::Debug for HboneConnection {
 }
 
 /// TLS handshake (verifying the peer's SPIFFE id via `tls`), then the HTTP/2
-/// handshake; both bounded by `settings.handshake_timeout`.
+/// handshake; both bounded by `settings.handshake_timeout`. Set
+/// `TCP_NODELAY` on sockets: flow-control updates are small frames that must
+/// not wait for Nagle (it costs an order of magnitude in throughput).
 pub async fn connect<IO>(
     io: IO,
     tls: Arc<rustls::ClientConfig>,
@@ -173,10 +175,25 @@ impl HboneConnection {
             .body(())?;
         *request.headers_mut() = headers;
 
-        // Waits while the peer's concurrent-stream limit is reached.
-        let mut send = self.inner.send.clone().ready().await?;
-        let (response, send_stream) = send.send_request(request, false)?;
-        let response = response.await?;
+        let result = async {
+            // Waits while the peer's concurrent-stream limit is reached.
+            let mut send = self.inner.send.clone().ready().await?;
+            let (response, send_stream) = send.send_request(request, false)?;
+            let response = response.await?;
+            Ok::<_, h2::Error>((response, send_stream))
+        }
+        .await;
+        let (response, send_stream) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                if e.is_go_away() || e.is_io() {
+                    // No new stream will succeed here: let the pool move on
+                    // before the driver has drained the old streams.
+                    self.inner.closed.store(true, Ordering::Release);
+                }
+                return Err(HboneError::H2(e).classify());
+            }
+        };
         let status = response.status();
         if status != StatusCode::OK {
             return Err(HboneError::Status(status));
@@ -184,8 +201,8 @@ impl HboneConnection {
         Ok(H2Stream::new(send_stream, response.into_body(), Some(slot)))
     }
 
-    /// True once the connection driver has finished (peer closed, GOAWAY
-    /// drained, or I/O error).
+    /// True once no new stream can be opened: the connection driver has
+    /// finished (peer closed, I/O error) or the peer sent GOAWAY.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
     }

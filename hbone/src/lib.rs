@@ -18,7 +18,7 @@ pub use cert::{TrustBundle, WorkloadCert};
 pub use client::{connect, H2Settings, HboneConnection};
 pub use error::{FailureReason, HboneError};
 pub use pool::Pool;
-pub use server::{serve, InboundTunnel};
+pub use server::{serve, serve_until, InboundTunnel};
 pub use stream::{copy_bidirectional, H2Stream};
 pub use tls::{client_config, identity_of_cert, peer_identity, server_config, TlsError};
 

@@ -56,14 +56,17 @@ impl Default for Entry {
 
 impl Entry {
     fn prune(&mut self, idle_timeout: Duration) {
-        self.conns.retain(|c| {
-            !c.is_closed() && c.idle_for().is_none_or(|idle| idle < idle_timeout)
-        });
+        self.conns
+            .retain(|c| !c.is_closed() && c.idle_for().is_none_or(|idle| idle < idle_timeout));
     }
 
     /// First connection with room, oldest first: packing streams onto few
     /// connections lets the others go idle and close.
-    fn pick(&self, max_streams: usize, reserve: bool) -> Option<(HboneConnection, Option<StreamSlot>)> {
+    fn pick(
+        &self,
+        max_streams: usize,
+        reserve: bool,
+    ) -> Option<(HboneConnection, Option<StreamSlot>)> {
         let conn = self
             .conns
             .iter()

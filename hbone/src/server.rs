@@ -116,7 +116,8 @@ pub fn parse_forwarded_for(value: &str) -> Option<std::net::IpAddr> {
 /// method gets 405 and one whose `:authority` is not `ip:port` gets 400,
 /// without reaching the handler. Handshake failures come back as errors whose
 /// [`HboneError::reason`] labels metrics (unknown CA, bad identity, not TLS,
-/// timeout, ...).
+/// timeout, ...). Set `TCP_NODELAY` on sockets: flow-control updates are
+/// small frames that must not wait for Nagle.
 pub async fn serve<IO, H, Fut>(
     io: IO,
     tls: Arc<rustls::ServerConfig>,
@@ -128,15 +129,62 @@ where
     H: Fn(InboundTunnel) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    serve_until(io, tls, settings, handler, std::future::pending()).await
+}
+
+/// [`serve`] with graceful drain: once `drain` completes, the server sends
+/// GOAWAY (the client stops opening streams here and dials elsewhere),
+/// lets open tunnels finish, and returns.
+pub async fn serve_until<IO, H, Fut, D>(
+    io: IO,
+    tls: Arc<rustls::ServerConfig>,
+    settings: &H2Settings,
+    handler: H,
+    drain: D,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(InboundTunnel) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
     let deadline = settings.handshake_timeout;
-    let (mut connection, peer) =
-        match tokio::time::timeout(deadline, handshake(io, tls, settings)).await {
+    let handshake = tokio::time::timeout(deadline, handshake(io, tls, settings));
+    tokio::pin!(drain);
+    let (mut connection, peer) = tokio::select! {
+        result = handshake => match result {
             Ok(result) => result.map_err(HboneError::classify)?,
             Err(_) => return Err(HboneError::HandshakeTimeout(deadline)),
-        };
+        },
+        () = &mut drain => return Ok(()),
+    };
 
-    while let Some(next) = connection.accept().await {
-        let (request, respond) = next?;
+    let mut draining = false;
+    loop {
+        let next = if draining {
+            connection.accept().await
+        } else {
+            tokio::select! {
+                next = connection.accept() => next,
+                () = &mut drain => {
+                    debug!("draining HBONE connection");
+                    connection.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
+            }
+        };
+        let Some(next) = next else { return Ok(()) };
+        let (request, respond) = match next {
+            Ok(accepted) => accepted,
+            // A client may drop the TCP connection without a GOAWAY once it
+            // is done: that is an ordinary end, not a failure.
+            Err(e) if e.get_io().is_some_and(is_peer_gone) => {
+                debug!(error = %e, "HBONE client went away");
+                return Ok(());
+            }
+            Err(e) => return Err(HboneError::H2(e).classify()),
+        };
         if request.method() != Method::CONNECT {
             send_status(respond, StatusCode::METHOD_NOT_ALLOWED);
             continue;
@@ -163,7 +211,15 @@ where
         let span = tracing::debug_span!("hbone_tunnel", src = %peer, dst = %target);
         tokio::spawn(handler.clone()(tunnel).instrument(span));
     }
-    Ok(())
+}
+
+fn is_peer_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::UnexpectedEof
+    )
 }
 
 type ServerConnection<IO> = h2::server::Connection<tokio_rustls::server::TlsStream<IO>, Bytes>;

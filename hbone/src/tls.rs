@@ -8,7 +8,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 use weft_api::Identity;
 use x509_parser::extensions::GeneralName;
@@ -51,7 +53,12 @@ impl From<rustls::Error> for TlsError {
         use rustls::Error as E;
         match err {
             E::InvalidCertificate(cert_err) => match cert_err {
-                CertificateError::UnknownIssuer => TlsError::UnknownCa,
+                // A chain that names a trusted root's subject but is not
+                // signed by its key (another mesh with the same trust domain)
+                // is, for the operator, the same problem as an unknown root.
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                    TlsError::UnknownCa
+                }
                 CertificateError::Expired
                 | CertificateError::ExpiredContext { .. }
                 | CertificateError::NotValidYet
@@ -84,7 +91,16 @@ impl TlsError {
         if let Some(r) = inner.downcast_ref::<rustls::Error>() {
             return Some(TlsError::from(r.clone()));
         }
-        inner.downcast_ref::<TlsError>().cloned()
+        if let Some(t) = inner.downcast_ref::<TlsError>() {
+            return Some(t.clone());
+        }
+        // h2 keeps only the message of I/O errors, so an alert that arrives
+        // after the handshake (the server rejecting our certificate in TLS
+        // 1.3) is recognised by rustls' wording.
+        let message = inner.to_string();
+        message
+            .strip_prefix("received fatal alert: ")
+            .map(|alert| TlsError::PeerRejected(alert.to_owned()))
     }
 
     fn into_rustls(self) -> rustls::Error {

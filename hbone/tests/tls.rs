@@ -11,7 +11,7 @@ use http::HeaderMap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use weft_hbone::{
-    client_config, connect, identity_of_cert, server_config, serve, CaError, FailureReason,
+    client_config, connect, identity_of_cert, serve, server_config, CaError, FailureReason,
     HboneError, LocalCa, TlsError, TrustBundle, WorkloadCert,
 };
 
@@ -33,11 +33,23 @@ fn leaf_carries_only_the_spiffe_id_with_mesh_key_usages() {
 
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.chain[0].as_ref()).expect("parse");
     assert!(cert.subject().as_raw().len() <= 2, "empty subject");
-    let san = cert.subject_alternative_name().expect("san ok").expect("san present");
+    let san = cert
+        .subject_alternative_name()
+        .expect("san ok")
+        .expect("san present");
     assert!(san.critical, "SAN must be critical with an empty subject");
-    let names: Vec<String> = san.value.general_names.iter().map(|n| format!("{n:?}")).collect();
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect();
     assert_eq!(names, vec![format!("URI({:?})", client_id().to_string())]);
-    let eku = cert.extended_key_usage().expect("eku ok").expect("eku present").value;
+    let eku = cert
+        .extended_key_usage()
+        .expect("eku ok")
+        .expect("eku present")
+        .value;
     assert!(eku.server_auth && eku.client_auth);
     let ku = cert.key_usage().expect("ku ok").expect("ku present").value;
     assert!(ku.digital_signature() && !ku.key_cert_sign());
@@ -48,7 +60,10 @@ fn leaf_carries_only_the_spiffe_id_with_mesh_key_usages() {
     );
 
     let now = SystemTime::now();
-    let lifetime = leaf.not_after.duration_since(leaf.not_before).expect("ordered");
+    let lifetime = leaf
+        .not_after
+        .duration_since(leaf.not_before)
+        .expect("ordered");
     assert!(lifetime >= DAY && lifetime <= DAY + Duration::from_secs(6 * 60));
     assert!(leaf.not_before < now, "backdated");
     assert_eq!(leaf.refresh_at(), leaf.not_before + lifetime / 2);
@@ -71,7 +86,10 @@ async fn persisted_ca_reloads_and_its_leaves_chain_to_the_original_root() {
     use std::os::unix::fs::PermissionsExt;
     let dir = temp_dir("ca");
     let first = LocalCa::load_or_generate(&dir, TD).expect("generate");
-    let key_mode = std::fs::metadata(dir.join("root-key.pem")).expect("key").permissions().mode();
+    let key_mode = std::fs::metadata(dir.join("root-key.pem"))
+        .expect("key")
+        .permissions()
+        .mode();
     assert_eq!(key_mode & 0o777, 0o600);
     let dir_mode = std::fs::metadata(&dir).expect("dir").permissions().mode();
     assert_eq!(dir_mode & 0o777, 0o700);
@@ -94,17 +112,22 @@ async fn persisted_ca_reloads_and_its_leaves_chain_to_the_original_root() {
     let bundle = TrustBundle::from_pem(&first.trust_bundle().to_pem()).expect("pem");
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let server_tls = server_config(&server_cert, &bundle).expect("server cfg");
-    let server = tokio::spawn(async move {
-        serve(server_io, server_tls, &fast_settings(), echo).await
-    });
+    let server =
+        tokio::spawn(async move { serve(server_io, server_tls, &fast_settings(), echo).await });
     let client_tls = client_config(&client_cert, &bundle, &server_id()).expect("client cfg");
     let conn = within("connect", connect(client_io, client_tls, &fast_settings()))
         .await
         .expect("connect");
     let stream = conn.open(target(), HeaderMap::new()).await.expect("open");
-    assert_eq!(within("echo", echo_round_trip(stream, b"hello")).await, b"hello");
+    assert_eq!(
+        within("echo", echo_round_trip(stream, b"hello")).await,
+        b"hello"
+    );
     drop(conn);
-    within("serve ends", server).await.expect("join").expect("serve ok");
+    within("serve ends", server)
+        .await
+        .expect("join")
+        .expect("serve ok");
 
     std::fs::remove_file(dir.join("root-cert.pem")).expect("rm");
     assert!(matches!(
@@ -124,17 +147,8 @@ fn pem_round_trips() {
     assert!(TrustBundle::from_pem("no pem here").is_err());
 
     let leaf = a.cert(&client_id());
-    let key_pem = {
-        use rustls_pki_types::PrivateKeyDer;
-        let PrivateKeyDer::Pkcs8(k) = &*leaf.key else { panic!("pkcs8") };
-        let b64 = {
-            // Reuse the bundle encoder by wrapping the key as a fake cert
-            // block, then relabel.
-            let fake = TrustBundle { roots: vec![k.secret_pkcs8_der().to_vec().into()] };
-            fake.to_pem()
-        };
-        b64.replace("CERTIFICATE", "PRIVATE KEY")
-    };
+    let key_pem = leaf.key_pem();
+    assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"));
     let parsed = WorkloadCert::from_pem(&leaf.chain_pem(), &key_pem).expect("from_pem");
     assert_eq!(parsed.identity, leaf.identity);
     assert_eq!(parsed.chain, leaf.chain);
@@ -148,14 +162,27 @@ async fn client_rejects_server_from_another_ca() {
     let theirs = Mesh::new();
     let (addr, mut results) =
         start_server(theirs.server_tls(&server_id()), fast_settings(), echo).await;
-    let err = within("dial", dial(addr, ours.client_tls(&client_id(), &server_id())))
-        .await
-        .expect_err("must fail");
-    assert!(matches!(err, HboneError::Tls(TlsError::UnknownCa)), "{err:?}");
+    let err = within(
+        "dial",
+        dial(addr, ours.client_tls(&client_id(), &server_id())),
+    )
+    .await
+    .expect_err("must fail");
+    assert!(
+        matches!(err, HboneError::Tls(TlsError::UnknownCa)),
+        "{err:?}"
+    );
     assert_eq!(err.reason(), FailureReason::UnknownCa);
     // The server learns why from our alert.
-    let server_err = within("serve", results.recv()).await.expect("result").expect_err("fails");
-    assert_eq!(server_err.reason(), FailureReason::PeerRejected, "{server_err:?}");
+    let server_err = within("serve", results.recv())
+        .await
+        .expect("result")
+        .expect_err("fails");
+    assert_eq!(
+        server_err.reason(),
+        FailureReason::PeerRejected,
+        "{server_err:?}"
+    );
 }
 
 #[tokio::test]
@@ -179,7 +206,10 @@ async fn server_rejects_client_cert_from_another_ca() {
         "{client_side:?}"
     );
 
-    let server_err = within("serve", results.recv()).await.expect("result").expect_err("fails");
+    let server_err = within("serve", results.recv())
+        .await
+        .expect("result")
+        .expect_err("fails");
     assert!(
         matches!(server_err, HboneError::Tls(TlsError::UnknownCa)),
         "{server_err:?}"
@@ -192,9 +222,12 @@ async fn client_rejects_valid_cert_with_unexpected_identity() {
     let mesh = Mesh::new();
     let impostor = id("shop", "payments");
     let (addr, _results) = start_server(mesh.server_tls(&impostor), fast_settings(), echo).await;
-    let err = within("dial", dial(addr, mesh.client_tls(&client_id(), &server_id())))
-        .await
-        .expect_err("must fail");
+    let err = within(
+        "dial",
+        dial(addr, mesh.client_tls(&client_id(), &server_id())),
+    )
+    .await
+    .expect_err("must fail");
     match &err {
         HboneError::Tls(TlsError::IdentityMismatch { expected, got }) => {
             assert_eq!(expected, &server_id().to_string());
@@ -203,7 +236,10 @@ async fn client_rejects_valid_cert_with_unexpected_identity() {
         other => panic!("want IdentityMismatch, got {other:?}"),
     }
     let message = err.to_string();
-    assert!(message.contains("sa/cart") && message.contains("sa/payments"), "{message}");
+    assert!(
+        message.contains("sa/cart") && message.contains("sa/payments"),
+        "{message}"
+    );
     assert_eq!(err.reason(), FailureReason::BadIdentity);
 }
 
@@ -218,9 +254,12 @@ async fn expired_server_cert_is_rejected() {
         echo,
     )
     .await;
-    let err = within("dial", dial(addr, mesh.client_tls(&client_id(), &server_id())))
-        .await
-        .expect_err("must fail");
+    let err = within(
+        "dial",
+        dial(addr, mesh.client_tls(&client_id(), &server_id())),
+    )
+    .await
+    .expect_err("must fail");
     assert!(matches!(err, HboneError::Tls(TlsError::Expired)), "{err:?}");
 }
 
@@ -260,14 +299,22 @@ async fn bad_clients_fail_fast_while_a_good_connection_keeps_working() {
         .expect("dial");
 
     let bad_inputs: Vec<(&str, Vec<u8>, FailureReason)> = vec![
-        ("garbage", b"\x00\x01\x02\x03garbage\xff\xfe".repeat(20), FailureReason::NotTls),
+        (
+            "garbage",
+            b"\x00\x01\x02\x03garbage\xff\xfe".repeat(20),
+            FailureReason::NotTls,
+        ),
         (
             "http1",
             b"GET / HTTP/1.1\r\nHost: example\r\n\r\n".to_vec(),
             FailureReason::NotTls,
         ),
         // Stays open after half a ClientHello: only the timeout ends it.
-        ("truncated hello", truncated_client_hello(&mesh), FailureReason::Timeout),
+        (
+            "truncated hello",
+            truncated_client_hello(&mesh),
+            FailureReason::Timeout,
+        ),
         // Closes right away.
         ("empty", Vec::new(), FailureReason::Eof),
     ];
@@ -284,11 +331,16 @@ async fn bad_clients_fail_fast_while_a_good_connection_keeps_working() {
 
     // While the bad connections are pending, the good one carries data.
     let stream = good.open(target(), HeaderMap::new()).await.expect("open");
-    assert_eq!(within("echo", echo_round_trip(stream, b"still fine")).await, b"still fine");
+    assert_eq!(
+        within("echo", echo_round_trip(stream, b"still fine")).await,
+        b"still fine"
+    );
 
     let mut reasons = Vec::new();
     for _ in &bad_inputs {
-        let result = within("serve result", results.recv()).await.expect("result");
+        let result = within("serve result", results.recv())
+            .await
+            .expect("result");
         let err = result.expect_err("bad client must end serve with an error");
         reasons.push(err.reason());
     }
@@ -298,8 +350,14 @@ async fn bad_clients_fail_fast_while_a_good_connection_keeps_working() {
     want.sort_by_key(key);
     assert_eq!(reasons, want);
 
-    let stream = good.open(target(), HeaderMap::new()).await.expect("open again");
-    assert_eq!(within("echo", echo_round_trip(stream, b"and after")).await, b"and after");
+    let stream = good
+        .open(target(), HeaderMap::new())
+        .await
+        .expect("open again");
+    assert_eq!(
+        within("echo", echo_round_trip(stream, b"and after")).await,
+        b"and after"
+    );
     drop(sockets);
 }
 
@@ -309,7 +367,9 @@ async fn random_garbage_never_hangs_serve() {
     let tls = mesh.server_tls(&server_id());
     for len in [1usize, 5, 100, 4096, 20_000] {
         let (mut client, server_io) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(serve(server_io, tls.clone(), &fast_settings(), echo));
+        let tls = tls.clone();
+        let server =
+            tokio::spawn(async move { serve(server_io, tls, &fast_settings(), echo).await });
         let _ = client.write_all(&random_bytes(len)).await;
         // Keep our end open: the server must give up on its own.
         let result = within("serve", server).await.expect("no panic");

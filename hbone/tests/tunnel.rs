@@ -35,19 +35,27 @@ async fn round_trip_carries_megabytes_intact_and_passes_metadata() {
     )
     .await;
 
-    let conn = within("dial", dial(addr, mesh.client_tls(&client_id(), &server_id())))
-        .await
-        .expect("dial");
+    let conn = within(
+        "dial",
+        dial(addr, mesh.client_tls(&client_id(), &server_id())),
+    )
+    .await
+    .expect("dial");
     assert_eq!(conn.peer_identity(), &server_id());
 
     let mut headers = HeaderMap::new();
     headers.insert("forwarded", HeaderValue::from_static("for=10.0.0.7"));
-    headers.insert("baggage", HeaderValue::from_static("k8s.namespace.name=shop"));
+    headers.insert(
+        "baggage",
+        HeaderValue::from_static("k8s.namespace.name=shop"),
+    );
     headers.insert(
         "traceparent",
         HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
     );
-    let stream = within("open", conn.open(target(), headers)).await.expect("open");
+    let stream = within("open", conn.open(target(), headers))
+        .await
+        .expect("open");
     assert_eq!(conn.active_streams(), 1);
 
     let data = random_bytes(6 * 1024 * 1024 + 123);
@@ -77,13 +85,19 @@ async fn client_half_close_still_receives_the_reply() {
         mesh.server_tls(&server_id()),
         fast_settings(),
         |tunnel: InboundTunnel| async move {
-            let Ok(mut stream) = tunnel.accept() else { return };
+            let Ok(mut stream) = tunnel.accept() else {
+                return;
+            };
             let mut request = Vec::new();
             // Only returns once the client's END_STREAM arrived.
             if stream.read_to_end(&mut request).await.is_err() {
                 return;
             }
-            let reply = format!("got {} bytes: {}", request.len(), String::from_utf8_lossy(&request));
+            let reply = format!(
+                "got {} bytes: {}",
+                request.len(),
+                String::from_utf8_lossy(&request)
+            );
             let _ = stream.write_all(reply.as_bytes()).await;
             let _ = stream.shutdown().await;
         },
@@ -114,7 +128,9 @@ async fn server_half_close_reaches_client_and_client_can_still_send() {
         move |tunnel: InboundTunnel| {
             let done_tx = done_tx.clone();
             async move {
-                let Ok(mut stream) = tunnel.accept() else { return };
+                let Ok(mut stream) = tunnel.accept() else {
+                    return;
+                };
                 let _ = stream.write_all(b"banner").await;
                 let _ = stream.shutdown().await;
                 let mut rest = Vec::new();
@@ -133,7 +149,10 @@ async fn server_half_close_reaches_client_and_client_can_still_send() {
         .await
         .expect("read to server's END_STREAM");
     assert_eq!(banner, b"banner");
-    stream.write_all(b"after your EOF").await.expect("write after peer EOF");
+    stream
+        .write_all(b"after your EOF")
+        .await
+        .expect("write after peer EOF");
     stream.shutdown().await.expect("shutdown");
     let got = within("server read", done_rx.recv())
         .await
@@ -145,12 +164,7 @@ async fn server_half_close_reaches_client_and_client_can_still_send() {
 #[tokio::test]
 async fn hundred_concurrent_streams_share_one_connection() {
     let mesh = Mesh::new();
-    let (addr, _results) = start_server(
-        mesh.server_tls(&server_id()),
-        fast_settings(),
-        echo,
-    )
-    .await;
+    let (addr, _results) = start_server(mesh.server_tls(&server_id()), fast_settings(), echo).await;
     let conn = dial(addr, mesh.client_tls(&client_id(), &server_id()))
         .await
         .expect("dial");
@@ -250,24 +264,183 @@ async fn serve_answers_non_connect_and_bad_authority_itself() {
     .await;
     let send = raw_h2(addr, mesh.client_tls(&client_id(), &server_id())).await;
 
-    let get = http::Request::get("https://10.1.2.3:80/").body(()).expect("req");
-    let (resp, _) = send.clone().ready().await.expect("ready").send_request(get, true).expect("send");
-    assert_eq!(within("GET", resp).await.expect("resp").status(), StatusCode::METHOD_NOT_ALLOWED);
+    let get = http::Request::get("https://10.1.2.3:80/")
+        .body(())
+        .expect("req");
+    let (resp, _) = send
+        .clone()
+        .ready()
+        .await
+        .expect("ready")
+        .send_request(get, true)
+        .expect("send");
+    assert_eq!(
+        within("GET", resp).await.expect("resp").status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
 
     let bad = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri("not-an-ip:80")
         .body(())
         .expect("req");
-    let (resp, _) = send.clone().ready().await.expect("ready").send_request(bad, false).expect("send");
-    assert_eq!(within("CONNECT", resp).await.expect("resp").status(), StatusCode::BAD_REQUEST);
+    let (resp, _) = send
+        .clone()
+        .ready()
+        .await
+        .expect("ready")
+        .send_request(bad, false)
+        .expect("send");
+    assert_eq!(
+        within("CONNECT", resp).await.expect("resp").status(),
+        StatusCode::BAD_REQUEST
+    );
 
     let ipv6 = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri("[fd00::1]:8080")
         .body(())
         .expect("req");
-    let (resp, _) = send.clone().ready().await.expect("ready").send_request(ipv6, false).expect("send");
-    assert_eq!(within("CONNECT v6", resp).await.expect("resp").status(), StatusCode::OK);
-    assert_eq!(calls.load(Ordering::Acquire), 1, "only the valid CONNECT reached the handler");
+    let (resp, _) = send
+        .clone()
+        .ready()
+        .await
+        .expect("ready")
+        .send_request(ipv6, false)
+        .expect("send");
+    assert_eq!(
+        within("CONNECT v6", resp).await.expect("resp").status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        calls.load(Ordering::Acquire),
+        1,
+        "only the valid CONNECT reached the handler"
+    );
+}
+
+/// Single-stream throughput over loopback for a few window/frame choices.
+/// Run: `cargo test --release -p weft-hbone --test tunnel -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run explicitly in release mode"]
+async fn throughput() {
+    use weft_hbone::H2Settings;
+    let mesh = Mesh::new();
+    let h2_defaults = H2Settings {
+        initial_stream_window: 65_535,
+        initial_connection_window: 65_535,
+        max_frame_size: 16_384,
+        max_send_buffer_size: 400 * 1024,
+        ..fast_settings()
+    };
+    let one_mib = H2Settings {
+        initial_stream_window: 1 << 20,
+        initial_connection_window: 4 << 20,
+        max_frame_size: 64 << 10,
+        ..fast_settings()
+    };
+    let chosen = fast_settings();
+    let total: usize = 512 << 20;
+    for (name, settings) in [
+        ("h2 defaults", h2_defaults),
+        ("1 MiB", one_mib),
+        ("default", chosen),
+    ] {
+        let (addr, _results) = start_server(
+            mesh.server_tls(&server_id()),
+            settings.clone(),
+            |tunnel: InboundTunnel| async move {
+                let Ok(mut stream) = tunnel.accept() else {
+                    return;
+                };
+                let mut sink = tokio::io::sink();
+                let n = tokio::io::copy(&mut stream, &mut sink).await.unwrap_or(0);
+                let _ = stream.write_all(&n.to_be_bytes()).await;
+                let _ = stream.shutdown().await;
+            },
+        )
+        .await;
+        let socket = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+        socket.set_nodelay(true).expect("nodelay");
+        let conn = weft_hbone::connect(
+            socket,
+            mesh.client_tls(&client_id(), &server_id()),
+            &settings,
+        )
+        .await
+        .expect("connect");
+        let mut stream = conn.open(target(), HeaderMap::new()).await.expect("open");
+        let chunk = vec![7u8; 64 * 1024];
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        while sent < total {
+            stream.write_all(&chunk).await.expect("write");
+            sent += chunk.len();
+        }
+        stream.shutdown().await.expect("shutdown");
+        let mut count = [0u8; 8];
+        stream.read_exact(&mut count).await.expect("count");
+        let elapsed = start.elapsed();
+        assert_eq!(u64::from_be_bytes(count), total as u64);
+        println!(
+            "{name:>12}: {:.0} MiB/s",
+            (total >> 20) as f64 / elapsed.as_secs_f64()
+        );
+    }
+}
+
+#[tokio::test]
+async fn drain_lets_open_tunnels_finish_and_refuses_new_ones() {
+    let mesh = Mesh::new();
+    let (client_io, server_io) = tokio::io::duplex(256 * 1024);
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_tls = mesh.server_tls(&server_id());
+    let server = tokio::spawn(async move {
+        weft_hbone::serve_until(server_io, server_tls, &fast_settings(), echo, async {
+            let _ = drain_rx.await;
+        })
+        .await
+    });
+    let conn = weft_hbone::connect(
+        client_io,
+        mesh.client_tls(&client_id(), &server_id()),
+        &fast_settings(),
+    )
+    .await
+    .expect("connect");
+    let mut open_before = conn.open(target(), HeaderMap::new()).await.expect("open");
+    open_before.write_all(b"before ").await.expect("write");
+
+    drain_tx.send(()).expect("drain");
+    within("GOAWAY seen", async {
+        loop {
+            match conn.open(target(), HeaderMap::new()).await {
+                Err(_) => break,
+                Ok(s) => drop(s),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        conn.is_closed(),
+        "pool must stop using a draining connection"
+    );
+
+    // The tunnel opened before the drain still works both ways.
+    open_before
+        .write_all(b"and after")
+        .await
+        .expect("write after drain");
+    open_before.shutdown().await.expect("shutdown");
+    let mut echoed = Vec::new();
+    within("echo", open_before.read_to_end(&mut echoed))
+        .await
+        .expect("read");
+    assert_eq!(echoed, b"before and after");
+    drop(open_before);
+    within("serve returns", server)
+        .await
+        .expect("join")
+        .expect("clean end");
 }

@@ -181,7 +181,7 @@ impl Cluster {
         let fab = self.fabric_netns.clone();
         sys::ip(&["netns", "add", &fab])?;
         sys::ip(&["-n", &fab, "link", "set", "lo", "up"])?;
-        sys::ip(&["-n", &fab, "link", "add", &self.bridge, "type", "bridge"])?;
+        sys::ip(&["-n", &fab, "link", "add", "name", &self.bridge, "type", "bridge"])?;
         sys::ip(&["-n", &fab, "link", "set", &self.bridge, "up"])?;
 
         let slot = self.slot;
@@ -206,7 +206,7 @@ impl Cluster {
             sys::ip(&["netns", "add", ns])?;
             sys::ip(&["-n", ns, "link", "set", "lo", "up"])?;
             sys::ip(&[
-                "-n", &fab, "link", "add", &fab_veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                "-n", &fab, "link", "add", "name", &fab_veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
             ])?;
             sys::ip(&["-n", &fab, "link", "set", &fab_veth, "master", &self.bridge, "up"])?;
             sys::ip(&["-n", ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
@@ -367,7 +367,7 @@ impl Cluster {
         sys::ip(&["netns", "add", pns])?;
         sys::ip(&["-n", pns, "link", "set", "lo", "up"])?;
         sys::ip(&[
-            "-n", nns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", pns,
+            "-n", nns, "link", "add", "name", veth, "type", "veth", "peer", "name", "eth0", "netns", pns,
         ])?;
         sys::ip(&["-n", pns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         sys::ip(&["-n", pns, "link", "set", "eth0", "up"])?;

@@ -97,7 +97,9 @@ impl Mesh {
         let mut cmd = n.command_os(bin_path("weft-ztunnel"));
         cmd.arg("run")
             .args(["--node-name", &n.name])
-            .args(["--node-ip", &n.ip.to_string()])
+            // Kubelet probes come from the node: its fabric address, or the
+            // gateway address it uses toward its pods.
+            .args(["--node-ip", &format!("{},{}", n.ip, crate::cluster::POD_GATEWAY)])
             .arg("--model-file")
             .arg(&self.model_path)
             .arg("--ca-dir")
@@ -159,6 +161,23 @@ impl Mesh {
         let tmp = self.model_path.with_extension("tmp");
         std::fs::write(&tmp, serde_yaml::to_string(&self.model)?)?;
         std::fs::rename(&tmp, &self.model_path)?;
+        self.wait_model_applied()
+    }
+
+    /// Waits until every running ztunnel serves exactly the model last
+    /// written (its `/config_dump` shows it).
+    pub fn wait_model_applied(&self) -> Result<()> {
+        let want = serde_json::to_value(&self.model)?;
+        for (node, name) in self.ztunnel_names.iter().enumerate() {
+            if name.is_none() {
+                continue;
+            }
+            wait_until(Duration::from_secs(10), || {
+                let dump = self.config_dump(node).ok()?;
+                (dump.get("model")? == &want).then_some(())
+            })
+            .with_context(|| format!("ztunnel on node {node} did not apply the new mesh model"))?;
+        }
         Ok(())
     }
 

@@ -113,7 +113,7 @@ fn e2e_same_node_is_policy_checked() {
 
     let (_, v) = mesh.testapp(&a, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
     assert_eq!(v["ok"], true, "{v}");
-    assert!(v["reply"].as_str().unwrap_or_default().starts_with(&format!("{}:", a.ip)), "{v}");
+    assert!(v["peer_seen_by_server"].as_str().unwrap_or_default().starts_with(&format!("{}:", a.ip)), "{v}");
 
     mesh.model.policies.push(weft_api::model::AuthorizationPolicy {
         name: "deny-a".into(),
@@ -168,7 +168,11 @@ fn e2e_non_enrolled_bypass_and_node_probes() {
     let who = mesh
         .node_exec(1, bin_path("weft-testapp").to_str().unwrap(), &["connect", "--connect", &format!("{}:7000", meshed.ip), "--timeout", "5"])
         .unwrap();
-    assert!(who.contains(&format!("{node_ip}:")), "probe from the node: {who}");
+    let gateway = weft_e2e::cluster::POD_GATEWAY;
+    assert!(
+        who.contains(&format!("\"peer_seen_by_server\":\"{node_ip}:")) || who.contains(&format!("\"peer_seen_by_server\":\"{gateway}:")),
+        "probe from the node: {who}"
+    );
     let m = mesh.metrics(1).unwrap();
     assert_eq!(metric_sum(&after.1, OPENED, &[]), metric_sum(&m, OPENED, &[]), "node probe went through ztunnel");
 
@@ -178,7 +182,7 @@ fn e2e_non_enrolled_bypass_and_node_probes() {
         .testapp(&plain_client, &["connect", "--connect", &format!("{}:7000", meshed.ip), "--timeout", "5"])
         .unwrap();
     assert_eq!(v["ok"], true, "{v}");
-    assert!(v["reply"].as_str().unwrap_or_default().starts_with(&format!("{}:", plain_client.ip)), "{v}");
+    assert!(v["peer_seen_by_server"].as_str().unwrap_or_default().starts_with(&format!("{}:", plain_client.ip)), "{v}");
     let m = mesh.metrics(1).unwrap();
     assert!(metric_sum(&m, OPENED, &[("reporter", "destination"), ("connection_security_policy", "none")]) >= 1.0, "{m}");
 }
@@ -205,7 +209,7 @@ fn e2e_enroll_and_unenroll_running_pod() {
     mesh.wait_enrolled(0, &client, true).unwrap();
     let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
     assert_eq!(v["ok"], true, "{v}");
-    assert!(v["reply"].as_str().unwrap_or_default().starts_with(&format!("{}:", client.ip)), "{v}");
+    assert!(v["peer_seen_by_server"].as_str().unwrap_or_default().starts_with(&format!("{}:", client.ip)), "{v}");
     wait_until(Duration::from_secs(5), || (source_opened(&mesh) > base).then_some(())).expect("enrolled pod's connection went through ztunnel");
 
     mesh.set_ambient("late", false);

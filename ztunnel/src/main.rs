@@ -27,9 +27,18 @@ fn main() -> std::process::ExitCode {
     let json = matches!(&cli.command, Command::Run(c) if c.log_json);
     let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        use std::io::IsTerminal;
+        tracing_subscriber::fmt()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
     }
     let result = match cli.command {
         Command::Run(cfg) => tokio::runtime::Builder::new_multi_thread()

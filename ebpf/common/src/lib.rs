@@ -40,6 +40,9 @@ pub mod maps {
     pub const SOCK_ORIG: &str = "SOCK_ORIG";
     /// `LruHashMap<OrigKey, SockAddr>`: original destination by client tuple.
     pub const ORIG_DST: &str = "ORIG_DST";
+    /// `LruHashMap<LegKey, u32>`: ztunnel's own connections toward apps, which
+    /// `sk_lookup` must not steer back to ztunnel.
+    pub const INBOUND_LEGS: &str = "INBOUND_LEGS";
 }
 
 /// An IPv4 or IPv6 socket address.
@@ -81,6 +84,16 @@ pub struct SockOrig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct OrigKey {
     pub netns_cookie: u64,
+    pub client: SockAddr,
+}
+
+/// Key of `INBOUND_LEGS`: one of ztunnel's (`MARK_INBOUND`) connections to an
+/// app inside a pod, recorded by the connect hooks from the socket's bound
+/// address, looked up by `sk_lookup` and dropped once established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LegKey {
+    pub app: SockAddr,
     pub client: SockAddr,
 }
 
@@ -167,6 +180,7 @@ mod user {
     unsafe impl aya::Pod for SockOrig {}
     unsafe impl aya::Pod for OrigKey {}
     unsafe impl aya::Pod for PodSteer {}
+    unsafe impl aya::Pod for LegKey {}
 
     fn words(ip: Ipv6Addr) -> [u32; 4] {
         let o = ip.octets();

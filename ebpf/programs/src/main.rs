@@ -17,8 +17,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use weft_ebpf_common::{
-    IpKey, OrigKey, PodSteer, SockAddr, SockOrig, FAMILY_V4, FAMILY_V6, HBONE_PORT, LISTENER_SLOTS,
-    MARK_INBOUND, MARK_OUTBOUND, MAX_PROBE_SOURCES, OUTBOUND_PORT,
+    IpKey, LegKey, OrigKey, PodSteer, SockAddr, SockOrig, FAMILY_V4, FAMILY_V6, HBONE_PORT,
+    LISTENER_SLOTS, MARK_INBOUND, MARK_OUTBOUND, MAX_PROBE_SOURCES, OUTBOUND_PORT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -43,6 +43,9 @@ static SOCK_ORIG: LruHashMap<u64, SockOrig> = LruHashMap::pinned(65536, 0);
 
 #[map]
 static ORIG_DST: LruHashMap<OrigKey, SockAddr> = LruHashMap::pinned(65536, 0);
+
+#[map]
+static INBOUND_LEGS: LruHashMap<LegKey, u32> = LruHashMap::pinned(65536, 0);
 
 /// 127.0.0.1 as the kernel's network-order word.
 const LOCALHOST_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -78,9 +81,11 @@ unsafe fn write_ip6(p: *mut [u32; 4], v: [u32; 4]) {
     write_volatile(p.add(3), v[3]);
 }
 
-/// Common gate of the connect hooks: enrolled netns, TCP, not ztunnel's own socket.
+/// Common gate of the connect hooks: enrolled netns, TCP, not ztunnel's own
+/// socket. ztunnel's connections toward the app (`MARK_INBOUND`) are filed in
+/// `INBOUND_LEGS` so that `sk_lookup` lets them through to the app.
 #[inline(always)]
-unsafe fn should_capture(ctx: &SockAddrContext, sa: *const bpf_sock_addr) -> Option<u64> {
+unsafe fn should_capture(ctx: &SockAddrContext, sa: *const bpf_sock_addr, v6: bool) -> Option<u64> {
     if read_volatile(addr_of!((*sa).protocol)) != IPPROTO_TCP {
         return None;
     }
@@ -91,7 +96,26 @@ unsafe fn should_capture(ctx: &SockAddrContext, sa: *const bpf_sock_addr) -> Opt
         return None;
     }
     let mark = read_volatile(addr_of!((*sk).mark));
-    if mark == MARK_OUTBOUND || mark == MARK_INBOUND {
+    if mark == MARK_INBOUND {
+        let src_port = read_volatile(addr_of!((*sk).src_port)) as u16;
+        let dst_port = u16::from_be(read_volatile(addr_of!((*sa).user_port)) as u16);
+        if src_port != 0 {
+            let key = if v6 {
+                LegKey {
+                    app: SockAddr::v6(read_ip6(addr_of!((*sa).user_ip6)), dst_port),
+                    client: SockAddr::v6(read_ip6(addr_of!((*sk).src_ip6)), src_port),
+                }
+            } else {
+                LegKey {
+                    app: SockAddr::v4(read_volatile(addr_of!((*sa).user_ip4)), dst_port),
+                    client: SockAddr::v4(read_volatile(addr_of!((*sk).src_ip4)), src_port),
+                }
+            };
+            let _ = INBOUND_LEGS.insert(&key, &1, 0);
+        }
+        return None;
+    }
+    if mark == MARK_OUTBOUND {
         return None;
     }
     Some(netns)
@@ -107,7 +131,7 @@ fn record(ctx: &SockAddrContext, dst: SockAddr, netns_cookie: u64) {
 pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     unsafe {
-        let Some(netns) = should_capture(&ctx, sa) else {
+        let Some(netns) = should_capture(&ctx, sa, false) else {
             return ALLOW;
         };
         let ip = read_volatile(addr_of!((*sa).user_ip4));
@@ -126,7 +150,7 @@ pub fn weft_connect4(ctx: SockAddrContext) -> i32 {
 pub fn weft_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     unsafe {
-        let Some(netns) = should_capture(&ctx, sa) else {
+        let Some(netns) = should_capture(&ctx, sa, true) else {
             return ALLOW;
         };
         let ip = read_ip6(addr_of!((*sa).user_ip6));
@@ -155,25 +179,41 @@ pub fn weft_sockops(ctx: SockOpsContext) -> u32 {
         if read_volatile(addr_of!((*ops).op)) != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
             return 1;
         }
-        let cookie = bpf_get_socket_cookie(ctx.as_ptr());
-        let Some(orig) = SOCK_ORIG.get(&cookie) else {
-            return 1;
-        };
-        let orig = *orig;
         let family = read_volatile(addr_of!((*ops).family));
-        let port = read_volatile(addr_of!((*ops).local_port)) as u16;
-        let client = if family == FAMILY_V4 as u32 {
-            SockAddr::v4(read_volatile(addr_of!((*ops).local_ip4)), port)
+        let local_port = read_volatile(addr_of!((*ops).local_port)) as u16;
+        // Network order in the upper half (see bpf_sock_ops docs).
+        let remote_port = u32::from_be(read_volatile(addr_of!((*ops).remote_port))) as u16;
+        let (local, remote) = if family == FAMILY_V4 as u32 {
+            (
+                SockAddr::v4(read_volatile(addr_of!((*ops).local_ip4)), local_port),
+                SockAddr::v4(read_volatile(addr_of!((*ops).remote_ip4)), remote_port),
+            )
         } else if family == FAMILY_V6 as u32 {
-            SockAddr::v6(read_ip6(addr_of!((*ops).local_ip6)), port)
+            (
+                SockAddr::v6(read_ip6(addr_of!((*ops).local_ip6)), local_port),
+                SockAddr::v6(read_ip6(addr_of!((*ops).remote_ip6)), remote_port),
+            )
         } else {
             return 1;
         };
-        let key = OrigKey {
-            netns_cookie: orig.netns_cookie,
-            client,
-        };
-        let _ = ORIG_DST.insert(&key, &orig.dst, 0);
+        let cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        match SOCK_ORIG.get(&cookie) {
+            Some(orig) => {
+                let key = OrigKey {
+                    netns_cookie: orig.netns_cookie,
+                    client: local,
+                };
+                let _ = ORIG_DST.insert(&key, &orig.dst, 0);
+            }
+            // Possibly ztunnel's leg toward an app: established, so SYN
+            // retransmits are over and sk_lookup needs the entry no more.
+            None => {
+                let _ = INBOUND_LEGS.remove(&LegKey {
+                    app: remote,
+                    client: local,
+                });
+            }
+        }
     }
     1
 }
@@ -239,7 +279,8 @@ pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
         if read_volatile(addr_of!((*l).protocol)) != IPPROTO_TCP {
             return SK_PASS;
         }
-        // Pod-local traffic, including ztunnel's own leg toward the app.
+        // Pod-local traffic to 127.0.0.1/::1. (Traffic to the pod's own IP
+        // reports the veth's index, hence the checks below.)
         if read_volatile(addr_of!((*l).ingress_ifindex)) == LOOPBACK_IFINDEX {
             return SK_PASS;
         }
@@ -260,6 +301,29 @@ pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
         let Some(steer) = POD_STEER.get(&local) else {
             return SK_PASS;
         };
+        // The pod talking to itself (a martian from outside).
+        if local == remote {
+            return SK_PASS;
+        }
+        let local_port = read_volatile(addr_of!((*l).local_port));
+        let leg = LegKey {
+            app: SockAddr {
+                addr: local.addr,
+                port: local_port as u16,
+                family: local.family as u16,
+                _pad: 0,
+            },
+            client: SockAddr {
+                addr: remote.addr,
+                port: u16::from_be(read_volatile(addr_of!((*l).remote_port))),
+                family: remote.family as u16,
+                _pad: 0,
+            },
+        };
+        // ztunnel's own connection toward the app.
+        if INBOUND_LEGS.get(&leg).is_some() {
+            return SK_PASS;
+        }
         let mut i = 0;
         while i < MAX_PROBE_SOURCES {
             if (i as u32) < steer.probe_count && steer.probe_sources[i] == remote {
@@ -267,7 +331,7 @@ pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
             }
             i += 1;
         }
-        let slot = if read_volatile(addr_of!((*l).local_port)) == HBONE_PORT as u32 {
+        let slot = if local_port == HBONE_PORT as u32 {
             steer.hbone_slot
         } else {
             steer.inbound_slot

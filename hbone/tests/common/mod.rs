@@ -83,6 +83,8 @@ where
     let (results, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
+            // As in production: WINDOW_UPDATEs must not wait for Nagle.
+            let _ = socket.set_nodelay(true);
             let tls = tls.clone();
             let settings = settings.clone();
             let handler = handler.clone();

@@ -32,10 +32,21 @@ impl Capture {
         fs::create_dir_all(&dir)?;
         let file = dir.join(format!("capture-{}.pcap", NEXT_CAPTURE.fetch_add(1, Ordering::Relaxed)));
         let mut cmd = cluster.fabric_command("tcpdump");
+        // --immediate-mode: packets reach tcpdump one by one, not per filled
+        // ring block, so none are lost when stop() interrupts it.
         // -Z root: tcpdump otherwise drops to its own user and cannot write
         // into the root-owned run dir.
-        cmd.args(["-i", cluster.bridge_name(), "-U", "-n", "-Z", "root", "-w"])
-            .arg(&file);
+        cmd.args([
+            "-i",
+            cluster.bridge_name(),
+            "--immediate-mode",
+            "-U",
+            "-n",
+            "-Z",
+            "root",
+            "-w",
+        ])
+        .arg(&file);
         if !filter.trim().is_empty() {
             cmd.arg(filter);
         }

@@ -53,18 +53,21 @@ pub enum CaptureError {
     #[error("cgroup v2: {0} (Weft attaches at the cgroup v2 root; mount cgroup2, e.g. 'mount -t cgroup2 none /sys/fs/cgroup/unified')")]
     Cgroup2(io::Error),
     #[error("loading the eBPF object with maps pinned under {pin_dir}: {source} (if an incompatible older Weft left pins there, remove them with Capture::remove_all / 'rm -r {pin_dir}')")]
-    Load { pin_dir: PathBuf, source: EbpfError },
+    Load {
+        pin_dir: PathBuf,
+        source: Box<EbpfError>,
+    },
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("the eBPF object has no {0}: ztunnel was built from mismatched sources, rebuild it")]
     Missing(&'static str),
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("attaching {what}: {source}")]
     Attach { what: String, source: io::Error },
@@ -138,7 +141,7 @@ impl Capture {
             .load(OBJECT)
             .map_err(|source| CaptureError::Load {
                 pin_dir: pin_dir.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
 
         let cgroup_progs: [(&'static str, u32, &str); 5] = [
@@ -188,10 +191,7 @@ impl Capture {
         // enrolled again or unenrolled.
         let mut slots = BTreeMap::new();
         for entry in pod_steer.iter() {
-            let (_, steer) = entry.map_err(|source| CaptureError::Map {
-                name: maps::POD_STEER,
-                source,
-            })?;
+            let (_, steer) = entry.map_err(map_error(maps::POD_STEER))?;
             slots.insert(steer.netns_cookie, steer.inbound_slot);
         }
 
@@ -235,13 +235,12 @@ impl Capture {
                 base
             }
         };
-        let map_err = |name| move |source| CaptureError::Map { name, source };
         a.listeners
             .set(base, &pod.inbound, 0)
-            .map_err(map_err(maps::LISTENERS))?;
+            .map_err(map_error(maps::LISTENERS))?;
         a.listeners
             .set(base + 1, &pod.hbone, 0)
-            .map_err(map_err(maps::LISTENERS))?;
+            .map_err(map_error(maps::LISTENERS))?;
 
         let mut steer = PodSteer {
             netns_cookie: cookie,
@@ -257,20 +256,17 @@ impl Capture {
         // IPs this pod no longer has.
         for stale in a.steer_keys_of(cookie)? {
             if !wanted.contains(&stale) {
-                ignore_missing(a.pod_steer.remove(&stale)).map_err(map_err(maps::POD_STEER))?;
+                ignore_missing(a.pod_steer.remove(&stale)).map_err(map_error(maps::POD_STEER))?;
             }
         }
         for key in &wanted {
             a.pod_steer
                 .insert(key, steer, 0)
-                .map_err(map_err(maps::POD_STEER))?;
+                .map_err(map_error(maps::POD_STEER))?;
         }
 
         let prog: &SkLookup = program(&a.ebpf, PROG_SK_LOOKUP)?;
-        let prog_fd = prog.fd().map_err(|source| CaptureError::Program {
-            name: PROG_SK_LOOKUP,
-            source,
-        })?;
+        let prog_fd = prog.fd().map_err(program_error(PROG_SK_LOOKUP))?;
         let link = sys::link_create(prog_fd.as_fd(), pod.netns.as_fd(), sys::BPF_SK_LOOKUP)
             .map_err(|source| CaptureError::Attach {
                 what: format!("sk_lookup to netns {}", pod.netns.path().display()),
@@ -280,20 +276,19 @@ impl Capture {
 
         a.enrolled
             .insert(cookie, 1, 0)
-            .map_err(map_err(maps::ENROLLED))?;
+            .map_err(map_error(maps::ENROLLED))?;
         Ok(())
     }
 
     /// Reverses [`Capture::enroll`]: traffic of the pod goes direct again.
     /// Idempotent.
     pub fn unenroll(&self, netns_cookie: u64, pod_ips: &[IpAddr]) -> Result<(), CaptureError> {
-        let map_err = |name| move |source| CaptureError::Map { name, source };
         let mut a = self.lock();
-        ignore_missing(a.enrolled.remove(&netns_cookie)).map_err(map_err(maps::ENROLLED))?;
+        ignore_missing(a.enrolled.remove(&netns_cookie)).map_err(map_error(maps::ENROLLED))?;
         let mut keys: Vec<IpKey> = pod_ips.iter().map(|ip| IpKey::from(*ip)).collect();
         keys.extend(a.steer_keys_of(netns_cookie)?);
         for key in keys {
-            ignore_missing(a.pod_steer.remove(&key)).map_err(map_err(maps::POD_STEER))?;
+            ignore_missing(a.pod_steer.remove(&key)).map_err(map_error(maps::POD_STEER))?;
         }
         let pin = self.sk_lookup_pin(netns_cookie);
         match std::fs::remove_file(&pin) {
@@ -303,7 +298,8 @@ impl Capture {
         }
         if let Some(base) = a.slots.remove(&netns_cookie) {
             for slot in [base, base + 1] {
-                ignore_missing(a.listeners.clear_index(&slot)).map_err(map_err(maps::LISTENERS))?;
+                ignore_missing(a.listeners.clear_index(&slot))
+                    .map_err(map_error(maps::LISTENERS))?;
             }
         }
         Ok(())
@@ -365,10 +361,7 @@ impl Attach {
     fn steer_keys_of(&self, netns_cookie: u64) -> Result<Vec<IpKey>, CaptureError> {
         let mut keys = Vec::new();
         for entry in self.pod_steer.iter() {
-            let (key, steer) = entry.map_err(|source| CaptureError::Map {
-                name: maps::POD_STEER,
-                source,
-            })?;
+            let (key, steer) = entry.map_err(map_error(maps::POD_STEER))?;
             if steer.netns_cookie == netns_cookie {
                 keys.push(key);
             }
@@ -379,22 +372,22 @@ impl Attach {
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd, CaptureError> {
     let prog = ebpf.program_mut(name).ok_or(CaptureError::Missing(name))?;
-    let err = |source| CaptureError::Program { name, source };
+    let err = program_error(name);
     let fd = match prog {
         aya::programs::Program::CgroupSockAddr(p) => {
             let p: &mut CgroupSockAddr = p;
-            p.load().map_err(err)?;
-            p.fd().map_err(err)?.as_fd().try_clone_to_owned()
+            p.load().map_err(&err)?;
+            p.fd().map_err(&err)?.as_fd().try_clone_to_owned()
         }
         aya::programs::Program::SockOps(p) => {
             let p: &mut SockOps = p;
-            p.load().map_err(err)?;
-            p.fd().map_err(err)?.as_fd().try_clone_to_owned()
+            p.load().map_err(&err)?;
+            p.fd().map_err(&err)?.as_fd().try_clone_to_owned()
         }
         aya::programs::Program::SkLookup(p) => {
             let p: &mut SkLookup = p;
-            p.load().map_err(err)?;
-            p.fd().map_err(err)?.as_fd().try_clone_to_owned()
+            p.load().map_err(&err)?;
+            p.fd().map_err(&err)?.as_fd().try_clone_to_owned()
         }
         _ => return Err(CaptureError::Missing(name)),
     };
@@ -418,7 +411,21 @@ where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
     let map = ebpf.take_map(name).ok_or(CaptureError::Missing(name))?;
-    T::try_from(map).map_err(|source| CaptureError::Map { name, source })
+    T::try_from(map).map_err(map_error(name))
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> CaptureError {
+    move |source| CaptureError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn program_error(name: &'static str) -> impl Fn(ProgramError) -> CaptureError {
+    move |source| CaptureError::Program {
+        name,
+        source: Box::new(source),
+    }
 }
 
 /// A missing key is what a delete wanted anyway.
@@ -434,7 +441,8 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 /// earlier run pinned there: pin beside it, then rename over it.
 fn pin_replacing(link: BorrowedFd<'_>, path: &Path) -> Result<(), CaptureError> {
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
+    // bpffs refuses names with a dot.
+    tmp.push("-new");
     let tmp = PathBuf::from(tmp);
     let pin_err = |path: &Path| {
         let path = path.to_owned();

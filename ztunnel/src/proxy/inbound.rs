@@ -17,7 +17,7 @@ use weft_hbone::server::{self, InboundTunnel};
 use weft_hbone::stream::copy_bidirectional;
 use weft_hbone::tls;
 
-use super::outbound::finish;
+use super::outbound::{finish, MODEL_WAIT};
 use super::{socket, EnrolledPod, ProxyInputs};
 use crate::metrics::{ConnectionGuard, ConnectionLabels, DenialLabels, Reporter, SecurityPolicy};
 use crate::rbac::{self, Decision};
@@ -65,8 +65,13 @@ pub async fn run(
 
 async fn serve_hbone(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let snap = pi.state.load();
-    let Some(me) = pod.ips.first().and_then(|ip| snap.workload_by_ip(*ip)) else {
+    let my_ip = pod.ips.first().copied();
+    let snap = pi
+        .state
+        .load_when(MODEL_WAIT, |s| my_ip.is_some_and(|ip| s.workload_by_ip(ip).is_some()))
+        .await
+        .unwrap_or_else(|| pi.state.load());
+    let Some(me) = my_ip.and_then(|ip| snap.workload_by_ip(ip)) else {
         pi.metrics.failure(Reporter::destination, "unknown_destination_workload");
         return;
     };
@@ -117,7 +122,7 @@ async fn tunnel_to_app(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, tunnel: Inbo
         return;
     }
     let peer_identity = tunnel.peer.clone();
-    let Some(labels) = authorize(&pi, &pod, peer_ip, Some(&peer_identity), target) else {
+    let Some(labels) = authorize(&pi, &pod, peer_ip, Some(&peer_identity), target).await else {
         tunnel.reject(StatusCode::UNAUTHORIZED);
         return;
     };
@@ -155,7 +160,7 @@ async fn plaintext(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut client: TcpS
         pi.metrics.failure(Reporter::destination, "bad_target");
         return;
     }
-    let Some(labels) = authorize(&pi, &pod, peer.ip(), None, target) else {
+    let Some(labels) = authorize(&pi, &pod, peer.ip(), None, target).await else {
         return;
     };
     let mut app = match connect_app(&pod, peer.ip(), target).await {
@@ -173,14 +178,18 @@ async fn plaintext(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut client: TcpS
 
 /// Evaluates policy for the pod; on allow returns the metric labels of the
 /// connection, on deny counts and logs the denial.
-fn authorize(
+async fn authorize(
     pi: &ProxyInputs,
     pod: &EnrolledPod,
     src_ip: IpAddr,
     src_identity: Option<&Identity>,
     target: SocketAddr,
 ) -> Option<ConnectionLabels> {
-    let snap = pi.state.load();
+    let snap = pi
+        .state
+        .load_when(MODEL_WAIT, |s| s.workload_by_ip(target.ip()).is_some())
+        .await
+        .unwrap_or_else(|| pi.state.load());
     let Some(dst) = snap.workload_by_ip(target.ip()) else {
         pi.metrics.failure(Reporter::destination, "unknown_destination_workload");
         warn!(component = "inbound", pod = %pod.name, dst = %target, "destination pod is not in the mesh model; refusing");

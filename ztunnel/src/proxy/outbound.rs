@@ -18,6 +18,9 @@ use super::{socket, EnrolledPod, PoolKey, ProxyInputs};
 use crate::metrics::{ConnectionGuard, ConnectionLabels, Reporter, SecurityPolicy};
 use crate::state::OutboundRoute;
 
+/// How long a connection waits for the model to describe its pod.
+pub(super) const MODEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn run(
     pi: Arc<ProxyInputs>,
     pod: Arc<EnrolledPod>,
@@ -55,8 +58,12 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut app: TcpStream,
         pi.metrics.failure(Reporter::source, "proxy_port");
         return;
     }
-    let snap = pi.state.load();
     let src_ip = pod.ip_like(orig.ip()).unwrap_or(peer.ip());
+    let snap = pi
+        .state
+        .load_when(MODEL_WAIT, |s| s.workload_by_ip(src_ip).is_some())
+        .await
+        .unwrap_or_else(|| pi.state.load());
     let Some(src) = snap.workload_by_ip(src_ip) else {
         pi.metrics.failure(Reporter::source, "unknown_source_workload");
         warn!(component = "outbound", src = %src_ip, dst = %orig, "source pod is not in the mesh model; refusing");
@@ -138,14 +145,6 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut app: TcpStream,
                 let _ = tcp.set_nodelay(true);
                 client::connect(tcp, cfg, &pi.h2).await
             };
-            let conn = match pi.pool.get(&key, dial).await {
-                Ok(c) => c,
-                Err(e) => {
-                    pi.metrics.failure(Reporter::source, "hbone_connect");
-                    warn!(component = "outbound", dst = %hbone, identity = %identity, error = %e, "HBONE connection failed");
-                    return;
-                }
-            };
             let mut headers = HeaderMap::new();
             if let Ok(v) = HeaderValue::from_str(&forwarded_for(src_ip)) {
                 headers.insert("forwarded", v);
@@ -156,11 +155,11 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut app: TcpStream,
             )) {
                 headers.insert("baggage", v);
             }
-            let mut tunnel = match conn.open(target, headers).await {
+            let mut tunnel = match pi.pool.open(&key, dial, target, headers).await {
                 Ok(t) => t,
                 Err(e) => {
                     pi.metrics.failure(Reporter::source, &hbone_reason(&e));
-                    info!(component = "outbound", dst = %target, identity = %identity, error = %e, "CONNECT refused");
+                    warn!(component = "outbound", dst = %target, hbone = %hbone, identity = %identity, error = %e, "HBONE tunnel failed");
                     return;
                 }
             };
@@ -182,7 +181,7 @@ fn forwarded_for(ip: std::net::IpAddr) -> String {
 fn hbone_reason(e: &weft_hbone::HboneError) -> String {
     match e {
         weft_hbone::HboneError::Status(code) => format!("hbone_status_{}", code.as_u16()),
-        _ => "hbone_stream".to_owned(),
+        other => format!("hbone_{}", other.reason().as_str()),
     }
 }
 

@@ -43,6 +43,29 @@ impl MeshState {
         self.version.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The current snapshot once `ready` holds for it, waiting up to
+    /// `timeout` for updates (a pod's connection can race the model update
+    /// that describes the pod).
+    pub async fn load_when(
+        &self,
+        timeout: std::time::Duration,
+        ready: impl Fn(&Snapshot) -> bool,
+    ) -> Option<Arc<Snapshot>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let snap = self.load();
+            if ready(&snap) {
+                return Some(snap);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
     /// Resolves on the next `store`.
     pub async fn changed(&self) {
         self.changed.notified().await
