@@ -207,7 +207,10 @@ impl Service {
     pub fn selects(&self, w: &Workload) -> bool {
         w.namespace == self.namespace
             && !self.selector.is_empty()
-            && self.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+            && self
+                .selector
+                .iter()
+                .all(|(k, v)| w.labels.get(k) == Some(v))
     }
 }
 

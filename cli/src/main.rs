@@ -46,8 +46,9 @@ fn main() -> std::process::ExitCode {
 
 /// A bounded HTTP/1.0 GET: (status code, body).
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .with_context(|| format!("cannot reach the ztunnel at {addr} (is it running on this node?)"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| {
+        format!("cannot reach the ztunnel at {addr} (is it running on this node?)")
+    })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut raw = Vec::new();
@@ -79,7 +80,9 @@ fn run(cli: Cli) -> Result<bool> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&dump)?);
             }
-            let ready = get(readiness, "/healthz/ready").map(|(c, _)| c == 200).unwrap_or(false);
+            let ready = get(readiness, "/healthz/ready")
+                .map(|(c, _)| c == 200)
+                .unwrap_or(false);
             print!("{}", render(&dump, ready, SystemTime::now()));
             Ok(ready)
         }
@@ -88,7 +91,10 @@ fn run(cli: Cli) -> Result<bool> {
 
 fn render(dump: &Value, ready: bool, now: SystemTime) -> String {
     let mut out = String::new();
-    let now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     out += &format!(
         "ztunnel on {}: {}, mesh model version {}\n",
         dump["node"].as_str().unwrap_or("?"),
@@ -101,10 +107,18 @@ fn render(dump: &Value, ready: bool, now: SystemTime) -> String {
         out += &format!(
             "  {:<40} {:<10} {}\n",
             p["pod"].as_str().unwrap_or("?"),
-            if p["enrolled"] == true { "captured" } else { "direct" },
+            if p["enrolled"] == true {
+                "captured"
+            } else {
+                "direct"
+            },
             p["ips"]
                 .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                .map(|a| a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(","))
                 .unwrap_or_default()
         );
     }
@@ -113,8 +127,16 @@ fn render(dump: &Value, ready: bool, now: SystemTime) -> String {
     for c in &certs {
         let exp = c["expires_unix"].as_u64().unwrap_or(0);
         let left = exp.saturating_sub(now);
-        let state = if exp <= now { "EXPIRED".to_owned() } else { format!("expires in {}h{:02}m", left / 3600, left % 3600 / 60) };
-        out += &format!("  {:<60} {}\n", c["identity"].as_str().unwrap_or("?"), state);
+        let state = if exp <= now {
+            "EXPIRED".to_owned()
+        } else {
+            format!("expires in {}h{:02}m", left / 3600, left % 3600 / 60)
+        };
+        out += &format!(
+            "  {:<60} {}\n",
+            c["identity"].as_str().unwrap_or("?"),
+            state
+        );
     }
     out
 }
@@ -131,9 +153,18 @@ mod tests {
             "certificates": [{"identity": "spiffe://cluster.local/ns/shop/sa/web", "expires_unix": 1000 + 7260}, {"identity": "spiffe://x/ns/a/sa/b", "expires_unix": 10}],
         });
         let text = render(&dump, true, UNIX_EPOCH + Duration::from_secs(1000));
-        assert!(text.contains("node1: READY, mesh model version 3"), "{text}");
-        assert!(text.contains("shop/web") && text.contains("captured") && text.contains("10.0.0.2"), "{text}");
-        assert!(text.contains("legacy/job") && text.contains("direct"), "{text}");
+        assert!(
+            text.contains("node1: READY, mesh model version 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shop/web") && text.contains("captured") && text.contains("10.0.0.2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("legacy/job") && text.contains("direct"),
+            "{text}"
+        );
         assert!(text.contains("expires in 2h01m"), "{text}");
         assert!(text.contains("EXPIRED"), "{text}");
     }

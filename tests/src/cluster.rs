@@ -154,7 +154,8 @@ impl Cluster {
         let cgroup2 = sys::cgroup2_root()?;
         fs::create_dir_all(RUN_ROOT).with_context(|| format!("creating {RUN_ROOT}"))?;
         let (slot, lock) = take_slot()?;
-        sweep_slot(slot, &cgroup2).with_context(|| format!("cleaning leftovers of slot {slot} from an earlier run"))?;
+        sweep_slot(slot, &cgroup2)
+            .with_context(|| format!("cleaning leftovers of slot {slot} from an earlier run"))?;
         let mut cluster = Cluster {
             slot,
             run_dir: Path::new(RUN_ROOT).join(slot.to_string()),
@@ -181,7 +182,16 @@ impl Cluster {
         let fab = self.fabric_netns.clone();
         sys::ip(&["netns", "add", &fab])?;
         sys::ip(&["-n", &fab, "link", "set", "lo", "up"])?;
-        sys::ip(&["-n", &fab, "link", "add", "name", &self.bridge, "type", "bridge"])?;
+        sys::ip(&[
+            "-n",
+            &fab,
+            "link",
+            "add",
+            "name",
+            &self.bridge,
+            "type",
+            "bridge",
+        ])?;
         sys::ip(&["-n", &fab, "link", "set", &self.bridge, "up"])?;
 
         let slot = self.slot;
@@ -206,13 +216,39 @@ impl Cluster {
             sys::ip(&["netns", "add", ns])?;
             sys::ip(&["-n", ns, "link", "set", "lo", "up"])?;
             sys::ip(&[
-                "-n", &fab, "link", "add", "name", &fab_veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                "-n", &fab, "link", "add", "name", &fab_veth, "type", "veth", "peer", "name",
+                "eth0", "netns", ns,
             ])?;
-            sys::ip(&["-n", &fab, "link", "set", &fab_veth, "master", &self.bridge, "up"])?;
-            sys::ip(&["-n", ns, "addr", "add", &format!("{}/24", node.ip), "dev", "eth0"])?;
+            sys::ip(&[
+                "-n",
+                &fab,
+                "link",
+                "set",
+                &fab_veth,
+                "master",
+                &self.bridge,
+                "up",
+            ])?;
+            sys::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", node.ip),
+                "dev",
+                "eth0",
+            ])?;
             sys::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             // Pods ARP for the gateway; it is local to every node.
-            sys::ip(&["-n", ns, "addr", "add", &format!("{POD_GATEWAY}/32"), "dev", "lo"])?;
+            sys::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{POD_GATEWAY}/32"),
+                "dev",
+                "lo",
+            ])?;
             // Unknown addresses in our own pod CIDR fail fast.
             let cidr = format!("{}/{}", node.pod_cidr.0, node.pod_cidr.1);
             sys::ip(&["-n", ns, "route", "add", "unreachable", &cidr])?;
@@ -262,8 +298,9 @@ impl Cluster {
     pub fn ensure_bpf_pin_dir(&self) -> Result<PathBuf> {
         let bpffs = Path::new("/sys/fs/bpf");
         if !sys::is_bpffs(bpffs) {
-            sys::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
-                .context("mounting bpffs at /sys/fs/bpf (needs root and a kernel with CONFIG_BPF_SYSCALL)")?;
+            sys::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])).context(
+                "mounting bpffs at /sys/fs/bpf (needs root and a kernel with CONFIG_BPF_SYSCALL)",
+            )?;
         }
         let dir = self.bpf_pin_dir();
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -295,7 +332,9 @@ impl Cluster {
 
     /// The pod named `namespace/name`, if it exists.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
     }
 
     /// Address `index` of the service VIP range `10.(64+slot).200.0/24`.
@@ -315,7 +354,11 @@ impl Cluster {
 
     /// A command inside the fabric netns (no cgroup).
     pub fn fabric_command(&self, program: &str) -> Command {
-        sys::command_in(program, &Path::new("/run/netns").join(&self.fabric_netns), None)
+        sys::command_in(
+            program,
+            &Path::new("/run/netns").join(&self.fabric_netns),
+            None,
+        )
     }
 
     /// Creates a pod on node `node`: netns, veth, routes, cgroup, pause.
@@ -339,7 +382,9 @@ impl Cluster {
         let host_veth = format!("wft{slot}p{seq}");
         let ip = Ipv4Addr::new(10, self.net_octet(), n.pod_cidr.0.octets()[2], host);
         let mut rng = rand::thread_rng();
-        let container_id: String = (0..32).map(|_| format!("{:02x}", rng.gen::<u8>())).collect();
+        let container_id: String = (0..32)
+            .map(|_| format!("{:02x}", rng.gen::<u8>()))
+            .collect();
         let u: [u8; 16] = rng.gen();
         let uid = format!(
             "{}-{}-{}-{}-{}",
@@ -363,11 +408,13 @@ impl Cluster {
             pause_pid: 0,
         };
         let (pns, nns, veth) = (pod.netns.as_str(), n.netns.as_str(), pod.host_veth.as_str());
-        fs::create_dir_all(&pod.cgroup).with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
+        fs::create_dir_all(&pod.cgroup)
+            .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
         sys::ip(&["netns", "add", pns])?;
         sys::ip(&["-n", pns, "link", "set", "lo", "up"])?;
         sys::ip(&[
-            "-n", nns, "link", "add", "name", veth, "type", "veth", "peer", "name", "eth0", "netns", pns,
+            "-n", nns, "link", "add", "name", veth, "type", "veth", "peer", "name", "eth0",
+            "netns", pns,
         ])?;
         sys::ip(&["-n", pns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         sys::ip(&["-n", pns, "link", "set", "eth0", "up"])?;
@@ -385,7 +432,10 @@ impl Cluster {
         ])?;
         sys::ip(&["-n", nns, "link", "set", veth, "up"])?;
         sys::ip(&["-n", nns, "route", "add", &format!("{ip}/32"), "dev", veth])?;
-        sysctl(&n.netns_path, &[(&format!("net/ipv4/conf/{veth}/proxy_arp"), "1")])?;
+        sysctl(
+            &n.netns_path,
+            &[(&format!("net/ipv4/conf/{veth}/proxy_arp"), "1")],
+        )?;
         let mut pause = pod.command("sleep");
         pause.arg("infinity");
         pod.pause_pid = self.spawn(&format!("pause-{}", pod.netns), pause)?;
@@ -406,7 +456,13 @@ impl Cluster {
         // synchronous. It is already gone if the netns was freed.
         let _ = sys::run(
             Command::new("ip")
-                .args(["-n", &self.nodes[pod.node].netns, "link", "del", &pod.host_veth])
+                .args([
+                    "-n",
+                    &self.nodes[pod.node].netns,
+                    "link",
+                    "del",
+                    &pod.host_veth,
+                ])
                 .stderr(Stdio::null()),
         );
         Ok(())
@@ -421,8 +477,13 @@ impl Cluster {
         let log = self.log_path(name);
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0);
-        let child = cmd.spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
         let pid = child.id();
         self.children.push(Tracked {
             name: name.to_owned(),
@@ -435,7 +496,9 @@ impl Cluster {
 
     /// `run_dir/logs/<name>.log`.
     pub fn log_path(&self, name: &str) -> PathBuf {
-        self.run_dir.join("logs").join(format!("{}.log", sanitize(name, 100)))
+        self.run_dir
+            .join("logs")
+            .join(format!("{}.log", sanitize(name, 100)))
     }
 
     /// The log of a spawned process so far.
@@ -470,7 +533,10 @@ impl Cluster {
     /// Exit status of a spawned process, `None` while it runs (or if unknown).
     pub fn exit_status(&mut self, name: &str) -> Option<ExitStatus> {
         self.reap();
-        self.children.iter().find(|c| c.name == name).and_then(|c| c.exited)
+        self.children
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.exited)
     }
 
     /// Sends SIGTERM to a spawned process group, SIGKILL after `grace`, and reaps it.
@@ -533,7 +599,11 @@ impl Cluster {
         self.slot_lock = None;
         swept?;
         if !left.is_empty() {
-            bail!("teardown of slot {} left behind: {}", self.slot, left.join(", "));
+            bail!(
+                "teardown of slot {} left behind: {}",
+                self.slot,
+                left.join(", ")
+            );
         }
         Ok(())
     }
@@ -582,7 +652,8 @@ fn preflight() -> Result<()> {
 
 fn take_slot() -> Result<(u32, File)> {
     for slot in 0..MAX_SLOTS {
-        if let Some(lock) = sys::try_flock(&Path::new(RUN_ROOT).join(format!("slot-{slot}.lock")))? {
+        if let Some(lock) = sys::try_flock(&Path::new(RUN_ROOT).join(format!("slot-{slot}.lock")))?
+        {
             return Ok((slot, lock));
         }
     }

@@ -30,12 +30,19 @@ fn find_or_build_testapp() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().context("locating the current executable")?;
-    let candidates =
-        |exe: &std::path::Path| -> Vec<PathBuf> { exe.ancestors().skip(1).take(2).map(|d| d.join(TESTAPP)).collect() };
+    let candidates = |exe: &std::path::Path| -> Vec<PathBuf> {
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .map(|d| d.join(TESTAPP))
+            .collect()
+    };
     if let Some(p) = candidates(&exe).into_iter().find(|p| p.is_file()) {
         return Ok(p);
     }
-    let release = exe.ancestors().any(|d| d.file_name().is_some_and(|n| n == "release"));
+    let release = exe
+        .ancestors()
+        .any(|d| d.file_name().is_some_and(|n| n == "release"));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
     build
@@ -44,7 +51,9 @@ fn find_or_build_testapp() -> Result<PathBuf> {
     if release {
         build.arg("--release");
     }
-    let status = build.status().with_context(|| format!("running {build:?}"))?;
+    let status = build
+        .status()
+        .with_context(|| format!("running {build:?}"))?;
     if !status.success() {
         bail!("{TESTAPP} not found next to {} and `{build:?}` failed; build it with `cargo build -p weft-e2e --bin {TESTAPP}` or set WEFT_TESTAPP", exe.display());
     }

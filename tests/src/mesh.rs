@@ -99,7 +99,10 @@ impl Mesh {
             .args(["--node-name", &n.name])
             // Kubelet probes come from the node: its fabric address, or the
             // gateway address it uses toward its pods.
-            .args(["--node-ip", &format!("{},{}", n.ip, crate::cluster::POD_GATEWAY)])
+            .args([
+                "--node-ip",
+                &format!("{},{}", n.ip, crate::cluster::POD_GATEWAY),
+            ])
             .arg("--model-file")
             .arg(&self.model_path)
             .arg("--ca-dir")
@@ -135,7 +138,12 @@ impl Mesh {
     }
 
     pub fn set_ambient(&mut self, namespace: &str, on: bool) {
-        let ns = match self.model.namespaces.iter_mut().find(|n| n.name == namespace) {
+        let ns = match self
+            .model
+            .namespaces
+            .iter_mut()
+            .find(|n| n.name == namespace)
+        {
             Some(n) => n,
             None => {
                 self.model.namespaces.push(Namespace {
@@ -183,7 +191,13 @@ impl Mesh {
 
     /// Creates a pod with labels `app=<name>` plus `labels`, records it in
     /// the model, and runs the CNI plugin's ADD for it as a runtime would.
-    pub fn add_pod(&mut self, node: usize, namespace: &str, name: &str, service_account: &str) -> Result<Pod> {
+    pub fn add_pod(
+        &mut self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+    ) -> Result<Pod> {
         if self.model.namespace(namespace).is_none() {
             self.set_ambient(namespace, false);
         }
@@ -221,7 +235,13 @@ impl Mesh {
     }
 
     /// A Service `name` selecting pods labelled `app=<app>`; returns its VIP.
-    pub fn add_service(&mut self, namespace: &str, name: &str, app: &str, ports: &[(u16, u16)]) -> Result<Ipv4Addr> {
+    pub fn add_service(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        app: &str,
+        ports: &[(u16, u16)],
+    ) -> Result<Ipv4Addr> {
         let vip = self.cluster.vip(self.next_vip);
         self.next_vip += 1;
         let mut selector = BTreeMap::new();
@@ -245,7 +265,12 @@ impl Mesh {
 
     /// Runs `program args` inside the node's netns and returns stdout.
     pub fn node_exec(&self, node: usize, program: &str, args: &[&str]) -> Result<String> {
-        let out = self.cluster.node(node).command(program).args(args).output()?;
+        let out = self
+            .cluster
+            .node(node)
+            .command(program)
+            .args(args)
+            .output()?;
         if !out.status.success() {
             bail!(
                 "{program} {args:?} in node {node} failed: {}",
@@ -268,7 +293,12 @@ impl Mesh {
         let text = self.node_exec(
             node,
             "curl",
-            &["-sS", "--max-time", "5", "http://127.0.0.1:15000/config_dump"],
+            &[
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:15000/config_dump",
+            ],
         )?;
         Ok(serde_json::from_str(&text)?)
     }
@@ -293,12 +323,16 @@ impl Mesh {
         cmd.args(["serve", "--port", &port.to_string()]);
         let name = format!("testapp-{}-{}-{port}", pod.namespace, pod.name);
         self.cluster.spawn(&name, cmd)?;
-        self.cluster.wait_for_log(&name, "listening", Duration::from_secs(10))
+        self.cluster
+            .wait_for_log(&name, "listening", Duration::from_secs(10))
     }
 
     /// Runs `weft-testapp <args>` in a pod; returns its JSON output.
     pub fn testapp(&self, pod: &Pod, args: &[&str]) -> Result<(Output, Value)> {
-        let out = pod.command_os(bin_path("weft-testapp")).args(args).output()?;
+        let out = pod
+            .command_os(bin_path("weft-testapp"))
+            .args(args)
+            .output()?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let v = stdout
             .lines()
@@ -351,7 +385,9 @@ pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
             if name != metric {
                 return None;
             }
-            let ok = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            let ok = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()

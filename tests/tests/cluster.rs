@@ -47,7 +47,11 @@ fn serve(c: &mut Cluster, pod: &Pod) -> String {
 
 /// Runs the testapp in `pod` and parses its JSON line.
 fn testapp(pod: &Pod, args: &[&str]) -> (bool, Value) {
-    let out = pod.command(TESTAPP).args(args).output().expect("run weft-testapp");
+    let out = pod
+        .command(TESTAPP)
+        .args(args)
+        .output()
+        .expect("run weft-testapp");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
         panic!(
@@ -63,7 +67,9 @@ fn addr(pod: &Pod) -> String {
 }
 
 fn seen_ip(v: &Value) -> Ipv4Addr {
-    let s = v["peer_seen_by_server"].as_str().expect("peer_seen_by_server");
+    let s = v["peer_seen_by_server"]
+        .as_str()
+        .expect("peer_seen_by_server");
     s.parse::<SocketAddr>()
         .map(|a| a.ip())
         .ok()
@@ -103,14 +109,19 @@ fn netns_pods_reach_each_other_on_same_and_other_node() {
     for p in c.pods() {
         let procs = std::fs::read_to_string(p.cgroup.join("cgroup.procs")).unwrap();
         assert!(
-            procs.split_whitespace().any(|pid| pid == p.pause_pid.to_string()),
+            procs
+                .split_whitespace()
+                .any(|pid| pid == p.pause_pid.to_string()),
             "pause of {} not in its cgroup",
             p.key()
         );
         let ns = std::fs::read_link(format!("/proc/{}/ns/net", p.pause_pid)).unwrap();
         let mut probe = p.command("readlink");
         let probe = probe.arg("/proc/self/ns/net").output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), ns.to_string_lossy());
+        assert_eq!(
+            String::from_utf8_lossy(&probe.stdout).trim(),
+            ns.to_string_lossy()
+        );
     }
 
     serve(&mut c, &b);
@@ -172,7 +183,13 @@ fn netns_vip_range_and_outside_world_unreachable() {
     let started = Instant::now();
     let (ok, v) = testapp(
         &a,
-        &["connect", "--connect", &format!("{}:80", c.vip(1)), "--timeout", "5"],
+        &[
+            "connect",
+            "--connect",
+            &format!("{}:80", c.vip(1)),
+            "--timeout",
+            "5",
+        ],
     );
     assert!(ok);
     assert_eq!(v["ok"], false, "VIP must not be reachable: {v}");
@@ -355,7 +372,11 @@ fn netns_teardown_runs_when_test_panics() {
     // later cluster in the same slot may reuse them; the processes, cgroups
     // and log files of this run are what must be gone.
     for p in [&a, &x] {
-        assert!(!process_alive(p.pause_pid), "pause of {} survived the panic", p.key());
+        assert!(
+            !process_alive(p.pause_pid),
+            "pause of {} survived the panic",
+            p.key()
+        );
         assert!(
             !p.cgroup.exists()
                 || std::fs::read_to_string(p.cgroup.join("cgroup.procs"))
@@ -364,7 +385,12 @@ fn netns_teardown_runs_when_test_panics() {
         );
     }
     assert!(!process_alive(pid), "spawned process survived the panic");
-    assert!(!log.exists() || std::fs::metadata(&log).map(|m| m.len() == 0).unwrap_or(true));
+    assert!(
+        !log.exists()
+            || std::fs::metadata(&log)
+                .map(|m| m.len() == 0)
+                .unwrap_or(true)
+    );
 }
 
 #[test]
@@ -389,7 +415,10 @@ fn netns_parallel_clusters_get_distinct_slots() {
                     .find(|o| o.netns != p.netns)
                     .cloned()
                     .expect("other pod");
-                let (_, v) = testapp(&p, &["connect", "--connect", &addr(&other), "--timeout", "3"]);
+                let (_, v) = testapp(
+                    &p,
+                    &["connect", "--connect", &addr(&other), "--timeout", "3"],
+                );
                 let own = testapp(&p, &["who", "--connect", &addr(&p)]);
                 barrier.wait();
                 (
@@ -403,14 +432,21 @@ fn netns_parallel_clusters_get_distinct_slots() {
             })
         })
         .collect();
-    let results: Vec<_> = handles.into_iter().map(|h| h.join().expect("cluster thread")).collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("cluster thread"))
+        .collect();
     let (a, b) = (&results[0], &results[1]);
     assert_ne!(a.0, b.0, "two live clusters got the same slot");
     assert_ne!(a.1, b.1);
     assert_ne!(a.2, b.2);
     assert_ne!(a.3, b.3);
     for r in &results {
-        assert_eq!(r.4["ok"], false, "a pod reached another cluster's pod: {}", r.4);
+        assert_eq!(
+            r.4["ok"], false,
+            "a pod reached another cluster's pod: {}",
+            r.4
+        );
         assert!(r.5 .0, "pod cannot reach itself: {}", r.5 .1);
     }
 }
@@ -452,17 +488,23 @@ fn netns_invoke_cni_runs_plugin_like_a_runtime() {
     let args = env.lines().find(|l| l.starts_with("CNI_ARGS=")).unwrap();
     assert!(args.contains("K8S_POD_NAMESPACE=apps") && args.contains("K8S_POD_NAME=web"));
     assert!(args.contains(&format!("K8S_POD_UID={}", pod.uid)));
-    let stdin: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("stdin.ADD")).unwrap()).unwrap();
+    let stdin: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("stdin.ADD")).unwrap()).unwrap();
     assert_eq!(stdin["type"], "fake-cni");
     assert_eq!(stdin["cniVersion"], "1.0.0");
-    assert_eq!(stdin["prevResult"]["ips"][0]["address"], format!("{}/32", pod.ip));
+    assert_eq!(
+        stdin["prevResult"]["ips"][0]["address"],
+        format!("{}/32", pod.ip)
+    );
     // The plugin runs in the node's netns, as kubelet's runtime does.
     let mut probe = node.command("sleep");
     probe.arg("30");
     let probe_pid = c.spawn("probe", probe).unwrap();
     let node_ns = std::fs::read_link(format!("/proc/{probe_pid}/ns/net")).unwrap();
     assert_eq!(
-        std::fs::read_to_string(dir.join("netns.ADD")).unwrap().trim(),
+        std::fs::read_to_string(dir.join("netns.ADD"))
+            .unwrap()
+            .trim(),
         node_ns.to_string_lossy()
     );
 
@@ -474,6 +516,10 @@ fn netns_invoke_cni_runs_plugin_like_a_runtime() {
 
     let out = invoke_cni(&plugin, "DEL", &pod, &node, &conf).expect("DEL");
     assert!(out.is_null());
-    let stdin: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("stdin.DEL")).unwrap()).unwrap();
-    assert!(stdin.get("prevResult").is_none(), "DEL carries no prevResult");
+    let stdin: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("stdin.DEL")).unwrap()).unwrap();
+    assert!(
+        stdin.get("prevResult").is_none(),
+        "DEL carries no prevResult"
+    );
 }

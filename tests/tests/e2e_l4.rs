@@ -34,8 +34,16 @@ fn e2e_cross_node_mtls_preserves_source_ip() {
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("marker.txt"), marker.repeat(50)).unwrap();
     let mut http = server.command("python3");
-    http.args(["-u", "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory"])
-        .arg(&www);
+    http.args([
+        "-u",
+        "-m",
+        "http.server",
+        "8080",
+        "--bind",
+        "0.0.0.0",
+        "--directory",
+    ])
+    .arg(&www);
     mesh.cluster.spawn("http-server", http).unwrap();
     mesh.cluster
         .wait_for_log("http-server", "Serving HTTP", Duration::from_secs(10))
@@ -50,16 +58,39 @@ fn e2e_cross_node_mtls_preserves_source_ip() {
         .arg(format!("http://{vip}/marker.txt"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), marker.repeat(50));
 
     // 64 MiB bulk transfer, checksummed by the server.
     let (out, v) = mesh
-        .testapp(&client, &["send", "--connect", &format!("{vip}:9000"), "--bytes", "67108864", "--timeout", "60"])
+        .testapp(
+            &client,
+            &[
+                "send",
+                "--connect",
+                &format!("{vip}:9000"),
+                "--bytes",
+                "67108864",
+                "--timeout",
+                "60",
+            ],
+        )
         .unwrap();
-    assert!(out.status.success() && v["ok"] == true, "bulk transfer: {v} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && v["ok"] == true,
+        "bulk transfer: {v} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let seen = v["peer_seen_by_server"].as_str().unwrap_or_default();
-    assert!(seen.starts_with(&format!("{}:", client.ip)), "server saw {seen}, want the client pod {}", client.ip);
+    assert!(
+        seen.starts_with(&format!("{}:", client.ip)),
+        "server saw {seen}, want the client pod {}",
+        client.ip
+    );
 
     let packets = cap.stop().unwrap();
     assert!(!packets.is_empty(), "the capture saw no cross-node packets");
@@ -68,10 +99,15 @@ fn e2e_cross_node_mtls_preserves_source_ip() {
         assert!(
             p.src_port == 15008 || p.dst_port == 15008,
             "cross-node packet not on the HBONE port: {}:{} -> {}:{}",
-            p.src, p.src_port, p.dst, p.dst_port
+            p.src,
+            p.src_port,
+            p.dst,
+            p.dst_port
         );
         assert!(
-            !p.payload.windows(marker_bytes.len()).any(|w| w == marker_bytes),
+            !p.payload
+                .windows(marker_bytes.len())
+                .any(|w| w == marker_bytes),
             "plaintext marker seen on the wire"
         );
     }
@@ -81,7 +117,10 @@ fn e2e_cross_node_mtls_preserves_source_ip() {
     );
 
     let log = mesh.cluster.log("http-server");
-    assert!(log.contains(&format!("{} - -", client.ip)), "http server log does not show the client pod IP:\n{log}");
+    assert!(
+        log.contains(&format!("{} - -", client.ip)),
+        "http server log does not show the client pod IP:\n{log}"
+    );
 
     let src = mesh.metrics(0).unwrap();
     let dst = mesh.metrics(1).unwrap();
@@ -90,15 +129,33 @@ fn e2e_cross_node_mtls_preserves_source_ip() {
         ("source_principal", &spiffe("shop", "client-sa")[..]),
         ("destination_principal", &spiffe("shop", "server-sa")[..]),
     ];
-    assert!(metric_sum(&src, OPENED, &[&labels[..], &[("reporter", "source")]].concat()) >= 2.0, "{src}");
-    assert!(metric_sum(&dst, OPENED, &[&labels[..], &[("reporter", "destination")]].concat()) >= 2.0, "{dst}");
+    assert!(
+        metric_sum(
+            &src,
+            OPENED,
+            &[&labels[..], &[("reporter", "source")]].concat()
+        ) >= 2.0,
+        "{src}"
+    );
+    assert!(
+        metric_sum(
+            &dst,
+            OPENED,
+            &[&labels[..], &[("reporter", "destination")]].concat()
+        ) >= 2.0,
+        "{dst}"
+    );
     wait_until(Duration::from_secs(5), || {
         let m = mesh.metrics(0).ok()?;
-        (metric_sum(&m, "weft_tcp_sent_bytes_total", &[("reporter", "source")]) >= 67108864.0).then_some(())
+        (metric_sum(&m, "weft_tcp_sent_bytes_total", &[("reporter", "source")]) >= 67108864.0)
+            .then_some(())
     })
     .expect("source ztunnel counted the bulk bytes");
     let log = mesh.ztunnel_log(0);
-    assert!(log.contains("conn="), "ztunnel logs carry a connection id:\n{log}");
+    assert!(
+        log.contains("conn="),
+        "ztunnel logs carry a connection id:\n{log}"
+    );
 }
 
 /// Same node: works through ztunnel and is policy-checked there.
@@ -111,31 +168,50 @@ fn e2e_same_node_is_policy_checked() {
     mesh.serve_testapp(&b, 7000).unwrap();
     let target = format!("{}:7000", b.ip);
 
-    let (_, v) = mesh.testapp(&a, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(&a, &["connect", "--connect", &target, "--timeout", "5"])
+        .unwrap();
     assert_eq!(v["ok"], true, "{v}");
-    assert!(v["peer_seen_by_server"].as_str().unwrap_or_default().starts_with(&format!("{}:", a.ip)), "{v}");
+    assert!(
+        v["peer_seen_by_server"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("{}:", a.ip)),
+        "{v}"
+    );
 
-    mesh.model.policies.push(weft_api::model::AuthorizationPolicy {
-        name: "deny-a".into(),
-        namespace: "shop".into(),
-        selector: None,
-        action: weft_api::model::PolicyAction::Deny,
-        rules: vec![weft_api::model::Rule {
-            from: vec![weft_api::model::Source {
-                principals: vec![spiffe("shop", "a-sa")],
-                ..Default::default()
+    mesh.model
+        .policies
+        .push(weft_api::model::AuthorizationPolicy {
+            name: "deny-a".into(),
+            namespace: "shop".into(),
+            selector: None,
+            action: weft_api::model::PolicyAction::Deny,
+            rules: vec![weft_api::model::Rule {
+                from: vec![weft_api::model::Source {
+                    principals: vec![spiffe("shop", "a-sa")],
+                    ..Default::default()
+                }],
+                to: vec![],
             }],
-            to: vec![],
-        }],
-    });
+        });
     mesh.write_model().unwrap();
     wait_until(Duration::from_secs(10), || {
-        let (_, v) = mesh.testapp(&a, &["connect", "--connect", &target, "--timeout", "5"]).ok()?;
+        let (_, v) = mesh
+            .testapp(&a, &["connect", "--connect", &target, "--timeout", "5"])
+            .ok()?;
         (v["ok"] == false).then_some(())
     })
     .expect("DENY policy refuses a's connections");
     let m = mesh.metrics(0).unwrap();
-    assert!(metric_sum(&m, "weft_authorization_denials_total", &[("policy", "shop/deny-a")]) >= 1.0, "{m}");
+    assert!(
+        metric_sum(
+            &m,
+            "weft_authorization_denials_total",
+            &[("policy", "shop/deny-a")]
+        ) >= 1.0,
+        "{m}"
+    );
     assert!(mesh.ztunnel_log(0).contains("denied by policy"));
 }
 
@@ -155,36 +231,93 @@ fn e2e_non_enrolled_bypass_and_node_probes() {
 
     for _ in 0..5 {
         let (_, v) = mesh
-            .testapp(&plain_client, &["connect", "--connect", &format!("{}:7000", plain_server.ip), "--timeout", "5"])
+            .testapp(
+                &plain_client,
+                &[
+                    "connect",
+                    "--connect",
+                    &format!("{}:7000", plain_server.ip),
+                    "--timeout",
+                    "5",
+                ],
+            )
             .unwrap();
         assert_eq!(v["ok"], true, "{v}");
     }
     let after = (mesh.metrics(0).unwrap(), mesh.metrics(1).unwrap());
-    assert_eq!(metric_sum(&before.0, OPENED, &[]), metric_sum(&after.0, OPENED, &[]), "node1 ztunnel counted non-mesh traffic");
-    assert_eq!(metric_sum(&before.1, OPENED, &[]), metric_sum(&after.1, OPENED, &[]), "node2 ztunnel counted non-mesh traffic");
+    assert_eq!(
+        metric_sum(&before.0, OPENED, &[]),
+        metric_sum(&after.0, OPENED, &[]),
+        "node1 ztunnel counted non-mesh traffic"
+    );
+    assert_eq!(
+        metric_sum(&before.1, OPENED, &[]),
+        metric_sum(&after.1, OPENED, &[]),
+        "node2 ztunnel counted non-mesh traffic"
+    );
 
     // Probe from the node itself: straight to the app, ztunnel not involved.
     let node_ip = mesh.cluster.node(1).ip;
     let who = mesh
-        .node_exec(1, bin_path("weft-testapp").to_str().unwrap(), &["connect", "--connect", &format!("{}:7000", meshed.ip), "--timeout", "5"])
+        .node_exec(
+            1,
+            bin_path("weft-testapp").to_str().unwrap(),
+            &[
+                "connect",
+                "--connect",
+                &format!("{}:7000", meshed.ip),
+                "--timeout",
+                "5",
+            ],
+        )
         .unwrap();
     let gateway = weft_e2e::cluster::POD_GATEWAY;
     assert!(
-        who.contains(&format!("\"peer_seen_by_server\":\"{node_ip}:")) || who.contains(&format!("\"peer_seen_by_server\":\"{gateway}:")),
+        who.contains(&format!("\"peer_seen_by_server\":\"{node_ip}:"))
+            || who.contains(&format!("\"peer_seen_by_server\":\"{gateway}:")),
         "probe from the node: {who}"
     );
     let m = mesh.metrics(1).unwrap();
-    assert_eq!(metric_sum(&after.1, OPENED, &[]), metric_sum(&m, OPENED, &[]), "node probe went through ztunnel");
+    assert_eq!(
+        metric_sum(&after.1, OPENED, &[]),
+        metric_sum(&m, OPENED, &[]),
+        "node probe went through ztunnel"
+    );
 
     // A non-mesh client reaching a meshed pod is let in (PERMISSIVE) in
     // plaintext, through the destination ztunnel.
     let (_, v) = mesh
-        .testapp(&plain_client, &["connect", "--connect", &format!("{}:7000", meshed.ip), "--timeout", "5"])
+        .testapp(
+            &plain_client,
+            &[
+                "connect",
+                "--connect",
+                &format!("{}:7000", meshed.ip),
+                "--timeout",
+                "5",
+            ],
+        )
         .unwrap();
     assert_eq!(v["ok"], true, "{v}");
-    assert!(v["peer_seen_by_server"].as_str().unwrap_or_default().starts_with(&format!("{}:", plain_client.ip)), "{v}");
+    assert!(
+        v["peer_seen_by_server"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("{}:", plain_client.ip)),
+        "{v}"
+    );
     let m = mesh.metrics(1).unwrap();
-    assert!(metric_sum(&m, OPENED, &[("reporter", "destination"), ("connection_security_policy", "none")]) >= 1.0, "{m}");
+    assert!(
+        metric_sum(
+            &m,
+            OPENED,
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", "none")
+            ]
+        ) >= 1.0,
+        "{m}"
+    );
 }
 
 /// Enrolling and unenrolling a running pod switches its path; the pod's
@@ -197,29 +330,57 @@ fn e2e_enroll_and_unenroll_running_pod() {
     mesh.serve_testapp(&server, 7000).unwrap();
     let target = format!("{}:7000", server.ip);
     let pause = client.pause_pid;
-    let source_opened = |mesh: &Mesh| metric_sum(&mesh.metrics(0).unwrap(), OPENED, &[("reporter", "source")]);
+    let source_opened =
+        |mesh: &Mesh| metric_sum(&mesh.metrics(0).unwrap(), OPENED, &[("reporter", "source")]);
 
     let base = source_opened(&mesh);
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(source_opened(&mesh), base, "not enrolled yet, yet counted");
 
     mesh.set_ambient("late", true);
     mesh.write_model().unwrap();
     mesh.wait_enrolled(0, &client, true).unwrap();
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "{v}");
-    assert!(v["peer_seen_by_server"].as_str().unwrap_or_default().starts_with(&format!("{}:", client.ip)), "{v}");
-    wait_until(Duration::from_secs(5), || (source_opened(&mesh) > base).then_some(())).expect("enrolled pod's connection went through ztunnel");
+    assert!(
+        v["peer_seen_by_server"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("{}:", client.ip)),
+        "{v}"
+    );
+    wait_until(Duration::from_secs(5), || {
+        (source_opened(&mesh) > base).then_some(())
+    })
+    .expect("enrolled pod's connection went through ztunnel");
 
     mesh.set_ambient("late", false);
     mesh.write_model().unwrap();
     mesh.wait_enrolled(0, &client, false).unwrap();
     let base = source_opened(&mesh);
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(source_opened(&mesh), base, "unenrolled pod still captured");
-    assert!(std::path::Path::new(&format!("/proc/{pause}")).exists(), "the pod's pause process was restarted");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pause}")).exists(),
+        "the pod's pause process was restarted"
+    );
 }
 
 /// With its ztunnel down an enrolled pod's connections are refused and
@@ -232,22 +393,42 @@ fn e2e_ztunnel_down_fails_closed() {
     mesh.wait_enrolled(0, &client, true).unwrap();
     mesh.serve_testapp(&server, 7000).unwrap();
     let target = format!("{}:7000", server.ip);
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "{v}");
 
     mesh.stop_ztunnel(0).unwrap();
     let cap = PacketCapture::start(&mesh.cluster, "tcp").unwrap();
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
-    assert_eq!(v["ok"], false, "connection succeeded with ztunnel down: {v}");
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
+    assert_eq!(
+        v["ok"], false,
+        "connection succeeded with ztunnel down: {v}"
+    );
     let packets = cap.stop().unwrap();
     assert!(
-        packets.iter().all(|p| p.dst_port != 7000 && p.src_port != 7000),
+        packets
+            .iter()
+            .all(|p| p.dst_port != 7000 && p.src_port != 7000),
         "a packet to the app port left the node while ztunnel was down"
     );
 
     mesh.start_ztunnel(0).unwrap();
     wait_until(Duration::from_secs(10), || {
-        let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).ok()?;
+        let (_, v) = mesh
+            .testapp(
+                &client,
+                &["connect", "--connect", &target, "--timeout", "5"],
+            )
+            .ok()?;
         (v["ok"] == true).then_some(())
     })
     .expect("connections work again after ztunnel restarts");
@@ -269,11 +450,20 @@ fn e2e_wrong_identity_is_rejected() {
     let run = |extra: &[&str]| -> serde_json::Value {
         let out = outsider
             .command_os(&probe)
-            .args(["connect", "--to", &hbone, "--target", &target, "--identity", &spiffe("legacy", "default")])
+            .args([
+                "connect",
+                "--to",
+                &hbone,
+                "--target",
+                &target,
+                "--identity",
+                &spiffe("legacy", "default"),
+            ])
             .args(extra)
             .output()
             .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("probe said: {}", String::from_utf8_lossy(&out.stderr)))
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("probe said: {}", String::from_utf8_lossy(&out.stderr)))
     };
 
     // Positive control: a proper mesh certificate gets through.
@@ -283,7 +473,13 @@ fn e2e_wrong_identity_is_rejected() {
     // The server is not who the client expects.
     let v = run(&["--ca-dir", &ca, "--expect", &spiffe("shop", "someone-else")]);
     assert_eq!(v["ok"], false, "{v}");
-    assert!(v["error"].as_str().unwrap_or_default().contains("someone-else"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("someone-else"),
+        "{v}"
+    );
 
     // The client's certificate comes from another CA.
     let v = run(&["--foreign-ca", "--expect", &spiffe("shop", "server")]);
@@ -293,7 +489,11 @@ fn e2e_wrong_identity_is_rejected() {
         (metric_sum(&m, "weft_tls_handshake_failures_total", &[]) >= 1.0).then_some(())
     })
     .expect("handshake failure counted");
-    assert!(mesh.ztunnel_log(1).contains("HBONE connection rejected"), "{}", mesh.ztunnel_log(1));
+    assert!(
+        mesh.ztunnel_log(1).contains("HBONE connection rejected"),
+        "{}",
+        mesh.ztunnel_log(1)
+    );
 }
 
 /// Garbage, plain HTTP/1 and a truncated TLS handshake on 15008 are
@@ -311,29 +511,64 @@ fn e2e_bad_input_on_hbone_port() {
 
     // A long-lived tunnel that spans the attack.
     let mut hold = client.command_os(bin_path("weft-testapp"));
-    hold.args(["hold", "--connect", &target, "--conns", "4", "--rounds", "40", "--timeout", "60"]);
+    hold.args([
+        "hold",
+        "--connect",
+        &target,
+        "--conns",
+        "4",
+        "--rounds",
+        "40",
+        "--timeout",
+        "60",
+    ]);
     mesh.cluster.spawn("holder", hold).unwrap();
 
     let probe = bin_path("weft-hbone-probe");
     for kind in ["garbage", "http1", "truncated-tls"] {
         let out = outsider
             .command_os(&probe)
-            .args(["raw", "--to", &format!("{}:15008", server.ip), "--kind", kind])
+            .args([
+                "raw",
+                "--to",
+                &format!("{}:15008", server.ip),
+                "--kind",
+                kind,
+            ])
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["ok"], true, "{kind}: {v}");
-        assert_eq!(v["closed_by_server"], true, "{kind}: server must close the connection: {v}");
+        assert_eq!(
+            v["closed_by_server"], true,
+            "{kind}: server must close the connection: {v}"
+        );
         let text = v["response_text"].as_str().unwrap_or_default();
         assert!(!text.contains("HTTP/1.1 200"), "{kind}: {v}");
     }
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "new tunnel after bad input: {v}");
-    wait_until(Duration::from_secs(60), || mesh.cluster.exit_status("holder")).expect("holder finished");
+    wait_until(Duration::from_secs(60), || {
+        mesh.cluster.exit_status("holder")
+    })
+    .expect("holder finished");
     let log = mesh.cluster.log("holder");
-    assert!(mesh.cluster.exit_status("holder").is_some_and(|s| s.success()), "long-lived tunnels broke:\n{log}");
+    assert!(
+        mesh.cluster
+            .exit_status("holder")
+            .is_some_and(|s| s.success()),
+        "long-lived tunnels broke:\n{log}"
+    );
     let m = mesh.metrics(1).unwrap();
-    assert!(metric_sum(&m, "weft_tls_handshake_failures_total", &[]) >= 3.0, "{m}");
+    assert!(
+        metric_sum(&m, "weft_tls_handshake_failures_total", &[]) >= 3.0,
+        "{m}"
+    );
 }
 
 /// 200 concurrent long-lived connections through one ztunnel pair stay up
@@ -345,12 +580,41 @@ fn e2e_200_long_lived_connections() {
     let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
     mesh.wait_enrolled(0, &client, true).unwrap();
     mesh.wait_enrolled(1, &server, true).unwrap();
-    let vip = mesh.add_service("shop", "server", "server", &[(7000, 7000)]).unwrap();
+    let vip = mesh
+        .add_service("shop", "server", "server", &[(7000, 7000)])
+        .unwrap();
     mesh.serve_testapp(&server, 7000).unwrap();
     let (out, v) = mesh
-        .testapp(&client, &["hold", "--connect", &format!("{vip}:7000"), "--conns", "200", "--rounds", "10", "--timeout", "120"])
+        .testapp(
+            &client,
+            &[
+                "hold",
+                "--connect",
+                &format!("{vip}:7000"),
+                "--conns",
+                "200",
+                "--rounds",
+                "10",
+                "--timeout",
+                "120",
+            ],
+        )
         .unwrap();
-    assert!(out.status.success(), "{v} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{v} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let m = mesh.metrics(0).unwrap();
-    assert!(metric_sum(&m, OPENED, &[("reporter", "source"), ("connection_security_policy", "mutual_tls")]) >= 200.0, "{m}");
+    assert!(
+        metric_sum(
+            &m,
+            OPENED,
+            &[
+                ("reporter", "source"),
+                ("connection_security_policy", "mutual_tls")
+            ]
+        ) >= 200.0,
+        "{m}"
+    );
 }

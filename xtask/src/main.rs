@@ -141,8 +141,14 @@ fn setup() -> Result<()> {
     ]))
     .unwrap_or_default();
     if !components.contains("rust-src") {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-            .context("nightly rust-src is needed to build the eBPF programs")?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))
+        .context("nightly rust-src is needed to build the eBPF programs")?;
     }
     install_bpf_linker()?;
     if !have("cargo-nextest") {

@@ -69,7 +69,11 @@ async fn route(admin: &Admin, which: Endpoint, req: Request<Incoming>) -> Respon
             if admin.ready.load(Ordering::SeqCst) {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".into(),
+                )
             }
         }
         (Endpoint::Admin, "/config_dump") => {

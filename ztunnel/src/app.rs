@@ -75,7 +75,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     // Kernel steering stays pinned: until a ztunnel is back, enrolled pods'
     // connections are refused, never sent around the mesh.
-    info!(component = "ztunnel", "shutting down; enrolled pods stay captured (fail closed)");
+    info!(
+        component = "ztunnel",
+        "shutting down; enrolled pods stay captured (fail closed)"
+    );
     let _ = std::fs::remove_file(&cfg.cni_socket);
     Ok(())
 }

@@ -21,7 +21,8 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         std::fs::create_dir_all(dir)?;
     }
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))
+    UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))
 }
 
 pub async fn serve(listener: UnixListener, inpod: Arc<InPod>) {

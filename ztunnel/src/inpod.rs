@@ -101,7 +101,13 @@ impl InPod {
                     continue;
                 }
             }
-            pods.insert(info.key(), Known { info, enrolled: None });
+            pods.insert(
+                info.key(),
+                Known {
+                    info,
+                    enrolled: None,
+                },
+            );
         }
         for cookie in self.pi.capture.enrolled_cookies() {
             if !live_cookies.contains(&cookie) {
@@ -227,8 +233,10 @@ impl InPod {
     fn enroll(&self, info: &PodInfo) -> anyhow::Result<Enrollment> {
         let netns = Netns::open(&info.netns)?;
         let has_v6 = info.ips.iter().any(IpAddr::is_ipv6);
-        let outbound4 =
-            socket::listener_in(&netns, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports::OUTBOUND))?;
+        let outbound4 = socket::listener_in(
+            &netns,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports::OUTBOUND),
+        )?;
         let outbound6 = if has_v6 {
             Some(socket::listener_in(
                 &netns,
@@ -271,9 +279,18 @@ impl InPod {
         if let Some(l) = outbound6 {
             spawn_outbound(l)?;
         }
-        for (l, kind) in [(inbound, inbound::Kind::Plaintext), (hbone, inbound::Kind::Hbone)] {
+        for (l, kind) in [
+            (inbound, inbound::Kind::Plaintext),
+            (hbone, inbound::Kind::Hbone),
+        ] {
             let l = tokio::net::TcpListener::from_std(l)?;
-            tokio::spawn(inbound::run(pi.clone(), pod.clone(), l, kind, cancel.clone()));
+            tokio::spawn(inbound::run(
+                pi.clone(),
+                pod.clone(),
+                l,
+                kind,
+                cancel.clone(),
+            ));
         }
         Ok(Enrollment { pod, cancel })
     }

@@ -13,7 +13,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Run(weft_ztunnel::config::Config),
+    Run(Box<weft_ztunnel::config::Config>),
     /// Remove every pinned eBPF program, link and map of this node's
     /// ztunnel: enrolled pods' traffic goes direct again.
     Uninstall {
@@ -45,7 +45,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(weft_ztunnel::app::run(cfg))),
+            .and_then(|rt| rt.block_on(weft_ztunnel::app::run(*cfg))),
         Command::Uninstall { bpf_pin_dir } => {
             weft_ztunnel::capture::ebpf::Capture::remove_all(&bpf_pin_dir).map_err(Into::into)
         }

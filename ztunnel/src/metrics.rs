@@ -227,8 +227,14 @@ mod tests {
             g.record(10, 20);
         }
         let text = m.encode();
-        assert!(text.contains("weft_tcp_connections_opened_total{reporter=\"source\""), "{text}");
-        assert!(text.contains("weft_tcp_connections_closed_total{"), "{text}");
+        assert!(
+            text.contains("weft_tcp_connections_opened_total{reporter=\"source\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_tcp_connections_closed_total{"),
+            "{text}"
+        );
         assert!(text.contains("} 10\n"), "{text}");
         assert!(text.contains("} 20\n"), "{text}");
         assert!(text.contains("weft_active_connections 0"), "{text}");

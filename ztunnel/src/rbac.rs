@@ -26,7 +26,9 @@ pub enum Decision {
     Allow,
     /// Denied by the named policy (`namespace/name`), or by the absence of a
     /// matching ALLOW (`None`).
-    Deny { policy: Option<String> },
+    Deny {
+        policy: Option<String>,
+    },
 }
 
 pub fn evaluate(snap: &Snapshot, dst: &Workload, conn: &Connection<'_>) -> Decision {
@@ -65,12 +67,9 @@ fn rule_matches(rule: &Rule, conn: &Connection<'_>, l7_matches: bool) -> bool {
     let from_ok = rule.from.is_empty()
         || rule.from.iter().any(|s| {
             (s.principals.is_empty()
-                || s.principals.iter().any(|p| {
-                    p == "*"
-                        || conn
-                            .src_identity
-                            .is_some_and(|id| id.to_string() == *p)
-                }))
+                || s.principals
+                    .iter()
+                    .any(|p| p == "*" || conn.src_identity.is_some_and(|id| id.to_string() == *p)))
                 && (s.namespaces.is_empty()
                     || s.namespaces.iter().any(|n| {
                         n == "*" || conn.src_identity.is_some_and(|id| id.namespace == *n)
@@ -113,7 +112,11 @@ pub fn cidr_contains(block: &str, ip: IpAddr) -> bool {
             if len > 128 {
                 return false;
             }
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             u128::from(n) & mask == u128::from(i) & mask
         }
         _ => false,
@@ -150,7 +153,10 @@ policies:
     fn no_policy_allows_and_deny_wins() {
         let s = snap("  []");
         let w = &s.model.workloads[0];
-        assert_eq!(evaluate(&s, w, &conn(None, "10.0.0.1", 5432)), Decision::Allow);
+        assert_eq!(
+            evaluate(&s, w, &conn(None, "10.0.0.1", 5432)),
+            Decision::Allow
+        );
 
         let s = snap(
             "  - { name: allow-all, namespace: shop, action: ALLOW, rules: [{}] }\n  - { name: no-web, namespace: shop, action: DENY, rules: [{ from: [{ principals: [spiffe://cluster.local/ns/shop/sa/web] }] }] }",
@@ -164,7 +170,10 @@ policies:
                 policy: Some("shop/no-web".into())
             }
         );
-        assert_eq!(evaluate(&s, w, &conn(Some(&api), "10.0.0.1", 5432)), Decision::Allow);
+        assert_eq!(
+            evaluate(&s, w, &conn(Some(&api), "10.0.0.1", 5432)),
+            Decision::Allow
+        );
     }
 
     #[test]
@@ -173,7 +182,10 @@ policies:
             "  - { name: ports, namespace: shop, selector: { app: db }, action: ALLOW, rules: [{ to: [{ ports: [5432] }], from: [{ ip_blocks: [10.0.0.0/24] }] }] }\n  - { name: http-only, namespace: shop, action: ALLOW, rules: [{ to: [{ methods: [GET] }] }] }",
         );
         let w = &s.model.workloads[0];
-        assert_eq!(evaluate(&s, w, &conn(None, "10.0.0.1", 5432)), Decision::Allow);
+        assert_eq!(
+            evaluate(&s, w, &conn(None, "10.0.0.1", 5432)),
+            Decision::Allow
+        );
         assert_eq!(
             evaluate(&s, w, &conn(None, "10.0.1.1", 5432)),
             Decision::Deny { policy: None }

@@ -135,7 +135,12 @@ fn topology(tag: &str) -> Topology {
     ip(&o, format!("route add default via 10.253.{x}.5"));
     ip(&p, format!("-6 route add default via fd00:253:{x}:1::1"));
     ip(&o, format!("-6 route add default via fd00:253:{x}:2::1"));
-    sh(&["ip", "netns", "exec", &n, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]);
+    node.run(|| {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+    })
+    .and_then(|r| r)
+    .unwrap_or_else(|e| panic!("enabling forwarding in the node netns: {e}"));
     Topology {
         _ns: ns,
         node,
@@ -144,7 +149,7 @@ fn topology(tag: &str) -> Topology {
         node_ip: Ipv4Addr::new(10, 253, x, 1),
         pod_ip: Ipv4Addr::new(10, 253, x, 2),
         other_ip: Ipv4Addr::new(10, 253, x, 6),
-        other_ip6: Ipv6Addr::new(0xfd00, 0x253, x as u16, 2, 0, 0, 0, 2),
+        other_ip6: format!("fd00:253:{x}:2::2").parse().expect("IPv6 address"),
     }
 }
 
@@ -306,20 +311,11 @@ fn netns_capture_steers_outbound_and_inbound_and_fails_closed() {
     let other_srv = listen_in(&t.other, "0.0.0.0:9000");
     let other_srv6 = listen_in(&t.other, "[::]:9006");
     let node_srv = listen_in(&t.node, "0.0.0.0:9000");
-    // Baseline: before enrollment the pod reaches the other side directly
-    // (retried while fresh IPv6 neighbours settle).
+    // Baseline: before enrollment the pod reaches the other side directly.
     let _c = connect_from(&t.pod, sa(t.other_ip, 9000)).expect("baseline IPv4 connect");
     accept_within(&other_srv, WAIT).expect("baseline IPv4 connect reaches the server");
-    let dst6 = SocketAddr::new(IpAddr::V6(t.other_ip6), 9006);
-    eprintln!("SLEEPING {dst6}"); std::thread::sleep(Duration::from_secs(25));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let _c = loop {
-        match connect_from(&t.pod, dst6) {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => panic!("baseline IPv6 connect: {e}"),
-            Err(_) => {}
-        }
-    };
+    let _c = connect_from(&t.pod, SocketAddr::new(IpAddr::V6(t.other_ip6), 9006))
+        .expect("baseline IPv6 connect");
     accept_within(&other_srv6, WAIT).expect("baseline IPv6 connect reaches the server");
 
     let l = open_listeners(&t.pod);

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use weft_e2e::mesh::Mesh;
+use weft_e2e::cluster::Capture as PacketCapture;
+use weft_e2e::mesh::{bin_path, Mesh};
 
 fn main() {
     if let Err(e) = run() {
@@ -42,12 +43,14 @@ fn run() -> Result<()> {
     std::fs::create_dir_all(&www)?;
     std::fs::write(www.join("index.html"), "hello from the cart service\n")?;
     let mut http = cart.command("python3");
-    http.args(["-u", "-m", "http.server", "8080", "--directory"]).arg(&www);
+    http.args(["-u", "-m", "http.server", "8080", "--directory"])
+        .arg(&www);
     mesh.cluster.spawn("cart-http", http)?;
     mesh.cluster
         .wait_for_log("cart-http", "Serving HTTP", Duration::from_secs(10))?;
 
-    step("frontend (node1) -> http://cart (node2): an unmodified curl");
+    step("frontend (node1) -> http://cart (node2): an unmodified curl, watched on the node-to-node link");
+    let wire = PacketCapture::start(&mesh.cluster, "tcp")?;
     for _ in 0..3 {
         let out = frontend
             .command("curl")
@@ -58,6 +61,21 @@ fn run() -> Result<()> {
         }
         print!("    curl: {}", String::from_utf8_lossy(&out.stdout));
     }
+    let packets = wire.stop()?;
+    let on_hbone = packets
+        .iter()
+        .filter(|p| p.src_port == 15008 || p.dst_port == 15008)
+        .count();
+    let plaintext = packets
+        .iter()
+        .filter(|p| p.payload.windows(10).any(|w| w == b"hello from"))
+        .count();
+    println!(
+        "    on the wire between nodes: {} TCP packets, {} of them to/from port 15008 (HBONE), {} carrying the page in plaintext",
+        packets.len(),
+        on_hbone,
+        plaintext
+    );
     let log = mesh.cluster.log("cart-http");
     if let Some(line) = log.lines().find(|l| l.contains("GET /")) {
         println!("    cart's server log (client address is the frontend pod): {line}");
@@ -66,14 +84,19 @@ fn run() -> Result<()> {
     step("batch-job (not in the mesh) -> cart: plaintext, accepted by cart's ztunnel (PERMISSIVE)");
     let out = legacy
         .command("curl")
-        .args(["-sS", "--max-time", "5", &format!("http://{}:8080/", cart.ip)])
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{}:8080/", cart.ip),
+        ])
         .output()?;
     print!("    curl: {}", String::from_utf8_lossy(&out.stdout));
 
     std::thread::sleep(Duration::from_millis(300));
     step("what the ztunnels saw (weft_tcp_connections_opened_total)");
     println!(
-        "    {:<11} {:<40} {:<40} {:<11} {:>5}",
+        "    {:<11} {:<44} {:<40} {:<10} {:>5}",
         "reporter", "source", "destination", "security", "conns"
     );
     for node in 0..2 {
@@ -94,10 +117,14 @@ fn run() -> Result<()> {
                 label("source_principal"),
                 format!("{} (no identity)", label("source_workload")),
             );
-            let src = if src == " (no identity)" { "non-mesh client".into() } else { src };
+            let src = if src == " (no identity)" {
+                "non-mesh client".into()
+            } else {
+                src
+            };
             let count = line.rsplit(' ').next().unwrap_or("0");
             println!(
-                "    {:<11} {:<40} {:<40} {:<11} {:>5}",
+                "    {:<11} {:<44} {:<40} {:<10} {:>5}",
                 label("reporter"),
                 src,
                 label("destination_principal"),
@@ -107,19 +134,17 @@ fn run() -> Result<()> {
         }
     }
 
-    step("status of each node's ztunnel (/config_dump)");
+    step("weftctl status, run on each node");
     for node in 0..2 {
-        let dump = mesh.config_dump(node)?;
-        let pods = dump["pods"].as_array().cloned().unwrap_or_default();
-        let certs = dump["certificates"].as_array().cloned().unwrap_or_default();
-        println!(
-            "    node{}: model v{}, {} pods known, {} enrolled, {} workload certificates",
-            node + 1,
-            dump["model_version"],
-            pods.len(),
-            pods.iter().filter(|p| p["enrolled"] == true).count(),
-            certs.len()
-        );
+        let out = mesh
+            .cluster
+            .node(node)
+            .command_os(bin_path("weftctl"))
+            .arg("status")
+            .output()?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("    {line}");
+        }
     }
     step("cleaning up");
     drop(mesh);

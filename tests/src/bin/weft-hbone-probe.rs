@@ -43,7 +43,9 @@ async fn main() {
 async fn connect(args: &[String]) -> serde_json::Value {
     let to: SocketAddr = need(args, "--to").parse().expect("--to ip:port");
     let target: SocketAddr = need(args, "--target").parse().expect("--target ip:port");
-    let identity: Identity = need(args, "--identity").parse().expect("--identity spiffe id");
+    let identity: Identity = need(args, "--identity")
+        .parse()
+        .expect("--identity spiffe id");
     let expect: Identity = need(args, "--expect").parse().expect("--expect spiffe id");
     let ca = if args.iter().any(|a| a == "--foreign-ca") {
         LocalCa::generate("cluster.local").expect("generate foreign CA")
@@ -59,9 +61,18 @@ async fn connect(args: &[String]) -> serde_json::Value {
             None => ca.trust_bundle(),
         };
         let cfg = tls::client_config(&cert, &trust, &expect)?;
-        let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to)).await??;
-        let conn = tokio::time::timeout(Duration::from_secs(5), client::connect(tcp, cfg, &Default::default())).await??;
-        let mut stream = tokio::time::timeout(Duration::from_secs(5), conn.open(target, Default::default())).await??;
+        let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
+            .await??;
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            client::connect(tcp, cfg, &Default::default()),
+        )
+        .await??;
+        let mut stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.open(target, Default::default()),
+        )
+        .await??;
         stream.write_all(b"WHO\n").await?;
         let mut buf = vec![0u8; 256];
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
@@ -78,15 +89,21 @@ async fn raw(args: &[String]) -> serde_json::Value {
     let to: SocketAddr = need(args, "--to").parse().expect("--to ip:port");
     let kind = need(args, "--kind");
     let payload: Vec<u8> = match kind.as_str() {
-        "garbage" => (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(),
+        "garbage" => (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect(),
         "http1" => b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
         // A TLS record header announcing a 512-byte ClientHello, then only
         // part of it.
-        "truncated-tls" => vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0xaa, 0xbb],
+        "truncated-tls" => vec![
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0xaa, 0xbb,
+        ],
         other => return json!({ "ok": false, "error": format!("unknown kind {other}") }),
     };
     let result = async {
-        let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to)).await??;
+        let mut s =
+            tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
+                .await??;
         s.write_all(&payload).await?;
         s.shutdown().await?;
         let mut got = Vec::new();

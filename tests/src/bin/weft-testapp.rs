@@ -74,7 +74,9 @@ impl Opts {
             let Some(name) = flag.strip_prefix("--") else {
                 bail!("unexpected argument {flag:?}")
             };
-            let value = it.next().with_context(|| format!("--{name} needs a value"))?;
+            let value = it
+                .next()
+                .with_context(|| format!("--{name} needs a value"))?;
             map.insert(name.to_owned(), value.clone());
         }
         Ok(Opts(map))
@@ -89,7 +91,9 @@ impl Opts {
 
     fn num<T: std::str::FromStr>(&self, name: &str, default: Option<T>) -> Result<T> {
         match self.0.get(name) {
-            Some(v) => v.parse().map_err(|_| anyhow!("--{name} {v:?} is not a valid number")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| anyhow!("--{name} {v:?} is not a valid number")),
             None => default.with_context(|| format!("--{name} is required")),
         }
     }
@@ -142,7 +146,8 @@ fn serve(opts: &Opts) -> Result<u8> {
         None => None,
     };
     let logger = Arc::new(Logger(Mutex::new(log_file)));
-    let listener = TcpListener::bind((bind, port)).with_context(|| format!("binding {bind}:{port}"))?;
+    let listener =
+        TcpListener::bind((bind, port)).with_context(|| format!("binding {bind}:{port}"))?;
     listener.set_nonblocking(true)?;
     logger.line(&format!("listening on {}", listener.local_addr()?));
     let active = Arc::new(AtomicUsize::new(0));
@@ -152,10 +157,15 @@ fn serve(opts: &Opts) -> Result<u8> {
         match listener.accept() {
             Ok((stream, peer)) => {
                 accepted += 1;
-                let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let local = stream
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
                 logger.line(&format!("accepted peer={peer} local={local}"));
                 if active.load(Ordering::Relaxed) >= MAX_ACTIVE_CONNS {
-                    logger.line(&format!("dropped peer={peer}: {MAX_ACTIVE_CONNS} connections active"));
+                    logger.line(&format!(
+                        "dropped peer={peer}: {MAX_ACTIVE_CONNS} connections active"
+                    ));
                     continue;
                 }
                 active.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +177,9 @@ fn serve(opts: &Opts) -> Result<u8> {
                     active.fetch_sub(1, Ordering::Relaxed);
                 });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(2))
+            }
             Err(e) => {
                 logger.line(&format!("accept error: {e}"));
                 thread::sleep(Duration::from_millis(20));
@@ -280,7 +292,12 @@ fn send(opts: &Opts) -> Result<u8> {
     }
 }
 
-fn send_inner(addr: SocketAddr, bytes: u64, timeout: Duration, start: Instant) -> Result<(String, String)> {
+fn send_inner(
+    addr: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    start: Instant,
+) -> Result<(String, String)> {
     let mut stream = dial(addr, timeout).with_context(|| format!("connecting to {addr}"))?;
     let local = stream.local_addr()?.to_string();
     stream.write_all(b"SINK\n")?;
@@ -345,7 +362,9 @@ fn connect(opts: &Opts) -> Result<u8> {
             "secs": start.elapsed().as_secs_f64(),
         }),
         Err(e) => {
-            let kind = e.downcast_ref::<io::Error>().map(|e| format!("{:?}", e.kind()));
+            let kind = e
+                .downcast_ref::<io::Error>()
+                .map(|e| format!("{:?}", e.kind()));
             json!({"ok": false, "error": format!("{e:#}"), "kind": kind, "secs": start.elapsed().as_secs_f64()})
         }
     };
@@ -372,7 +391,8 @@ fn hold(opts: &Opts) -> Result<u8> {
             thread::spawn(move || -> std::result::Result<(), String> {
                 let conn = dial(addr, timeout).map_err(|e| format!("conn {i}: connect: {e}"));
                 let conn = conn.and_then(|mut s| {
-                    s.write_all(b"HOLD\n").map_err(|e| format!("conn {i}: {e}"))?;
+                    s.write_all(b"HOLD\n")
+                        .map_err(|e| format!("conn {i}: {e}"))?;
                     Ok(s)
                 });
                 barrier.wait();
@@ -421,7 +441,9 @@ fn hold_rounds(
             .read_line(&mut back)
             .map_err(|e| format!("conn {i} round {r}: read: {e}"))?;
         if back != line {
-            return Err(format!("conn {i} round {r}: echoed {back:?}, sent {line:?}"));
+            return Err(format!(
+                "conn {i} round {r}: echoed {back:?}, sent {line:?}"
+            ));
         }
         if !interval.is_zero() {
             thread::sleep(interval);

@@ -30,7 +30,10 @@ impl Capture {
     pub fn start(cluster: &Cluster, filter: &str) -> Result<Capture> {
         let dir = cluster.run_dir().join("captures");
         fs::create_dir_all(&dir)?;
-        let file = dir.join(format!("capture-{}.pcap", NEXT_CAPTURE.fetch_add(1, Ordering::Relaxed)));
+        let file = dir.join(format!(
+            "capture-{}.pcap",
+            NEXT_CAPTURE.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut cmd = cluster.fabric_command("tcpdump");
         // --immediate-mode: packets reach tcpdump one by one, not per filled
         // ring block, so none are lost when stop() interrupts it.
@@ -50,10 +53,12 @@ impl Capture {
         if !filter.trim().is_empty() {
             cmd.arg(filter);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .context("starting tcpdump in the fabric netns (install it with `apt-get install tcpdump`)")?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context(
+            "starting tcpdump in the fabric netns (install it with `apt-get install tcpdump`)",
+        )?;
         let (tx, rx) = mpsc::channel();
         if let Some(stderr) = child.stderr.take() {
             thread::spawn(move || {
@@ -79,7 +84,10 @@ impl Capture {
                     bail!("tcpdump exited before listening: {}", seen.join("\n"))
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
-                    bail!("tcpdump did not start listening within 10s: {}", seen.join("\n"))
+                    bail!(
+                        "tcpdump did not start listening within 10s: {}",
+                        seen.join("\n")
+                    )
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
@@ -88,7 +96,7 @@ impl Capture {
 
     /// Stops tcpdump (letting it flush) and returns the captured IPv4 packets.
     pub fn stop(mut self) -> Result<Vec<Packet>> {
-        Ok(parse_pcap(&self.stop_raw()?)?)
+        parse_pcap(&self.stop_raw()?)
     }
 
     /// Stops tcpdump and returns the pcap file's bytes.

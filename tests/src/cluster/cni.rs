@@ -69,7 +69,13 @@ pub fn prev_result(pod: &Pod) -> Value {
 /// inside `node`'s netns, with `netconf` on stdin (cniVersion defaults to
 /// 1.0.0, name to "weft"; ADD and CHECK get a `prevResult` unless netconf
 /// has one). Returns the parsed stdout (`Null` if empty), or a `CniError`.
-pub fn invoke_cni(plugin: &Path, command: &str, pod: &Pod, node: &Node, netconf: &Value) -> Result<Value> {
+pub fn invoke_cni(
+    plugin: &Path,
+    command: &str,
+    pod: &Pod,
+    node: &Node,
+    netconf: &Value,
+) -> Result<Value> {
     let mut conf = netconf.clone();
     let Some(obj) = conf.as_object_mut() else {
         bail!("CNI network config must be a JSON object, got {netconf}")
@@ -154,6 +160,7 @@ pub fn invoke_cni(plugin: &Path, command: &str, pod: &Pod, node: &Node, netconf:
     if stdout.trim().is_empty() {
         return Ok(Value::Null);
     }
-    serde_json::from_str(stdout.trim())
-        .with_context(|| format!("CNI plugin {command} printed invalid JSON: {stdout:?} (stderr: {stderr})"))
+    serde_json::from_str(stdout.trim()).with_context(|| {
+        format!("CNI plugin {command} printed invalid JSON: {stdout:?} (stderr: {stderr})")
+    })
 }

@@ -83,7 +83,9 @@ pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<Packet>> {
         let frac = u32_at(bytes, off + 4) as u64;
         let incl = u32_at(bytes, off + 8) as usize;
         off += 16;
-        let Some(frame) = bytes.get(off..off + incl) else { break };
+        let Some(frame) = bytes.get(off..off + incl) else {
+            break;
+        };
         off += incl;
         let ts = Duration::from_secs(secs)
             + if nanos {
@@ -102,7 +104,11 @@ pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<Packet>> {
 
 /// The IPv4 packet inside a link-layer frame, if it carries one.
 fn ipv4_payload(linktype: u32, frame: &[u8]) -> Option<&[u8]> {
-    let be16 = |o: usize| frame.get(o..o + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let be16 = |o: usize| {
+        frame
+            .get(o..o + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
     match linktype {
         // Ethernet, with at most one VLAN tag.
         1 => {
@@ -149,7 +155,12 @@ fn parse_ipv4(ts: Duration, ip: &[u8]) -> Option<Packet> {
         tcp_flags: 0,
         payload: Vec::new(),
     };
-    let ports = |b: &[u8]| (u16::from_be_bytes([b[0], b[1]]), u16::from_be_bytes([b[2], b[3]]));
+    let ports = |b: &[u8]| {
+        (
+            u16::from_be_bytes([b[0], b[1]]),
+            u16::from_be_bytes([b[2], b[3]]),
+        )
+    };
     match protocol {
         PROTO_TCP if body.len() >= 20 => {
             (p.src_port, p.dst_port) = ports(body);
@@ -192,7 +203,20 @@ mod tests {
         let mut frame = vec![0u8; 12];
         frame.extend_from_slice(&[0x08, 0x00]);
         let total = 20 + 20 + payload.len();
-        let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        let mut ip = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            6,
+            0,
+            0,
+        ];
         ip.extend_from_slice(&[10, 64, 1, 2, 10, 64, 2, 2]);
         let mut tcp = vec![
             0x9c, 0x40, 0x1f, 0x90, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,

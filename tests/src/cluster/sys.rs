@@ -41,7 +41,11 @@ pub(crate) fn ip(args: &[&str]) -> Result<()> {
 /// namespace pinned at `netns_path`, right before exec. Unlike
 /// `ip netns exec`, this keeps the mount namespace, so `/sys/fs/bpf` and the
 /// cgroup2 mount stay visible to the program.
-pub(crate) fn command_in(program: impl AsRef<OsStr>, netns_path: &Path, cgroup: Option<&Path>) -> Command {
+pub(crate) fn command_in(
+    program: impl AsRef<OsStr>,
+    netns_path: &Path,
+    cgroup: Option<&Path>,
+) -> Command {
     let mut cmd = Command::new(program);
     let netns = cstring(netns_path.as_os_str());
     let procs = cgroup.map(|c| cstring(c.join("cgroup.procs").as_os_str()));
@@ -86,7 +90,8 @@ fn cstring(s: &OsStr) -> CString {
 
 /// Where the cgroup2 hierarchy is mounted, from /proc/self/mountinfo.
 pub(crate) fn cgroup2_root() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     for line in info.lines() {
         // "<id> <parent> <maj:min> <root> <mount point> <opts> ... - <fstype> <source> <super opts>"
         let Some((left, right)) = line.split_once(" - ") else {
@@ -158,10 +163,16 @@ pub(crate) fn delete_netns(name: &str) -> Result<()> {
 
 pub(crate) fn kill_netns_processes(name: &str) {
     for _ in 0..3 {
-        let Ok(out) = run(Command::new("ip").args(["netns", "pids", name]).stderr(Stdio::null())) else {
+        let Ok(out) = run(Command::new("ip")
+            .args(["netns", "pids", name])
+            .stderr(Stdio::null()))
+        else {
             return;
         };
-        let pids: Vec<i32> = out.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let pids: Vec<i32> = out
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
         if pids.is_empty() {
             return;
         }
@@ -199,7 +210,10 @@ fn populated(path: &Path) -> bool {
 
 fn kill_members_recursive(path: &Path) {
     if let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) {
-        for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in procs
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             // SAFETY: plain kill(2).
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -234,8 +248,10 @@ fn remove_cgroup_dirs(path: &Path) -> Result<()> {
         }
         thread::sleep(Duration::from_millis(10));
     }
-    Err(anyhow!(last.unwrap_or_else(|| io::Error::other("rmdir failed")))
-        .context(format!("removing cgroup {}", path.display())))
+    Err(
+        anyhow!(last.unwrap_or_else(|| io::Error::other("rmdir failed")))
+            .context(format!("removing cgroup {}", path.display())),
+    )
 }
 
 /// SIGKILL to a process group and its leader.

@@ -73,7 +73,11 @@ fn run(conf: &Value, version: &str) -> Result<Option<String>, Failure> {
         ));
     }
     if conf.is_null() {
-        return Err(fail(ERR_DECODE, "network configuration on stdin is not JSON", ""));
+        return Err(fail(
+            ERR_DECODE,
+            "network configuration on stdin is not JSON",
+            "",
+        ));
     }
     if !SUPPORTED.contains(&version) {
         return Err(fail(ERR_INCOMPATIBLE, "unsupported cniVersion", version));
@@ -97,7 +101,10 @@ fn run(conf: &Value, version: &str) -> Result<Option<String>, Failure> {
         }
     };
     let args = std::env::var("CNI_ARGS").unwrap_or_default();
-    let (Some(ns), Some(name)) = (cni_arg(&args, "K8S_POD_NAMESPACE"), cni_arg(&args, "K8S_POD_NAME")) else {
+    let (Some(ns), Some(name)) = (
+        cni_arg(&args, "K8S_POD_NAMESPACE"),
+        cni_arg(&args, "K8S_POD_NAME"),
+    ) else {
         // Not a Kubernetes pod: nothing for the mesh to do.
         return Ok(passthrough());
     };
@@ -118,7 +125,11 @@ fn run(conf: &Value, version: &str) -> Result<Option<String>, Failure> {
         .get("ztunnel_socket")
         .and_then(Value::as_str)
         .unwrap_or(DEFAULT_SOCKET);
-    let timeout = Duration::from_secs(conf.get("timeout_seconds").and_then(Value::as_u64).unwrap_or(30));
+    let timeout = Duration::from_secs(
+        conf.get("timeout_seconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(30),
+    );
     match ask_ztunnel(socket, &req, timeout) {
         Ok(resp) if resp.ok => Ok(passthrough()),
         Ok(resp) => Err(fail(
@@ -190,7 +201,10 @@ mod tests {
         let r = json!({"ips": [{"address": "10.1.0.5/32"}, {"address": "fd00::5/128"}, {"address": "bogus"}]});
         assert_eq!(
             ips_of(&r),
-            vec!["10.1.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]
+            vec![
+                "10.1.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
         );
     }
 }

@@ -47,11 +47,15 @@ pub async fn run(
                 match kind {
                     Kind::Hbone => {
                         let span = tracing::info_span!("inbound_hbone", conn = id, pod = %pod_name, src = %peer);
-                        tokio::spawn(serve_hbone(pi.clone(), pod.clone(), stream, peer).instrument(span));
+                        tokio::spawn(
+                            serve_hbone(pi.clone(), pod.clone(), stream, peer).instrument(span),
+                        );
                     }
                     Kind::Plaintext => {
                         let span = tracing::info_span!("inbound_plaintext", conn = id, pod = %pod_name, src = %peer);
-                        tokio::spawn(plaintext(pi.clone(), pod.clone(), stream, peer).instrument(span));
+                        tokio::spawn(
+                            plaintext(pi.clone(), pod.clone(), stream, peer).instrument(span),
+                        );
                     }
                 }
             }
@@ -63,16 +67,24 @@ pub async fn run(
     }
 }
 
-async fn serve_hbone(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, stream: TcpStream, peer: SocketAddr) {
+async fn serve_hbone(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<EnrolledPod>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let _ = stream.set_nodelay(true);
     let my_ip = pod.ips.first().copied();
     let snap = pi
         .state
-        .load_when(MODEL_WAIT, |s| my_ip.is_some_and(|ip| s.workload_by_ip(ip).is_some()))
+        .load_when(MODEL_WAIT, |s| {
+            my_ip.is_some_and(|ip| s.workload_by_ip(ip).is_some())
+        })
         .await
         .unwrap_or_else(|| pi.state.load());
     let Some(me) = my_ip.and_then(|ip| snap.workload_by_ip(ip)) else {
-        pi.metrics.failure(Reporter::destination, "unknown_destination_workload");
+        pi.metrics
+            .failure(Reporter::destination, "unknown_destination_workload");
         return;
     };
     let my_identity = snap.identity(me.workload);
@@ -113,7 +125,12 @@ async fn serve_hbone(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, stream: TcpStr
     }
 }
 
-async fn tunnel_to_app(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, tunnel: InboundTunnel, peer_ip: IpAddr) {
+async fn tunnel_to_app(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<EnrolledPod>,
+    tunnel: InboundTunnel,
+    peer_ip: IpAddr,
+) {
     let target = tunnel.target;
     if !pod.ips.contains(&target.ip()) || weft_api::ports::is_proxy_port(target.port()) {
         pi.metrics.failure(Reporter::destination, "bad_target");
@@ -148,7 +165,12 @@ async fn tunnel_to_app(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, tunnel: Inbo
     finish(&guard, res, "inbound_hbone");
 }
 
-async fn plaintext(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut client: TcpStream, peer: SocketAddr) {
+async fn plaintext(
+    pi: Arc<ProxyInputs>,
+    pod: Arc<EnrolledPod>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+) {
     let _ = client.set_nodelay(true);
     // The kernel steered this connection here without rewriting it: the
     // address the client dialled is our local address.
@@ -191,7 +213,8 @@ async fn authorize(
         .await
         .unwrap_or_else(|| pi.state.load());
     let Some(dst) = snap.workload_by_ip(target.ip()) else {
-        pi.metrics.failure(Reporter::destination, "unknown_destination_workload");
+        pi.metrics
+            .failure(Reporter::destination, "unknown_destination_workload");
         warn!(component = "inbound", pod = %pod.name, dst = %target, "destination pod is not in the mesh model; refusing");
         return None;
     };
@@ -243,7 +266,11 @@ async fn authorize(
 /// Connects to the app inside the pod's netns with the client's IP as the
 /// source (IP_TRANSPARENT + the inbound mark, routed back by the pod's
 /// fwmark rule).
-async fn connect_app(pod: &EnrolledPod, src: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+async fn connect_app(
+    pod: &EnrolledPod,
+    src: IpAddr,
+    target: SocketAddr,
+) -> std::io::Result<TcpStream> {
     let transparent = if src.is_ipv4() == target.is_ipv4() && !src.is_loopback() {
         Some(src)
     } else {

@@ -50,7 +50,8 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut app: TcpStream,
     let _ = app.set_nodelay(true);
     let Some(orig) = pi.capture.original_dst(pod.netns.cookie(), peer) else {
         // Not a captured connection (someone dialled 15001 directly).
-        pi.metrics.failure(Reporter::source, "no_original_destination");
+        pi.metrics
+            .failure(Reporter::source, "no_original_destination");
         debug!(component = "outbound", src = %peer, "no original destination recorded; closing");
         return;
     };
@@ -65,7 +66,8 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut app: TcpStream,
         .await
         .unwrap_or_else(|| pi.state.load());
     let Some(src) = snap.workload_by_ip(src_ip) else {
-        pi.metrics.failure(Reporter::source, "unknown_source_workload");
+        pi.metrics
+            .failure(Reporter::source, "unknown_source_workload");
         warn!(component = "outbound", src = %src_ip, dst = %orig, "source pod is not in the mesh model; refusing");
         return;
     };
@@ -134,11 +136,9 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut app: TcpStream,
                 dst: hbone,
             };
             let dial = || async {
-                let cert = pi
-                    .certs
-                    .fetch(&src_identity)
-                    .await
-                    .map_err(|e| weft_hbone::HboneError::Io(std::io::Error::other(e.to_string())))?;
+                let cert = pi.certs.fetch(&src_identity).await.map_err(|e| {
+                    weft_hbone::HboneError::Io(std::io::Error::other(e.to_string()))
+                })?;
                 let cfg = tls::client_config(&cert, &pi.certs.trust_bundle(), &identity)?;
                 let sock = socket::tcp_in(&pod.netns, hbone, MARK_OUTBOUND, None)?;
                 let tcp = sock.connect(hbone).await?;

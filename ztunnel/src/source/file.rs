@@ -38,7 +38,11 @@ pub async fn watch(path: PathBuf, state: MeshState, metrics: Arc<Metrics>) {
             Ok(model) => {
                 state.store(model);
                 metrics.config_updates.inc();
-                info!(component = "config", version = state.version(), "mesh model applied");
+                info!(
+                    component = "config",
+                    version = state.version(),
+                    "mesh model applied"
+                );
             }
             Err(e) => {
                 metrics.config_rejections.inc();

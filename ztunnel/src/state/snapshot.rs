@@ -227,7 +227,10 @@ services:
             } => {
                 assert_eq!(target, "10.1.0.2:8080".parse().unwrap());
                 assert_eq!(hbone, "10.1.0.2:15008".parse().unwrap());
-                assert_eq!(identity.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+                assert_eq!(
+                    identity.to_string(),
+                    "spiffe://cluster.local/ns/shop/sa/web"
+                );
                 assert_eq!(service.as_deref(), Some("web.shop"));
             }
             other => panic!("{other:?}"),
