@@ -239,15 +239,11 @@ impl Cluster {
                 "eth0",
             ])?;
             sys::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            // Pods ARP for the gateway; it is local to every node.
+            // Pods ARP for the gateway; it is local to every node. Scope
+            // link keeps it from ever being picked as a source address.
+            let gateway = format!("{POD_GATEWAY}/32");
             sys::ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{POD_GATEWAY}/32"),
-                "dev",
-                "lo",
+                "-n", ns, "addr", "add", &gateway, "dev", "lo", "scope", "link",
             ])?;
             // Unknown addresses in our own pod CIDR fail fast.
             let cidr = format!("{}/{}", node.pod_cidr.0, node.pod_cidr.1);
@@ -431,7 +427,20 @@ impl Cluster {
             "onlink",
         ])?;
         sys::ip(&["-n", nns, "link", "set", veth, "up"])?;
-        sys::ip(&["-n", nns, "route", "add", &format!("{ip}/32"), "dev", veth])?;
+        // Node-originated traffic to the pod (kubelet probes) leaves from
+        // the node IP, as on a real node.
+        let node_ip = n.ip.to_string();
+        sys::ip(&[
+            "-n",
+            nns,
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            veth,
+            "src",
+            &node_ip,
+        ])?;
         sysctl(
             &n.netns_path,
             &[(&format!("net/ipv4/conf/{veth}/proxy_arp"), "1")],
@@ -648,6 +657,27 @@ fn preflight() -> Result<()> {
         bail!("the `ip` command is missing: install iproute2 (`apt-get install iproute2`)");
     }
     Ok(())
+}
+
+/// Removes the leftovers of every slot no live run holds (a run killed
+/// with SIGKILL cannot run its teardown), for CI cleanup steps. Returns the
+/// slots that had something to remove. Slots in use are not touched.
+pub fn sweep_unlocked_slots() -> Result<Vec<u32>> {
+    preflight()?;
+    let cgroup2 = sys::cgroup2_root()?;
+    fs::create_dir_all(RUN_ROOT).with_context(|| format!("creating {RUN_ROOT}"))?;
+    let mut swept = Vec::new();
+    for slot in 0..MAX_SLOTS {
+        let Some(_lock) = sys::try_flock(&Path::new(RUN_ROOT).join(format!("slot-{slot}.lock")))?
+        else {
+            continue;
+        };
+        if !leftovers(slot, &cgroup2).is_empty() {
+            sweep_slot(slot, &cgroup2)?;
+            swept.push(slot);
+        }
+    }
+    Ok(swept)
 }
 
 fn take_slot() -> Result<(u32, File)> {

@@ -10,7 +10,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-pub use cluster::{invoke_cni, Capture, Cluster, CniError, Node, Packet, Pod};
+pub use cluster::{
+    invoke_cni, sweep_unlocked_slots, Capture, Cluster, CniError, Node, Packet, Pod,
+};
 
 const TESTAPP: &str = "weft-testapp";
 

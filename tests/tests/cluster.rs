@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use weft_e2e::cluster::{invoke_cni, Capture, Cluster, CniError, Pod};
+use weft_e2e::cluster::{invoke_cni, sweep_unlocked_slots, Capture, Cluster, CniError, Pod};
 
 const TESTAPP: &str = env!("CARGO_BIN_EXE_weft-testapp");
 const PORT: u16 = 8080;
@@ -158,6 +158,20 @@ fn netns_pods_reach_each_other_on_same_and_other_node() {
     );
     assert!(ok, "hold failed: {v}");
     assert_eq!(v["ok_conns"], 8);
+
+    // The node itself (kubelet probes) reaches its pods from the node IP.
+    let out = c
+        .node(0)
+        .command(TESTAPP)
+        .args(["who", "--connect", &addr(&b)])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("who JSON from the node");
+    assert_eq!(
+        seen_ip(&v),
+        c.node(0).ip,
+        "node-to-pod traffic must come from the node IP: {v}"
+    );
 
     // A removed pod is gone and unreachable; the others still work.
     c.remove_pod(&y).unwrap();
@@ -350,10 +364,17 @@ fn netns_teardown_leaves_nothing() {
     eprintln!("slot {slot} torn down");
 }
 
+/// What the panicking test saw of its cluster before it panicked.
+struct Seen {
+    pods: Vec<Pod>,
+    sleeper_pid: u32,
+    log: std::path::PathBuf,
+}
+
 #[test]
 fn netns_teardown_runs_when_test_panics() {
     require_root();
-    let seen: Arc<Mutex<Option<(Pod, Pod, u32, std::path::PathBuf)>>> = Arc::default();
+    let seen: Arc<Mutex<Option<Seen>>> = Arc::default();
     let seen2 = seen.clone();
     let result = std::panic::catch_unwind(move || {
         let mut c = cluster(2);
@@ -362,35 +383,40 @@ fn netns_teardown_runs_when_test_panics() {
         serve(&mut c, &x);
         let mut sleeper = a.command("sleep");
         sleeper.arg("600");
-        let server = c.spawn("pod-sleeper", sleeper).unwrap();
-        *seen2.lock().unwrap() = Some((a, x, server, c.log_path("pod-sleeper")));
+        let sleeper_pid = c.spawn("pod-sleeper", sleeper).unwrap();
+        *seen2.lock().unwrap() = Some(Seen {
+            pods: vec![a, x],
+            sleeper_pid,
+            log: c.log_path("pod-sleeper"),
+        });
         panic!("deliberate panic with a live cluster");
     });
     assert!(result.is_err());
-    let (a, x, pid, log) = seen.lock().unwrap().take().expect("cluster was built");
-    // Pod netns names carry a per-cluster sequence and the pod name, but a
-    // later cluster in the same slot may reuse them; the processes, cgroups
-    // and log files of this run are what must be gone.
-    for p in [&a, &x] {
+    let seen = seen.lock().unwrap().take().expect("cluster was built");
+    // Only this test uses the "panic" namespace, so these names cannot have
+    // been reused by a later cluster in the same slot.
+    for p in &seen.pods {
         assert!(
             !process_alive(p.pause_pid),
             "pause of {} survived the panic",
             p.key()
         );
         assert!(
-            !p.cgroup.exists()
-                || std::fs::read_to_string(p.cgroup.join("cgroup.procs"))
-                    .unwrap_or_default()
-                    .is_empty()
+            !netns_exists(&p.netns),
+            "netns {} survived the panic",
+            p.netns
+        );
+        assert!(
+            !p.cgroup.exists(),
+            "cgroup {} survived the panic",
+            p.cgroup.display()
         );
     }
-    assert!(!process_alive(pid), "spawned process survived the panic");
     assert!(
-        !log.exists()
-            || std::fs::metadata(&log)
-                .map(|m| m.len() == 0)
-                .unwrap_or(true)
+        !process_alive(seen.sleeper_pid),
+        "spawned process survived the panic"
     );
+    assert!(!seen.log.exists(), "run dir survived the panic");
 }
 
 #[test]
@@ -521,5 +547,70 @@ fn netns_invoke_cni_runs_plugin_like_a_runtime() {
     assert!(
         stdin.get("prevResult").is_none(),
         "DEL carries no prevResult"
+    );
+}
+
+/// Not a test on its own: `netns_leftovers_of_a_killed_run_are_swept` runs
+/// this in a child process (WEFT_E2E_CRASH_HELPER=1) and SIGKILLs it while
+/// its cluster is alive, so no teardown runs.
+#[test]
+fn netns_crash_helper() {
+    if std::env::var_os("WEFT_E2E_CRASH_HELPER").is_none() {
+        return;
+    }
+    let mut c = cluster(1);
+    let p = c.add_pod(0, "crash", "a").unwrap();
+    println!(
+        "CLUSTER {} {} {} {}",
+        c.slot(),
+        p.pause_pid,
+        p.netns,
+        p.cgroup.display()
+    );
+    thread::sleep(Duration::from_secs(60));
+}
+
+#[test]
+fn netns_leftovers_of_a_killed_run_are_swept() {
+    require_root();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "netns_crash_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("WEFT_E2E_CRASH_HELPER", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("CLUSTER "))
+        .expect("helper built a cluster");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (pause, netns, cgroup) = (f[2].parse::<u32>().unwrap(), f[3], Path::new(f[4]));
+
+    // The killed run could not clean up (unless a concurrent cluster has
+    // already taken the freed slot and swept it).
+    let swept = sweep_unlocked_slots().expect("sweep");
+    eprintln!("swept slots {swept:?}");
+    assert!(
+        !netns_exists(netns),
+        "netns {netns} of the killed run survived the sweep"
+    );
+    assert!(
+        !cgroup.exists(),
+        "cgroup of the killed run survived the sweep"
+    );
+    // The orphaned pause was killed; it may linger as a zombie until init reaps it.
+    let state = std::fs::read_to_string(format!("/proc/{pause}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z "),
+        "pause {pause} of the killed run survived: {state}"
     );
 }

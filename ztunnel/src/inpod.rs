@@ -245,14 +245,14 @@ impl InPod {
         } else {
             None
         };
-        let inbound = socket::listener_in(
-            &netns,
-            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), ports::INBOUND_PLAINTEXT),
-        )?;
-        let hbone = socket::listener_in(
-            &netns,
-            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), ports::HBONE),
-        )?;
+        let wildcard: IpAddr = if has_v6 {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let inbound =
+            socket::listener_in(&netns, SocketAddr::new(wildcard, ports::INBOUND_PLAINTEXT))?;
+        let hbone = socket::listener_in(&netns, SocketAddr::new(wildcard, ports::HBONE))?;
         pod_routing::install(&netns)
             .map_err(|e| anyhow::anyhow!("in-pod routing for {}: {e}", info.key()))?;
         self.pi.capture.enroll(&PodCapture {

@@ -11,13 +11,15 @@ use tokio::net::TcpSocket;
 use crate::capture::netns::Netns;
 
 /// A listener inside `netns`, with a deep backlog (the default 128
-/// overflows under connection-per-request load).
+/// overflows under connection-per-request load). An IPv6 wildcard listener
+/// is dual-stack: the kernel's sk_lookup can hand it IPv4 connections too,
+/// never the reverse.
 pub fn listener_in(netns: &Netns, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     netns.run(|| -> io::Result<std::net::TcpListener> {
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         s.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
+        if let SocketAddr::V6(v6) = addr {
+            s.set_only_v6(!v6.ip().is_unspecified())?;
         }
         s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
