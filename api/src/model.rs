@@ -20,6 +20,7 @@ pub struct MeshModel {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub policies: Vec<AuthorizationPolicy>,
+    pub peer_authentications: Vec<PeerAuthentication>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +101,30 @@ pub struct AuthorizationPolicy {
     pub action: PolicyAction,
     #[serde(default)]
     pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// mTLS and plaintext both accepted.
+    #[default]
+    Permissive,
+    /// Only mTLS (HBONE) accepted; plaintext is refused.
+    Strict,
+}
+
+/// `weft.dev/v1alpha1` PeerAuthentication, in model form: the mTLS mode of
+/// a namespace's workloads (all, or those its selector picks; a workload
+/// selector wins over a namespace-wide one).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAuthentication {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub selector: Option<Labels>,
+    #[serde(default)]
+    pub mode: MtlsMode,
 }
 
 /// A rule matches when one of its `from` entries and one of its `to`
@@ -203,6 +228,29 @@ impl MeshModel {
     }
 }
 
+impl MeshModel {
+    /// The mTLS mode in force for `w`: a PeerAuthentication selecting it by
+    /// label wins over a namespace-wide one; PERMISSIVE without either.
+    pub fn mtls_mode(&self, w: &Workload) -> MtlsMode {
+        let in_ns = self
+            .peer_authentications
+            .iter()
+            .filter(|p| p.namespace == w.namespace);
+        let mut namespace_wide = None;
+        for p in in_ns {
+            match &p.selector {
+                Some(sel) if !sel.is_empty() => {
+                    if sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+                        return p.mode;
+                    }
+                }
+                _ => namespace_wide = Some(p.mode),
+            }
+        }
+        namespace_wide.unwrap_or_default()
+    }
+}
+
 impl Service {
     pub fn selects(&self, w: &Workload) -> bool {
         w.namespace == self.namespace
@@ -251,5 +299,31 @@ services:
         let dup = "workloads:\n - {name: a, namespace: x, node: n, ips: []}\n - {name: a, namespace: x, node: n, ips: []}\n";
         let err = MeshModel::from_yaml(dup).unwrap_err().to_string();
         assert!(err.contains("appears twice"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod mtls_tests {
+    use super::*;
+
+    #[test]
+    fn workload_selector_wins_over_namespace_wide() {
+        let m = MeshModel::from_yaml(
+            r#"
+workloads:
+  - { name: a, namespace: shop, node: n1, ips: [10.0.0.2], labels: { app: a } }
+  - { name: b, namespace: shop, node: n1, ips: [10.0.0.3], labels: { app: b } }
+  - { name: c, namespace: other, node: n1, ips: [10.0.0.4] }
+peer_authentications:
+  - { name: strict, namespace: shop, mode: STRICT }
+  - { name: a-permissive, namespace: shop, selector: { app: a }, mode: PERMISSIVE }
+"#,
+        )
+        .unwrap();
+        let modes: Vec<MtlsMode> = m.workloads.iter().map(|w| m.mtls_mode(w)).collect();
+        assert_eq!(
+            modes,
+            vec![MtlsMode::Permissive, MtlsMode::Strict, MtlsMode::Permissive]
+        );
     }
 }

@@ -37,7 +37,7 @@ use anyhow::{bail, Context, Result};
 use rand::Rng;
 
 pub use capture::Capture;
-pub use cni::{invoke_cni, CniError};
+pub use cni::{invoke_cni, prev_result, CniError};
 pub use pcap::{parse_pcap, Packet};
 
 /// Number of concurrent clusters a machine can host.

@@ -567,7 +567,7 @@ fn netns_crash_helper() {
         p.netns,
         p.cgroup.display()
     );
-    thread::sleep(Duration::from_secs(60));
+    thread::sleep(Duration::from_secs(30));
 }
 
 #[test]
@@ -588,7 +588,7 @@ fn netns_leftovers_of_a_killed_run_are_swept() {
     let stdout = child.stdout.take().unwrap();
     let line = std::io::BufRead::lines(std::io::BufReader::new(stdout))
         .map_while(Result::ok)
-        .find(|l| l.starts_with("CLUSTER "))
+        .find_map(|l| l.find("CLUSTER ").map(|i| l[i..].to_owned()))
         .expect("helper built a cluster");
     child.kill().unwrap();
     child.wait().unwrap();

@@ -42,6 +42,8 @@ pub async fn run(
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Dual-stack listeners report IPv4 peers as mapped IPv6.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let id = pi.conn_id();
                 let pod_name = format!("{}/{}", pod.namespace, pod.name);
                 match kind {
@@ -175,7 +177,7 @@ async fn plaintext(
     // The kernel steered this connection here without rewriting it: the
     // address the client dialled is our local address.
     let target = match client.local_addr() {
-        Ok(a) => a,
+        Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(_) => return,
     };
     if !pod.ips.contains(&target.ip()) || weft_api::ports::is_proxy_port(target.port()) {
