@@ -29,6 +29,13 @@ enum Cmd {
     /// Bring up a 2-node mesh of network namespaces, drive traffic, show
     /// which connections were mTLS and between which identities, clean up.
     Demo,
+    /// Data-path benchmark: no mesh vs Weft L4 cross-node and same-node
+    /// (iperf3, wrk), with ztunnel CPU and memory; writes bench-results/.
+    Bench {
+        /// One run of 3 s per workload (under 2 minutes) instead of 3 of 10 s.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Debian packages the tests, demo and benchmarks use (binary -> package).
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Test { args } => setup().and_then(|_| test(&args)),
         Cmd::Demo => setup().and_then(|_| demo()),
+        Cmd::Bench { quick } => setup().and_then(|_| bench(quick)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -250,4 +258,16 @@ fn test(args: &[String]) -> Result<()> {
 fn demo() -> Result<()> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(&mut Command::new(root_dir().join("target/debug/weft-demo")))
+}
+
+fn bench(quick: bool) -> Result<()> {
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    let mut cmd = Command::new(root_dir().join("target/release/weft-bench"));
+    cmd.current_dir(root_dir())
+        .arg("--out")
+        .arg(root_dir().join("bench-results"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
