@@ -3,9 +3,12 @@
 //! CNI plugin speaks to the node's ztunnel. Nothing here does I/O.
 
 pub mod cni;
+#[cfg(feature = "crd")]
+pub mod crd;
 pub mod identity;
 pub mod model;
 pub mod ports;
+pub mod proto;
 
 pub use identity::Identity;
 pub use model::MeshModel;

@@ -1,3 +1,21 @@
-//! weft-controller: the control plane. Kubernetes (or a folder of
-//! manifests) in, one mesh model out, streamed to ztunnels over gRPC; also
-//! the mesh CA.
+//! weft-controller: the control plane. Kubernetes objects (watched through
+//! reflectors, or read from a folder of manifests) in; one mesh model out,
+//! streamed to ztunnels over gRPC; also the mesh CA.
+//!
+//! - `model_builder`: Kubernetes objects -> `MeshModel` + policy status
+//!   (pure, level-based)
+//! - `kube_source`: reflectors on the API server feeding the builder
+//! - `manifests`: the same builder fed by a watched folder of YAML
+//! - `status`, `leader`: conditions/Events, Lease-based leader election
+//! - `xds`: the config stream to ztunnels (incremental, ACK/NACK)
+//! - `ca`: the mesh CA (CSR signing, node authorization, root rotation)
+
+pub mod app;
+pub mod ca;
+pub mod kube_source;
+pub mod leader;
+pub mod manifests;
+pub mod model_builder;
+pub mod secret_store;
+pub mod status;
+pub mod xds;

@@ -19,7 +19,7 @@ pub use client::{connect, H2Settings, HboneConnection};
 pub use error::{FailureReason, HboneError};
 pub use pool::Pool;
 pub use server::{serve, serve_until, InboundTunnel};
-pub use stream::{copy_bidirectional, H2Stream};
+pub use stream::{copy_bidirectional, copy_tunnel, H2Stream};
 pub use tls::{client_config, identity_of_cert, peer_identity, server_config, TlsError};
 
 /// The HBONE port on every mesh workload and waypoint.

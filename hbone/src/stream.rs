@@ -115,6 +115,73 @@ impl H2Stream {
     }
 }
 
+impl H2Stream {
+    /// Makes `pending` non-empty with the next received chunk; `false` at
+    /// the peer's END_STREAM.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        while self.pending.is_empty() {
+            if self.read_eof {
+                return Poll::Ready(Ok(false));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Give the window back now: `pending` holds at most one
+                    // frame, so memory stays bounded by the frame size.
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.pending = data;
+                }
+                Some(Err(e)) => {
+                    // A peer that finished sending and then resets with
+                    // NO_ERROR ("stop sending") still delivered everything.
+                    if e.reason() == Some(h2::Reason::NO_ERROR) {
+                        self.read_eof = true;
+                        continue;
+                    }
+                    return Poll::Ready(Err(h2_to_io(e)));
+                }
+                None => self.read_eof = true,
+            }
+        }
+        Poll::Ready(Ok(true))
+    }
+
+    /// Waits for send window and queues up to that much of `data` (taken
+    /// off its front, without copying); returns how many bytes went.
+    fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            )));
+        }
+        self.send.reserve_capacity(data.len());
+        let capacity = match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            None => return Poll::Ready(Err(self.closed_for_sending(cx))),
+        };
+        let n = capacity.min(data.len());
+        let chunk = data.split_to(n);
+        self.send.send_data(chunk, false).map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Why the stream can no longer send, if we can tell.
+    fn closed_for_sending(&mut self, cx: &mut Context<'_>) -> io::Error {
+        match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) => io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("stream reset by peer: {reason}"),
+            ),
+            Poll::Ready(Err(e)) => h2_to_io(e),
+            Poll::Pending => io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "HTTP/2 stream closed for sending",
+            ),
+        }
+    }
+}
+
 fn h2_to_io(err: h2::Error) -> io::Error {
     if err.is_io() {
         return err
@@ -136,28 +203,8 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.pending.is_empty() {
-            if this.read_eof {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Give the window back now: `pending` holds at most one
-                    // frame, so memory stays bounded by the frame size.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
-                }
-                Some(Err(e)) => {
-                    // A peer that finished sending and then resets with
-                    // NO_ERROR ("stop sending") still delivered everything.
-                    if e.reason() == Some(h2::Reason::NO_ERROR) {
-                        this.read_eof = true;
-                        continue;
-                    }
-                    return Poll::Ready(Err(h2_to_io(e)));
-                }
-                None => this.read_eof = true,
-            }
+        if !ready!(this.poll_fill(cx))? {
+            return Poll::Ready(Ok(()));
         }
         let n = this.pending.len().min(buf.remaining());
         buf.put_slice(&this.pending[..n]);
@@ -186,20 +233,7 @@ impl AsyncWrite for H2Stream {
         let capacity = match ready!(this.send.poll_capacity(cx)) {
             Some(Ok(n)) => n,
             Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-            None => {
-                // The stream can no longer send: report why if we can.
-                return Poll::Ready(Err(match this.send.poll_reset(cx) {
-                    Poll::Ready(Ok(reason)) => io::Error::new(
-                        io::ErrorKind::ConnectionReset,
-                        format!("stream reset by peer: {reason}"),
-                    ),
-                    Poll::Ready(Err(e)) => h2_to_io(e),
-                    Poll::Pending => io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HTTP/2 stream closed for sending",
-                    ),
-                }));
-            }
+            None => return Poll::Ready(Err(this.closed_for_sending(cx))),
         };
         let n = capacity.min(buf.len());
         if this.staging.capacity() < n {
@@ -241,4 +275,161 @@ where
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER_SIZE, COPY_BUFFER_SIZE).await
+}
+
+/// Copies between a plain byte stream (the app's TCP connection) and an
+/// HBONE tunnel until both sides finished, like `copy_bidirectional` but
+/// without the intermediate copies: bytes read from `io` are handed to
+/// HTTP/2 as the very buffer they were read into, and received DATA frames
+/// are written to `io` straight from HTTP/2's buffer. Half-close is kept.
+/// Returns (bytes io->tunnel, bytes tunnel->io).
+pub async fn copy_tunnel<T>(io: &mut T, tunnel: &mut H2Stream) -> io::Result<(u64, u64)>
+where
+    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Upstream {
+        buf: BytesMut::new(),
+        out: Bytes::new(),
+        read_eof: false,
+        done: false,
+        amount: 0,
+    };
+    let mut down = Downstream {
+        need_flush: false,
+        done: false,
+        amount: 0,
+    };
+    std::future::poll_fn(|cx| {
+        if !up.done {
+            if let Poll::Ready(r) = up.poll(cx, io, tunnel) {
+                r?;
+            }
+        }
+        if !down.done {
+            if let Poll::Ready(r) = down.poll(cx, io, tunnel) {
+                r?;
+            }
+        }
+        if up.done && down.done {
+            Poll::Ready(Ok((up.amount, down.amount)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// The app-to-tunnel direction of `copy_tunnel`.
+struct Upstream {
+    /// Read buffer; each read is split off and sent as its own `Bytes`, and
+    /// the allocation is reused once HTTP/2 has written those out.
+    buf: BytesMut,
+    /// Read but not yet accepted by HTTP/2 flow control.
+    out: Bytes,
+    read_eof: bool,
+    done: bool,
+    amount: u64,
+}
+
+impl Upstream {
+    fn poll<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut T,
+        tunnel: &mut H2Stream,
+    ) -> Poll<io::Result<()>>
+    where
+        T: AsyncRead + Unpin + ?Sized,
+    {
+        loop {
+            if !self.out.is_empty() {
+                ready!(tunnel.poll_send(cx, &mut self.out))?;
+                continue;
+            }
+            if self.read_eof {
+                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            if self.buf.capacity() - self.buf.len() < MIN_READ {
+                self.buf.reserve(COPY_BUFFER_SIZE);
+            }
+            let n = ready!(poll_read_into(Pin::new(&mut *io), cx, &mut self.buf))?;
+            if n == 0 {
+                self.read_eof = true;
+            } else {
+                self.amount += n as u64;
+                self.out = self.buf.split().freeze();
+            }
+        }
+    }
+}
+
+/// Below this much free space, the upstream buffer is renewed before a read.
+const MIN_READ: usize = 4 * 1024;
+
+/// Reads once from `io` into the spare capacity of `buf`.
+fn poll_read_into<T>(io: Pin<&mut T>, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>>
+where
+    T: AsyncRead + ?Sized,
+{
+    let spare = buf.spare_capacity_mut();
+    let start = spare.as_ptr();
+    let mut rb = ReadBuf::uninit(spare);
+    ready!(io.poll_read(cx, &mut rb))?;
+    if rb.filled().as_ptr() != start.cast() {
+        return Poll::Ready(Err(io::Error::other("reader swapped the read buffer")));
+    }
+    let n = rb.filled().len();
+    // SAFETY: the reader initialised the first `n` bytes of the spare
+    // capacity (ReadBuf tracks what was filled, and the buffer is the same).
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
+}
+
+/// The tunnel-to-app direction of `copy_tunnel`.
+struct Downstream {
+    need_flush: bool,
+    done: bool,
+    amount: u64,
+}
+
+impl Downstream {
+    fn poll<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut T,
+        tunnel: &mut H2Stream,
+    ) -> Poll<io::Result<()>>
+    where
+        T: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if tunnel.pending.is_empty() {
+                let more = match tunnel.poll_fill(cx) {
+                    Poll::Ready(r) => r?,
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *io).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                };
+                if !more {
+                    ready!(Pin::new(&mut *io).poll_flush(cx))?;
+                    ready!(Pin::new(&mut *io).poll_shutdown(cx))?;
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, &tunnel.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            tunnel.pending.advance(n);
+            self.amount += n as u64;
+            self.need_flush = true;
+        }
+    }
 }

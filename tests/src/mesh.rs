@@ -41,15 +41,60 @@ pub struct Mesh {
     ztunnel_names: Vec<Option<String>>,
     generation: u32,
     next_vip: u8,
+    /// With a controller (embedded mode, fed by manifests) instead of the
+    /// ztunnels reading the model file themselves.
+    controller: Option<ControllerRun>,
 }
+
+struct ControllerRun {
+    manifests: PathBuf,
+    ca_dir: PathBuf,
+    tokens: PathBuf,
+    /// Spawn name while running.
+    running: Option<String>,
+}
+
+/// The controller runs in node 1's namespace; ztunnels reach it there.
+pub const CONTROLLER_GRPC_PORT: u16 = 15010;
 
 impl Mesh {
     /// A cluster of `nodes` nodes with a ztunnel on each; namespaces listed
     /// in `ambient` carry the enrollment label.
     pub fn new(nodes: usize, ambient: &[&str]) -> Result<Mesh> {
+        Self::build(nodes, ambient, false)
+    }
+
+    /// Like `new`, with a `weft-controller` (embedded mode, fed by a folder
+    /// of Kubernetes manifests the mesh writes) streaming config and
+    /// signing certificates for the ztunnels.
+    pub fn with_controller(nodes: usize, ambient: &[&str]) -> Result<Mesh> {
+        Self::build(nodes, ambient, true)
+    }
+
+    fn build(nodes: usize, ambient: &[&str], with_controller: bool) -> Result<Mesh> {
         let cluster = Cluster::new(nodes)?;
         let model_path = cluster.run_dir().join("mesh.yaml");
         let ca_dir = cluster.run_dir().join("ca");
+        let controller = if with_controller {
+            let manifests = cluster.run_dir().join("manifests");
+            std::fs::create_dir_all(&manifests)?;
+            let tokens = cluster.run_dir().join("bootstrap-tokens");
+            let mut text = String::new();
+            for n in cluster.nodes() {
+                let token: u128 = rand::random();
+                text += &format!("{}: {token:032x}\n", n.name);
+                std::fs::write(cluster.run_dir().join(format!("{}.token", n.name)), format!("{token:032x}\n"))?;
+            }
+            std::fs::write(&tokens, text)?;
+            Some(ControllerRun {
+                manifests,
+                ca_dir: cluster.run_dir().join("controller-ca"),
+                tokens,
+                running: None,
+            })
+        } else {
+            None
+        };
         let mut mesh = Mesh {
             cluster,
             model: MeshModel {
@@ -61,15 +106,73 @@ impl Mesh {
             ztunnel_names: vec![None; nodes],
             generation: 0,
             next_vip: 1,
+            controller,
         };
         for ns in ambient {
             mesh.set_ambient(ns, true);
         }
-        mesh.write_model()?;
+        mesh.write_files()?;
+        if mesh.controller.is_some() {
+            mesh.start_controller()?;
+        }
         for i in 0..nodes {
             mesh.start_ztunnel(i)?;
         }
         Ok(mesh)
+    }
+
+    /// Starts (or restarts) the controller in node 1's namespace.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let node = self.cluster.node(0).clone();
+        self.generation += 1;
+        let name = format!("controller-{}", self.generation);
+        let Some(c) = &self.controller else {
+            bail!("this mesh has no controller");
+        };
+        if c.running.is_some() {
+            bail!("the controller is already running");
+        }
+        let mut cmd = node.command_os(bin_path("weft-controller"));
+        cmd.arg("run")
+            .arg("--manifests")
+            .arg(&c.manifests)
+            .arg("--ca-dir")
+            .arg(&c.ca_dir)
+            .arg("--bootstrap-tokens")
+            .arg(&c.tokens)
+            .args(["--grpc-addr", &format!("0.0.0.0:{CONTROLLER_GRPC_PORT}")])
+            // 15021 belongs to node 1's ztunnel.
+            .args(["--readiness-addr", "0.0.0.0:15031"])
+            .env("WEFT_LOG", "info,weft_controller=debug");
+        self.cluster.spawn(&name, cmd)?;
+        self.cluster
+            .wait_for_log(&name, "serving config stream", Duration::from_secs(30))
+            .context("controller did not start")?;
+        if let Some(c) = &mut self.controller {
+            c.running = Some(name);
+        }
+        Ok(())
+    }
+
+    /// Stops the controller (SIGTERM, then SIGKILL).
+    pub fn stop_controller(&mut self) -> Result<()> {
+        if let Some(name) = self.controller.as_mut().and_then(|c| c.running.take()) {
+            self.cluster.stop(&name, Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    pub fn controller_log(&self) -> String {
+        self.controller
+            .as_ref()
+            .and_then(|c| c.running.as_ref())
+            .map(|n| self.cluster.log(n))
+            .unwrap_or_default()
+    }
+
+    /// The folder of manifests the controller reads (controller mode).
+    pub fn manifests_dir(&self) -> Option<&Path> {
+        self.controller.as_ref().map(|c| c.manifests.as_path())
     }
 
     pub fn ca_dir(&self) -> &Path {
@@ -103,10 +206,7 @@ impl Mesh {
                 "--node-ip",
                 &format!("{},{}", n.ip, crate::cluster::POD_GATEWAY),
             ])
-            .arg("--model-file")
-            .arg(&self.model_path)
-            .arg("--ca-dir")
-            .arg(&self.ca_dir)
+            .args(self.control_args(&n.name))
             .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--bpf-pin-dir")
@@ -120,6 +220,26 @@ impl Mesh {
             .context("ztunnel did not become ready")?;
         self.ztunnel_names[node] = Some(name);
         Ok(())
+    }
+
+    fn control_args(&self, node_name: &str) -> Vec<std::ffi::OsString> {
+        match &self.controller {
+            None => vec![
+                "--model-file".into(),
+                self.model_path.clone().into(),
+                "--ca-dir".into(),
+                self.ca_dir.clone().into(),
+            ],
+            Some(_) => vec![
+                "--controller".into(),
+                format!("{}:{CONTROLLER_GRPC_PORT}", self.cluster.node(0).ip).into(),
+                "--token-file".into(),
+                self.cluster
+                    .run_dir()
+                    .join(format!("{node_name}.token"))
+                    .into(),
+            ],
+        }
     }
 
     /// Stops the node's ztunnel (SIGTERM, then SIGKILL).
@@ -163,28 +283,50 @@ impl Mesh {
         }
     }
 
-    /// Writes the model file atomically; ztunnels pick it up within a
-    /// fraction of a second.
+    /// Writes the model (as the model file, or as Kubernetes manifests for
+    /// the controller) and waits until every running ztunnel serves it.
+    /// With the controller stopped, only the files are written (nothing can
+    /// apply them until it is back: see `wait_model_applied`).
     pub fn write_model(&self) -> Result<()> {
-        let tmp = self.model_path.with_extension("tmp");
-        std::fs::write(&tmp, serde_yaml::to_string(&self.model)?)?;
-        std::fs::rename(&tmp, &self.model_path)?;
+        self.write_files()?;
+        if self.controller.as_ref().is_some_and(|c| c.running.is_none()) {
+            return Ok(());
+        }
         self.wait_model_applied()
+    }
+
+    fn write_files(&self) -> Result<()> {
+        let (path, text) = match &self.controller {
+            None => (self.model_path.clone(), serde_yaml::to_string(&self.model)?),
+            Some(c) => (c.manifests.join("mesh.yaml"), crate::manifests::render(&self.model)?),
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
     }
 
     /// Waits until every running ztunnel serves exactly the model last
     /// written (its `/config_dump` shows it).
     pub fn wait_model_applied(&self) -> Result<()> {
-        let want = serde_json::to_value(&self.model)?;
+        let want = normalized(serde_json::to_value(&self.model)?);
         for (node, name) in self.ztunnel_names.iter().enumerate() {
             if name.is_none() {
                 continue;
             }
             wait_until(Duration::from_secs(10), || {
                 let dump = self.config_dump(node).ok()?;
-                (dump.get("model")? == &want).then_some(())
+                (normalized(dump.get("model")?.clone()) == want).then_some(())
             })
-            .with_context(|| format!("ztunnel on node {node} did not apply the new mesh model"))?;
+            .with_context(|| {
+                let got = self
+                    .config_dump(node)
+                    .ok()
+                    .and_then(|d| d.get("model").cloned())
+                    .map(normalized)
+                    .unwrap_or_default();
+                format!("ztunnel on node {node} did not apply the new mesh model\nwant: {want}\ngot:  {got}")
+            })?;
         }
         Ok(())
     }
@@ -356,6 +498,24 @@ impl Drop for Mesh {
                 .output();
         }
     }
+}
+
+/// A model as JSON with every list of named objects sorted by
+/// (namespace, name), so models built in different orders compare equal.
+fn normalized(mut v: Value) -> Value {
+    if let Some(obj) = v.as_object_mut() {
+        for list in obj.values_mut() {
+            if let Some(items) = list.as_array_mut() {
+                items.sort_by_key(|i| {
+                    (
+                        i.get("namespace").and_then(Value::as_str).unwrap_or("").to_owned(),
+                        i.get("name").and_then(Value::as_str).unwrap_or("").to_owned(),
+                    )
+                });
+            }
+        }
+    }
+    v
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.

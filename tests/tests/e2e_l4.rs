@@ -618,3 +618,69 @@ fn e2e_200_long_lived_connections() {
         "{m}"
     );
 }
+
+/// A new DENY closes an open connection it now denies and refuses new ones;
+/// removing it lets traffic flow again. STRICT mTLS refuses plaintext from
+/// outside the mesh while mesh clients keep working.
+#[test]
+fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
+    use weft_api::model::{AuthorizationPolicy, MtlsMode, PeerAuthentication, PolicyAction, Rule, Source};
+    let mut mesh = Mesh::new(2, &["shop"]).expect("mesh");
+    let client = mesh.add_pod(0, "shop", "client", "client").unwrap();
+    let outsider = mesh.add_pod(0, "legacy", "outsider", "default").unwrap();
+    let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
+    mesh.wait_enrolled(0, &client, true).unwrap();
+    mesh.wait_enrolled(1, &server, true).unwrap();
+    mesh.serve_testapp(&server, 7000).unwrap();
+    let target = format!("{}:7000", server.ip);
+
+    // A long-lived connection, exchanging a line every 100 ms for up to 30 s.
+    let mut hold = client.command_os(bin_path("weft-testapp"));
+    hold.args(["hold", "--connect", &target, "--conns", "1", "--rounds", "300", "--interval-ms", "100", "--timeout", "40"]);
+    mesh.cluster.spawn("holder", hold).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(mesh.cluster.exit_status("holder").is_none(), "holder ended early:\n{}", mesh.cluster.log("holder"));
+
+    mesh.model.policies.push(AuthorizationPolicy {
+        name: "deny-client".into(),
+        namespace: "shop".into(),
+        selector: None,
+        action: PolicyAction::Deny,
+        rules: vec![Rule {
+            from: vec![Source {
+                principals: vec![spiffe("shop", "client")],
+                ..Default::default()
+            }],
+            to: vec![],
+        }],
+    });
+    mesh.write_model().unwrap();
+    let status = wait_until(Duration::from_secs(5), || mesh.cluster.exit_status("holder"))
+        .expect("the open connection is closed within seconds of the DENY");
+    assert!(!status.success(), "holder should fail when its connection is cut:\n{}", mesh.cluster.log("holder"));
+    assert!(mesh.ztunnel_log(1).contains("policy now denies"), "{}", mesh.ztunnel_log(1));
+    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    assert_eq!(v["ok"], false, "new connection while denied: {v}");
+
+    mesh.model.policies.clear();
+    mesh.write_model().unwrap();
+    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    assert_eq!(v["ok"], true, "after removing the DENY: {v}");
+
+    // PERMISSIVE: plaintext from outside the mesh is let in; STRICT: refused.
+    let (_, v) = mesh.testapp(&outsider, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    assert_eq!(v["ok"], true, "permissive plaintext: {v}");
+    mesh.model.peer_authentications.push(PeerAuthentication {
+        name: "strict".into(),
+        namespace: "shop".into(),
+        selector: None,
+        mode: MtlsMode::Strict,
+    });
+    mesh.write_model().unwrap();
+    let (_, v) = mesh.testapp(&outsider, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    assert_eq!(v["ok"], false, "plaintext under STRICT: {v}");
+    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    assert_eq!(v["ok"], true, "mTLS under STRICT: {v}");
+    let m = mesh.metrics(1).unwrap();
+    assert!(metric_sum(&m, "weft_authorization_denials_total", &[("policy", "peer-authentication-strict")]) >= 1.0, "{m}");
+}

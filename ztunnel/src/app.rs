@@ -8,6 +8,7 @@ use tracing::info;
 use weft_hbone::ca::LocalCa;
 
 use crate::admin::{self, Admin, Endpoint};
+use crate::ca_client::{GrpcCaProvider, SharedTrustBundle};
 use crate::capture::ebpf::Capture;
 use crate::config::Config;
 use crate::identity::{CertManager, LocalCaProvider};
@@ -21,12 +22,54 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let metrics = Metrics::new();
     let state = MeshState::default();
-    state.store(source::file::load(&cfg.model_file)?);
-    metrics.config_updates.inc();
-
-    let ca = LocalCa::load_or_generate(&cfg.ca_dir, &cfg.trust_domain)
-        .map_err(|e| anyhow::anyhow!("local CA in {}: {e}", cfg.ca_dir.display()))?;
-    let certs = CertManager::new(Arc::new(LocalCaProvider::new(ca, cfg.cert_ttl)));
+    let certs = match (&cfg.model_file, &cfg.ca_dir, cfg.controller_uri()) {
+        (Some(model_file), Some(ca_dir), None) => {
+            state.store(source::file::load(model_file)?);
+            metrics.config_updates.inc();
+            tokio::spawn(source::file::watch(
+                model_file.clone(),
+                state.clone(),
+                metrics.clone(),
+            ));
+            let ca = LocalCa::load_or_generate(ca_dir, &cfg.trust_domain)
+                .map_err(|e| anyhow::anyhow!("local CA in {}: {e}", ca_dir.display()))?;
+            CertManager::new(Arc::new(LocalCaProvider::new(ca, cfg.cert_ttl)))
+        }
+        (None, None, Some(endpoint)) => {
+            let token = match &cfg.token_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("token file {}: {e}", f.display()))?
+                    .trim()
+                    .to_owned(),
+                None => anyhow::bail!("--controller needs --token-file (this node's bearer token)"),
+            };
+            let trust = SharedTrustBundle::default();
+            tokio::spawn(source::grpc::run(
+                endpoint.clone(),
+                cfg.node_name.clone(),
+                token.clone(),
+                state.clone(),
+                metrics.clone(),
+                trust.clone(),
+            ));
+            let provider = GrpcCaProvider::new(&endpoint, token, cfg.cert_ttl, trust)?;
+            // Serve nothing until the controller has said what the mesh is.
+            let mut waited = 0u64;
+            while state.version() == 0 {
+                if tokio::time::timeout(std::time::Duration::from_secs(5), state.changed())
+                    .await
+                    .is_err()
+                {
+                    waited += 5;
+                    info!(component = "ztunnel", controller = %endpoint, waited_s = waited, "waiting for the first mesh model from the controller");
+                }
+            }
+            CertManager::new(Arc::new(provider))
+        }
+        _ => anyhow::bail!(
+            "give either --controller (with --token-file) or --model-file with --ca-dir"
+        ),
+    };
 
     let capture = Arc::new(Capture::install(&cfg.bpf_pin_dir)?);
     let pi = ProxyInputs::new(cfg.clone(), state.clone(), certs, metrics, capture);
@@ -51,17 +94,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cni = cni_server::bind(&cfg.cni_socket)?;
     tokio::spawn(cni_server::serve(cni, inpod.clone()));
 
-    tokio::spawn(source::file::watch(
-        cfg.model_file.clone(),
-        state.clone(),
-        pi.metrics.clone(),
-    ));
     let reconciler = inpod.clone();
     let watched = state.clone();
+    let proxy = pi.clone();
     tokio::spawn(async move {
         loop {
             watched.changed().await;
             reconciler.reconcile().await;
+            let closed = proxy
+                .connections
+                .revalidate(&watched.load(), &proxy.metrics);
+            if closed > 0 {
+                info!(component = "ztunnel", closed, "closed connections the new policy denies");
+            }
         }
     });
 

@@ -13,14 +13,22 @@ pub struct Config {
     /// pods are not captured.
     #[arg(long = "node-ip", env = "WEFT_NODE_IP", value_delimiter = ',')]
     pub node_ips: Vec<IpAddr>,
-    /// Mesh model file (YAML), watched for changes. Stands in for the
-    /// controller's config stream.
-    #[arg(long, env = "WEFT_MODEL_FILE")]
-    pub model_file: PathBuf,
-    /// Directory holding the local mesh CA (root-cert.pem, root-key.pem);
-    /// generated on first start.
-    #[arg(long, env = "WEFT_CA_DIR")]
-    pub ca_dir: PathBuf,
+    /// The controller's gRPC address (`host:port` or `http://host:port`):
+    /// config stream and CA. The normal mode.
+    #[arg(long, env = "WEFT_CONTROLLER", conflicts_with_all = ["model_file", "ca_dir"])]
+    pub controller: Option<String>,
+    /// File holding this node's bearer token for the controller (a
+    /// ServiceAccount token in a cluster, a bootstrap token elsewhere).
+    #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Standalone mode: the mesh model from a YAML file, watched for
+    /// changes, instead of the controller's stream.
+    #[arg(long, env = "WEFT_MODEL_FILE", requires = "ca_dir")]
+    pub model_file: Option<PathBuf>,
+    /// Standalone mode: directory of a local mesh CA (root-cert.pem,
+    /// root-key.pem), generated on first start.
+    #[arg(long, env = "WEFT_CA_DIR", requires = "model_file")]
+    pub ca_dir: Option<PathBuf>,
     /// Where enrolled pods are remembered across restarts.
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/run/weft/ztunnel")]
     pub state_dir: PathBuf,
@@ -48,6 +56,19 @@ pub struct Config {
     /// Log as JSON lines.
     #[arg(long, env = "WEFT_LOG_JSON")]
     pub log_json: bool,
+}
+
+impl Config {
+    /// The controller endpoint as a URI tonic accepts.
+    pub fn controller_uri(&self) -> Option<String> {
+        self.controller.as_ref().map(|c| {
+            if c.contains("://") {
+                c.clone()
+            } else {
+                format!("http://{c}")
+            }
+        })
+    }
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca_client;
 pub mod capture;
 pub mod cni_server;
 pub mod config;

@@ -387,7 +387,7 @@ fn start_servers(mesh: &mut Mesh, pod: &Pod, www: &Path) -> Result<()> {
     let name = format!("nginx-{}", pod.name);
     mesh.cluster.spawn(&name, nginx)?;
     let mut iperf = pod.command("iperf3");
-    iperf.args(["-s", "-p", "5201"]);
+    iperf.args(["-s", "-p", "5201", "--forceflush"]);
     let iperf_name = format!("iperf3-{}", pod.name);
     mesh.cluster.spawn(&iperf_name, iperf)?;
     // Ready when both answer from inside the pod itself.

@@ -32,8 +32,9 @@ async fn main() {
     let out = match args.get(1).map(String::as_str) {
         Some("connect") => connect(&args).await,
         Some("raw") => raw(&args).await,
+        Some("csr") => csr(&args).await,
         _ => {
-            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca)\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls");
+            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca)\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller http://IP:PORT --token T --identity SPIFFE");
             std::process::exit(2)
         }
     };
@@ -118,6 +119,41 @@ async fn raw(args: &[String]) -> serde_json::Value {
             "response_bytes": got.len(),
             "response_text": String::from_utf8_lossy(&got).chars().filter(|c| !c.is_control()).take(200).collect::<String>(),
         }),
+        Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
+    }
+}
+
+/// Asks the controller's CA for a certificate, as a ztunnel would.
+async fn csr(args: &[String]) -> serde_json::Value {
+    use weft_api::proto::ca_client::CaClient;
+    use weft_api::proto::CreateCertificateRequest;
+    let controller = need(args, "--controller");
+    let token = need(args, "--token");
+    let identity: Identity = need(args, "--identity").parse().expect("--identity spiffe id");
+    let result = async {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(identity.to_string().try_into()?)];
+        let csr_pem = params.serialize_request(&key)?.pem()?;
+        let channel = tonic::transport::Endpoint::from_shared(controller)?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        let mut req = tonic::Request::new(CreateCertificateRequest {
+            csr_pem,
+            requested_ttl_seconds: 3600,
+        });
+        req.metadata_mut()
+            .insert("authorization", weft_api::proto::bearer(&token).parse()?);
+        let resp = CaClient::new(channel).create_certificate(req).await;
+        anyhow::Ok(resp)
+    }
+    .await;
+    match result {
+        Ok(Ok(resp)) => json!({ "ok": true, "chain_len": resp.into_inner().cert_chain_pem.len() }),
+        Ok(Err(status)) => json!({ "ok": false, "code": format!("{:?}", status.code()), "error": status.message() }),
         Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
     }
 }

@@ -14,13 +14,13 @@ use tracing::{debug, info, warn, Instrument};
 use weft_api::Identity;
 use weft_ebpf_common::MARK_INBOUND;
 use weft_hbone::server::{self, InboundTunnel};
-use weft_hbone::stream::copy_bidirectional;
+use weft_hbone::stream::{copy_bidirectional, copy_tunnel};
 use weft_hbone::tls;
 
 use super::outbound::{finish, MODEL_WAIT};
 use super::{socket, EnrolledPod, ProxyInputs};
 use crate::metrics::{ConnectionGuard, ConnectionLabels, DenialLabels, Reporter, SecurityPolicy};
-use crate::rbac::{self, Decision};
+use super::connections::{self, Refusal};
 
 #[derive(Clone, Copy)]
 pub enum Kind {
@@ -162,9 +162,15 @@ async fn tunnel_to_app(
         }
     };
     let guard = ConnectionGuard::open(pi.metrics.clone(), labels);
+    let reg = pi
+        .connections
+        .register(peer_ip, Some(peer_identity.clone()), target);
     debug!(component = "inbound", src = %peer_ip, dst = %target, identity = %peer_identity, "hbone tunnel open");
-    let res = copy_bidirectional(&mut stream, &mut app).await;
-    finish(&guard, res, "inbound_hbone");
+    tokio::select! {
+        // (tunnel->app, app->tunnel), the order `finish` records.
+        res = copy_tunnel(&mut app, &mut stream) => finish(&guard, res.map(|(up, down)| (down, up)), "inbound_hbone"),
+        _ = reg.closed_by_policy.cancelled() => {}
+    }
 }
 
 async fn plaintext(
@@ -196,8 +202,11 @@ async fn plaintext(
         }
     };
     let guard = ConnectionGuard::open(pi.metrics.clone(), labels);
-    let res = copy_bidirectional(&mut client, &mut app).await;
-    finish(&guard, res, "inbound_plaintext");
+    let reg = pi.connections.register(peer.ip(), None, target);
+    tokio::select! {
+        res = copy_bidirectional(&mut client, &mut app) => finish(&guard, res, "inbound_plaintext"),
+        _ = reg.closed_by_policy.cancelled() => {}
+    }
 }
 
 /// Evaluates policy for the pod; on allow returns the metric labels of the
@@ -221,13 +230,11 @@ async fn authorize(
         return None;
     };
     let src = snap.workload_by_ip(src_ip);
-    let conn = rbac::Connection {
-        src_ip,
-        src_identity,
-        dst_port: target.port(),
-    };
-    if let Decision::Deny { policy } = rbac::evaluate(&snap, dst.workload, &conn) {
-        let policy = policy.unwrap_or_else(|| "no-matching-allow".to_owned());
+    if let Err(refusal) = connections::check(&snap, src_ip, src_identity, target) {
+        let policy = match refusal {
+            Refusal::Policy(p) => p.unwrap_or_else(|| "no-matching-allow".to_owned()),
+            Refusal::StrictMtls => "peer-authentication-strict".to_owned(),
+        };
         pi.metrics
             .denials
             .get_or_create(&DenialLabels {

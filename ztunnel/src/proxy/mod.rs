@@ -3,6 +3,7 @@
 //! runs in its own task inside a span with a connection id; everything a
 //! connection needs comes from one `ProxyInputs` bundle.
 
+pub mod connections;
 pub mod inbound;
 pub mod outbound;
 pub mod socket;
@@ -41,6 +42,7 @@ pub struct ProxyInputs {
     pub capture: Arc<Capture>,
     pub pool: Pool<PoolKey>,
     pub h2: H2Settings,
+    pub connections: Arc<connections::Connections>,
     next_conn_id: AtomicU64,
 }
 
@@ -60,6 +62,7 @@ impl ProxyInputs {
             metrics,
             capture,
             h2: H2Settings::default(),
+            connections: Default::default(),
             next_conn_id: AtomicU64::new(1),
         })
     }

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use weft_ebpf_common::MARK_OUTBOUND;
-use weft_hbone::stream::copy_bidirectional;
+use weft_hbone::stream::{copy_bidirectional, copy_tunnel};
 use weft_hbone::{client, tls};
 
 use super::{socket, EnrolledPod, PoolKey, ProxyInputs};
@@ -165,7 +165,7 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut app: TcpStream,
             };
             let guard = ConnectionGuard::open(pi.metrics.clone(), labels);
             debug!(component = "outbound", src = %src_ip, dst = %target, identity = %identity, "hbone");
-            let res = copy_bidirectional(&mut app, &mut tunnel).await;
+            let res = copy_tunnel(&mut app, &mut tunnel).await;
             finish(&guard, res, "hbone");
         }
     }

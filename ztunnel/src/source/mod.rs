@@ -1,5 +1,5 @@
-//! How the mesh model arrives. Today: a watched file (`file`); the
-//! controller's gRPC stream plugs in beside it and fills the same
-//! `MeshState`.
+//! How the mesh model arrives: a watched file (`file`, standalone) or the
+//! controller's config stream (`grpc`); both fill the same `MeshState`.
 
 pub mod file;
+pub mod grpc;

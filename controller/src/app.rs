@@ -1,0 +1,238 @@
+//! Start-up: picks the source of Kubernetes objects (the API server, or a
+//! folder of manifests in embedded mode), the CA's root storage and the
+//! node authenticator, and serves the config stream and the CA on one gRPC
+//! port, with metrics and readiness beside them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use weft_api::MeshModel;
+
+use crate::ca::{Authenticator, BootstrapTokens, CaService, DirRootStore, MeshCa, RootStore};
+use crate::model_builder::PolicyStatus;
+use crate::xds::{XdsOptions, XdsServer};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    /// Embedded mode: build the mesh from this folder of Kubernetes YAML
+    /// manifests (watched) instead of an API server.
+    #[arg(long, env = "WEFT_MANIFESTS")]
+    pub manifests: Option<PathBuf>,
+    /// Config stream and CA (gRPC).
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    pub grpc_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    #[arg(long, default_value = weft_api::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Embedded mode: where the CA keeps its root (generated on first
+    /// start).
+    #[arg(long, env = "WEFT_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Embedded mode: `node: token` lines, the bearer tokens ztunnels
+    /// present.
+    #[arg(long, env = "WEFT_BOOTSTRAP_TOKENS")]
+    pub bootstrap_tokens: Option<PathBuf>,
+    /// In a cluster: Secret holding the CA root.
+    #[arg(long, env = "WEFT_CA_SECRET", default_value = "weft-ca-root")]
+    pub ca_secret: String,
+    /// Namespace the controller runs in (Lease, CA Secret).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
+    pub namespace: String,
+    /// Lifetime of workload certificates.
+    #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    #[arg(long, env = "WEFT_LOG_JSON")]
+    pub log_json: bool,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {s:?} needs a unit (s, m, h)"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("duration {s:?}: unit must be s, m or h")),
+    }
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::default()));
+    let (status_tx, status_rx) = watch::channel(Arc::new(Vec::<PolicyStatus>::new()));
+
+    let (ca, auth): (Arc<MeshCa>, Arc<dyn Authenticator>) = match &cfg.manifests {
+        Some(dir) => {
+            let ca_dir = cfg
+                .ca_dir
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--manifests needs --ca-dir for the CA root"))?;
+            let tokens = cfg.bootstrap_tokens.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("--manifests needs --bootstrap-tokens (node: token lines)")
+            })?;
+            let tokens = BootstrapTokens::from_file(tokens).map_err(anyhow::Error::msg)?;
+            let store: Arc<dyn RootStore> = Arc::new(DirRootStore::new(ca_dir));
+            let ca = MeshCa::load_or_generate(store, &cfg.trust_domain).await?;
+            let dir = dir.clone();
+            let td = cfg.trust_domain.clone();
+            let (tx, stx) = (model_tx.clone(), status_tx.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::manifests::run(dir, td, tx, stx).await {
+                    warn!(component = "manifests", error = %e, "manifest source ended");
+                }
+            });
+            info!(component = "controller", mode = "embedded", "building the mesh from manifests");
+            (Arc::new(ca.with_ttl(cfg.cert_ttl, cfg.cert_ttl.max(Duration::from_secs(86400)))), Arc::new(tokens))
+        }
+        None => {
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!("no Kubernetes API ({e}); outside a cluster, run with --manifests")
+            })?;
+            let store: Arc<dyn RootStore> = Arc::new(crate::secret_store::SecretRootStore::new(
+                client.clone(),
+                &cfg.namespace,
+                &cfg.ca_secret,
+            ));
+            let ca = MeshCa::load_or_generate(store, &cfg.trust_domain).await?;
+            let auth = crate::ca::TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()]);
+            let td = cfg.trust_domain.clone();
+            let (tx, stx) = (model_tx.clone(), status_tx.clone());
+            let kube = client.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::kube_source::run(kube, td, tx, stx).await {
+                    warn!(component = "kube", error = %e, "Kubernetes source ended");
+                }
+            });
+            info!(component = "controller", mode = "cluster", "watching the Kubernetes API");
+            (Arc::new(ca.with_ttl(cfg.cert_ttl, cfg.cert_ttl.max(Duration::from_secs(86400)))), Arc::new(auth))
+        }
+    };
+
+    let xds = XdsServer::new(
+        model_rx.clone(),
+        ca.subscribe_bundle(),
+        XdsOptions {
+            history: 0,
+            authenticator: Some(auth.clone()),
+        },
+    );
+    let counters = xds.counters();
+    let ca_service = CaService::new(ca.clone(), auth, model_rx.clone());
+
+    let endpoints = Arc::new(Endpoints {
+        counters,
+        models: model_rx.clone(),
+        status: status_rx,
+    });
+    for (addr, which) in [(cfg.metrics_addr, Which::Metrics), (cfg.readiness_addr, Which::Ready)] {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        tokio::spawn(serve_http(l, endpoints.clone(), which));
+    }
+
+    info!(component = "controller", grpc = %cfg.grpc_addr, "serving config stream and CA");
+    let shutdown = async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+    };
+    tonic::transport::Server::builder()
+        .add_service(xds.into_service())
+        .add_service(ca_service.into_service())
+        .serve_with_shutdown(cfg.grpc_addr, shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("gRPC server on {}: {e}", cfg.grpc_addr))?;
+    info!(component = "controller", "shut down");
+    Ok(())
+}
+
+struct Endpoints {
+    counters: Arc<crate::xds::XdsCounters>,
+    models: watch::Receiver<Arc<MeshModel>>,
+    status: watch::Receiver<Arc<Vec<PolicyStatus>>>,
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Metrics,
+    Ready,
+}
+
+async fn serve_http(listener: tokio::net::TcpListener, e: Arc<Endpoints>, which: Which) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let e = e.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let e = e.clone();
+                async move { Ok::<_, Infallible>(respond(&e, which, req.uri().path())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(e: &Endpoints, which: Which, path: &str) -> http::Response<Full<Bytes>> {
+    let (code, body) = match (which, path) {
+        (Which::Ready, "/healthz/ready") => (200, "ready\n".to_owned()),
+        (Which::Metrics, "/metrics") => (200, metrics_text(e)),
+        (Which::Metrics, "/debug/status") => (
+            200,
+            serde_json::to_string_pretty(&**e.status.borrow()).unwrap_or_default(),
+        ),
+        _ => (404, "not found\n".to_owned()),
+    };
+    let mut r = http::Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
+    r
+}
+
+fn metrics_text(e: &Endpoints) -> String {
+    let s = e.counters.snapshot();
+    let model = e.models.borrow().clone();
+    let status = e.status.borrow().clone();
+    let rejected = status.iter().filter(|p| !p.accepted).count();
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, v: u64| {
+        out += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+    };
+    gauge("weft_controller_workloads", "Workloads in the mesh model", model.workloads.len() as u64);
+    gauge("weft_controller_services", "Services in the mesh model", model.services.len() as u64);
+    gauge("weft_controller_policies_rejected", "Policies whose Accepted condition is False", rejected as u64);
+    gauge("weft_controller_subscribers", "ztunnels subscribed to the config stream", s.subscribers.max(0) as u64);
+    let mut counter = |name: &str, help: &str, v: u64| {
+        out += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}\n");
+    };
+    counter("weft_controller_config_pushes", "Config updates sent", s.pushes);
+    counter("weft_controller_config_full_pushes", "Config updates that were full snapshots", s.full_pushes);
+    counter("weft_controller_config_pushed_bytes", "Encoded bytes of config updates sent", s.bytes_pushed);
+    counter("weft_controller_config_acks", "Config updates acknowledged", s.acks);
+    counter("weft_controller_config_nacks", "Config updates rejected by a ztunnel", s.nacks);
+    counter("weft_controller_config_streams_rejected", "Config streams refused (bad request or authentication)", s.rejected);
+    out
+}

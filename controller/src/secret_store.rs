@@ -1,0 +1,107 @@
+//! The CA root kept in a Kubernetes Secret (cluster mode): keys
+//! `root-cert.pem`, `root-key.pem` and, during a rotation overlap,
+//! `previous-roots.pem`. Created on first start; replicas racing to create
+//! it settle on whichever create won (the loser reloads).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{ObjectMeta, PostParams};
+use kube::Api;
+
+use crate::ca::{CaError, RootStore, StoredRoots, PREVIOUS_ROOTS_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE};
+
+pub struct SecretRootStore {
+    api: Api<Secret>,
+    name: String,
+}
+
+impl SecretRootStore {
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.to_owned(),
+        }
+    }
+}
+
+fn text(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
+    data.get(key)
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+}
+
+fn storage(e: impl std::fmt::Display) -> CaError {
+    CaError::Store(e.to_string())
+}
+
+#[tonic::async_trait]
+impl RootStore for SecretRootStore {
+    async fn load(&self) -> Result<Option<StoredRoots>, CaError> {
+        let Some(secret) = self.api.get_opt(&self.name).await.map_err(storage)? else {
+            return Ok(None);
+        };
+        let data = secret.data.unwrap_or_default();
+        let (Some(cert_pem), Some(key_pem)) = (text(&data, ROOT_CERT_FILE), text(&data, ROOT_KEY_FILE)) else {
+            return Err(storage(format!(
+                "Secret {} lacks {ROOT_CERT_FILE} or {ROOT_KEY_FILE}; delete it to let the controller make a new root",
+                self.name
+            )));
+        };
+        let previous_roots_pem = text(&data, PREVIOUS_ROOTS_FILE)
+            .map(|p| split_certificates(&p))
+            .unwrap_or_default();
+        Ok(Some(StoredRoots {
+            cert_pem,
+            key_pem,
+            previous_roots_pem,
+        }))
+    }
+
+    async fn save(&self, roots: &StoredRoots) -> Result<(), CaError> {
+        let mut data = BTreeMap::new();
+        data.insert(ROOT_CERT_FILE.to_owned(), ByteString(roots.cert_pem.clone().into_bytes()));
+        data.insert(ROOT_KEY_FILE.to_owned(), ByteString(roots.key_pem.clone().into_bytes()));
+        if !roots.previous_roots_pem.is_empty() {
+            data.insert(
+                PREVIOUS_ROOTS_FILE.to_owned(),
+                ByteString(roots.previous_roots_pem.concat().into_bytes()),
+            );
+        }
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                ..Default::default()
+            },
+            data: Some(data),
+            type_: Some("Opaque".to_owned()),
+            ..Default::default()
+        };
+        match self.api.get_opt(&self.name).await.map_err(storage)? {
+            None => self
+                .api
+                .create(&PostParams::default(), &secret)
+                .await
+                .map(|_| ())
+                .map_err(storage),
+            Some(existing) => {
+                let mut updated = secret;
+                updated.metadata.resource_version = existing.metadata.resource_version;
+                self.api
+                    .replace(&self.name, &PostParams::default(), &updated)
+                    .await
+                    .map(|_| ())
+                    .map_err(storage)
+            }
+        }
+    }
+}
+
+/// Each PEM certificate block of `pem`, in order.
+fn split_certificates(pem: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    pem.split_inclusive(END)
+        .filter(|b| b.contains(END))
+        .map(|b| format!("{}\n", b.trim()))
+        .collect()
+}

@@ -1,0 +1,622 @@
+//! The config stream to ztunnels: a tonic `weft.v1.MeshConfig` server fed by
+//! the mesh model (`watch::Receiver<Arc<MeshModel>>`) and the trust bundle.
+//!
+//! Every model or bundle change gets the next version (monotonic within this
+//! controller instance) and is kept in a bounded history so reconnecting
+//! clients can resume. Each subscriber then gets its own filtered view:
+//!
+//! - all namespaces, all services and all workloads: a ztunnel routes to
+//!   endpoints on every node and needs their identities to verify peers, so
+//!   these cannot be cut down by node;
+//! - AuthorizationPolicies and PeerAuthentications only of the namespaces
+//!   that have at least one workload on the subscriber's node: policy is
+//!   enforced at the destination's ztunnel (inbound), and both kinds select
+//!   workloads of their own namespace only. A namespace's policies arrive
+//!   (as upserts) when its first pod lands on the node and are removed when
+//!   its last one leaves.
+//!
+//! The first update of a stream is a full snapshot, unless the client
+//! resumes with this instance's id and a version still in the history: then
+//! it is a delta from that version (possibly empty). After that, one update
+//! is in flight at a time and each is a delta against the last version the
+//! client acknowledged. A NACK is logged and counted; the client keeps its
+//! last good config and nothing is resent until the model changes.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use weft_api::proto::mesh_config_server::{MeshConfig, MeshConfigServer};
+use weft_api::proto::subscribe_request::Request as Req;
+use weft_api::proto::{
+    self, ConfigUpdate, Keyed, Removals, ResourceKey, Resources, ResumePoint, SubscribeRequest,
+};
+use weft_api::MeshModel;
+use weft_hbone::TrustBundle;
+
+use crate::ca::{authenticate, Authenticator};
+
+/// How many past versions are remembered for resuming clients.
+pub const DEFAULT_HISTORY: usize = 64;
+
+/// Counters for metrics and benchmarks; cheap to read at any time.
+#[derive(Debug, Default)]
+pub struct XdsCounters {
+    /// Streams currently open (gauge).
+    pub subscribers: AtomicI64,
+    /// Updates sent (full or delta).
+    pub pushes: AtomicU64,
+    /// Protobuf-encoded bytes of those updates.
+    pub bytes_pushed: AtomicU64,
+    /// Of the pushes, how many were full snapshots.
+    pub full_pushes: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    /// Streams refused or ended for a malformed request or failed auth.
+    pub rejected: AtomicU64,
+}
+
+/// A plain copy of [`XdsCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdsStats {
+    pub subscribers: i64,
+    pub pushes: u64,
+    pub bytes_pushed: u64,
+    pub full_pushes: u64,
+    pub acks: u64,
+    pub nacks: u64,
+    pub rejected: u64,
+}
+
+impl XdsCounters {
+    pub fn snapshot(&self) -> XdsStats {
+        XdsStats {
+            subscribers: self.subscribers.load(Ordering::Relaxed),
+            pushes: self.pushes.load(Ordering::Relaxed),
+            bytes_pushed: self.bytes_pushed.load(Ordering::Relaxed),
+            full_pushes: self.full_pushes.load(Ordering::Relaxed),
+            acks: self.acks.load(Ordering::Relaxed),
+            nacks: self.nacks.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct XdsOptions {
+    /// Versions kept for resume; [`DEFAULT_HISTORY`] when 0.
+    pub history: usize,
+    /// Checks the bearer token of each stream and that it belongs to the
+    /// node named in Hello. `None` accepts every stream (embedded mode on a
+    /// trusted host only).
+    pub authenticator: Option<Arc<dyn Authenticator>>,
+}
+
+type Key = (String, String);
+
+/// One version of the model, converted to wire messages once and shared by
+/// every subscriber.
+struct Versioned {
+    version: u64,
+    trust_domain: String,
+    namespaces: BTreeMap<Key, Arc<proto::Namespace>>,
+    workloads: BTreeMap<Key, Arc<proto::Workload>>,
+    services: BTreeMap<Key, Arc<proto::Service>>,
+    policies: BTreeMap<Key, Arc<proto::AuthorizationPolicy>>,
+    peer_authentications: BTreeMap<Key, Arc<proto::PeerAuthentication>>,
+    trust_bundle_pem: Vec<String>,
+}
+
+fn index<'a, M: 'a + Keyed, P: for<'b> From<&'b M> + PartialEq>(
+    items: impl IntoIterator<Item = &'a M>,
+    previous: Option<&BTreeMap<Key, Arc<P>>>,
+) -> BTreeMap<Key, Arc<P>> {
+    items
+        .into_iter()
+        .map(|m| {
+            let k = m.key();
+            let key = (k.namespace, k.name);
+            let msg = P::from(m);
+            // Reuse the previous Arc when unchanged so diffs hit ptr_eq.
+            let arc = match previous.and_then(|p| p.get(&key)) {
+                Some(old) if **old == msg => old.clone(),
+                _ => Arc::new(msg),
+            };
+            (key, arc)
+        })
+        .collect()
+}
+
+impl Versioned {
+    fn new(
+        version: u64,
+        model: &MeshModel,
+        bundle: &TrustBundle,
+        previous: Option<&Versioned>,
+    ) -> Self {
+        Self {
+            version,
+            trust_domain: model.trust_domain.clone(),
+            namespaces: index(&model.namespaces, previous.map(|p| &p.namespaces)),
+            workloads: index(&model.workloads, previous.map(|p| &p.workloads)),
+            services: index(&model.services, previous.map(|p| &p.services)),
+            policies: index(&model.policies, previous.map(|p| &p.policies)),
+            peer_authentications: index(
+                &model.peer_authentications,
+                previous.map(|p| &p.peer_authentications),
+            ),
+            trust_bundle_pem: bundle
+                .roots
+                .iter()
+                .map(|r| {
+                    TrustBundle {
+                        roots: vec![r.clone()],
+                    }
+                    .to_pem()
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What one node sees of one version.
+#[derive(Clone)]
+struct NodeView {
+    base: Arc<Versioned>,
+    /// Namespaces with a workload on the node: their policies are included.
+    policy_namespaces: BTreeSet<String>,
+}
+
+impl NodeView {
+    fn new(base: Arc<Versioned>, node: &str) -> Self {
+        let policy_namespaces = base
+            .workloads
+            .values()
+            .filter(|w| w.node == node)
+            .map(|w| w.namespace.clone())
+            .collect();
+        Self {
+            base,
+            policy_namespaces,
+        }
+    }
+
+    fn wants_policy(&self, key: &Key) -> bool {
+        self.policy_namespaces.contains(&key.0)
+    }
+}
+
+/// One side of a diff: a resource map and which keys the node wants.
+type Side<'a, T> = (&'a BTreeMap<Key, Arc<T>>, &'a dyn Fn(&Key) -> bool);
+
+fn diff_map<T: PartialEq + Clone>(
+    old: Option<Side<'_, T>>,
+    new: Side<'_, T>,
+    upserts: &mut Vec<T>,
+    removals: &mut Vec<ResourceKey>,
+) {
+    let (new_map, new_wants) = new;
+    for (k, v) in new_map.iter().filter(|(k, _)| new_wants(k)) {
+        let unchanged = old.is_some_and(|(old_map, old_wants)| {
+            old_wants(k)
+                && old_map
+                    .get(k)
+                    .is_some_and(|o| Arc::ptr_eq(o, v) || **o == **v)
+        });
+        if !unchanged {
+            upserts.push((**v).clone());
+        }
+    }
+    if let Some((old_map, old_wants)) = old {
+        for k in old_map.keys().filter(|k| old_wants(k)) {
+            if !(new_wants(k) && new_map.contains_key(k)) {
+                removals.push(ResourceKey::new(&k.0, &k.1));
+            }
+        }
+    }
+}
+
+/// The update taking a client from `old` (None: nothing, send everything)
+/// to `new`.
+fn update_between(instance_id: &str, old: Option<&NodeView>, new: &NodeView) -> ConfigUpdate {
+    let all = |_: &Key| true;
+    let mut up = Resources::default();
+    let mut rm = Removals::default();
+    let o = old.map(|o| &o.base);
+    let n = &new.base;
+    diff_map(
+        o.map(|o| (&o.namespaces, &all as &dyn Fn(&Key) -> bool)),
+        (&n.namespaces, &all),
+        &mut up.namespaces,
+        &mut rm.namespaces,
+    );
+    diff_map(
+        o.map(|o| (&o.workloads, &all as &dyn Fn(&Key) -> bool)),
+        (&n.workloads, &all),
+        &mut up.workloads,
+        &mut rm.workloads,
+    );
+    diff_map(
+        o.map(|o| (&o.services, &all as &dyn Fn(&Key) -> bool)),
+        (&n.services, &all),
+        &mut up.services,
+        &mut rm.services,
+    );
+    let old_wants = |k: &Key| old.is_some_and(|o| o.wants_policy(k));
+    let new_wants = |k: &Key| new.wants_policy(k);
+    diff_map(
+        o.map(|o| (&o.policies, &old_wants as &dyn Fn(&Key) -> bool)),
+        (&n.policies, &new_wants),
+        &mut up.policies,
+        &mut rm.policies,
+    );
+    diff_map(
+        o.map(|o| (&o.peer_authentications, &old_wants as &dyn Fn(&Key) -> bool)),
+        (&n.peer_authentications, &new_wants),
+        &mut up.peer_authentications,
+        &mut rm.peer_authentications,
+    );
+    ConfigUpdate {
+        instance_id: instance_id.to_owned(),
+        version: n.version,
+        full: old.is_none(),
+        trust_domain: n.trust_domain.clone(),
+        upserts: Some(up),
+        removals: Some(rm),
+        trust_bundle_pem: n.trust_bundle_pem.clone(),
+    }
+}
+
+fn is_noop(update: &ConfigUpdate, old: &NodeView) -> bool {
+    !update.full
+        && update.upserts.as_ref().is_none_or(Resources::is_empty)
+        && update.removals.as_ref().is_none_or(Removals::is_empty)
+        && update.trust_domain == old.base.trust_domain
+        && update.trust_bundle_pem == old.base.trust_bundle_pem
+}
+
+struct Shared {
+    instance_id: String,
+    history_len: usize,
+    history: Mutex<VecDeque<Arc<Versioned>>>,
+    current: watch::Receiver<Arc<Versioned>>,
+    counters: Arc<XdsCounters>,
+    authenticator: Option<Arc<dyn Authenticator>>,
+}
+
+impl Shared {
+    fn at_version(&self, version: u64) -> Option<Arc<Versioned>> {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.iter().find(|v| v.version == version).cloned()
+    }
+}
+
+/// The `MeshConfig` service. Cheap to clone.
+#[derive(Clone)]
+pub struct XdsServer {
+    shared: Arc<Shared>,
+}
+
+/// A random id for this controller process (not a secret: it only tells a
+/// resuming client whether its version numbers still mean anything).
+fn random_instance_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl XdsServer {
+    /// Starts versioning `models` and `trust` (spawns a task: call inside a
+    /// Tokio runtime). The task ends when both senders are dropped; the
+    /// last version keeps being served.
+    pub fn new(
+        models: watch::Receiver<Arc<MeshModel>>,
+        trust: watch::Receiver<TrustBundle>,
+        options: XdsOptions,
+    ) -> Self {
+        let history_len = if options.history == 0 {
+            DEFAULT_HISTORY
+        } else {
+            options.history
+        };
+        let first = Arc::new(Versioned::new(1, &models.borrow(), &trust.borrow(), None));
+        let (tx, current) = watch::channel(first.clone());
+        let shared = Arc::new(Shared {
+            instance_id: random_instance_id(),
+            history_len,
+            history: Mutex::new(VecDeque::from([first])),
+            current,
+            counters: Arc::default(),
+            authenticator: options.authenticator,
+        });
+        tokio::spawn(version_changes(models, trust, tx, shared.clone()));
+        Self { shared }
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.shared.instance_id
+    }
+
+    /// The version the latest model/bundle got.
+    pub fn current_version(&self) -> u64 {
+        self.shared.current.borrow().version
+    }
+
+    pub fn counters(&self) -> Arc<XdsCounters> {
+        self.shared.counters.clone()
+    }
+
+    /// The tonic service to add to a `tonic::transport::Server`.
+    pub fn into_service(self) -> MeshConfigServer<Self> {
+        MeshConfigServer::new(self)
+    }
+}
+
+async fn version_changes(
+    mut models: watch::Receiver<Arc<MeshModel>>,
+    mut trust: watch::Receiver<TrustBundle>,
+    tx: watch::Sender<Arc<Versioned>>,
+    shared: Arc<Shared>,
+) {
+    let (mut models_open, mut trust_open) = (true, true);
+    while models_open || trust_open {
+        tokio::select! {
+            r = models.changed(), if models_open => if r.is_err() { models_open = false; continue },
+            r = trust.changed(), if trust_open => if r.is_err() { trust_open = false; continue },
+        }
+        let prev = tx.borrow().clone();
+        let next = Arc::new(Versioned::new(
+            prev.version + 1,
+            &models.borrow_and_update(),
+            &trust.borrow_and_update(),
+            Some(&prev),
+        ));
+        {
+            let mut h = shared.history.lock().unwrap_or_else(|p| p.into_inner());
+            h.push_back(next.clone());
+            while h.len() > shared.history_len {
+                h.pop_front();
+            }
+        }
+        debug!(
+            component = "xds",
+            version = next.version,
+            "new config version"
+        );
+        tx.send_replace(next);
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<ConfigUpdate, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl MeshConfig for XdsServer {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let shared = &self.shared;
+        let reject = |s: Status| {
+            shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            warn!(component = "xds", code = ?s.code(), error = s.message(), "config stream refused");
+            s
+        };
+        let token_node = match &shared.authenticator {
+            Some(auth) => Some(
+                authenticate(auth.as_ref(), request.metadata())
+                    .await
+                    .map_err(reject)?,
+            ),
+            None => None,
+        };
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await {
+            Ok(Some(SubscribeRequest {
+                request: Some(Req::Hello(h)),
+            })) if !h.node_name.is_empty() => h,
+            Ok(Some(_)) => {
+                return Err(reject(Status::invalid_argument(
+                    "the first SubscribeRequest must be a Hello with a node_name",
+                )))
+            }
+            Ok(None) => {
+                return Err(reject(Status::invalid_argument(
+                    "stream closed before Hello",
+                )))
+            }
+            Err(s) => {
+                return Err(reject(Status::invalid_argument(format!(
+                    "undecodable SubscribeRequest: {}",
+                    s.message()
+                ))))
+            }
+        };
+        if let Some(node) = token_node {
+            if node != hello.node_name {
+                return Err(reject(Status::permission_denied(format!(
+                    "token belongs to node {node:?}, not {:?}",
+                    hello.node_name
+                ))));
+            }
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let sub = Subscriber {
+            node: hello.node_name,
+            shared: shared.clone(),
+            models: shared.current.clone(),
+            acked: None,
+            in_flight: None,
+            considered: 0,
+            tx,
+        };
+        tokio::spawn(sub.run(hello.resume, inbound));
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+struct Subscriber {
+    node: String,
+    shared: Arc<Shared>,
+    models: watch::Receiver<Arc<Versioned>>,
+    /// What the client has applied (and we diff against).
+    acked: Option<(u64, NodeView)>,
+    /// The one update awaiting ACK/NACK.
+    in_flight: Option<(u64, NodeView)>,
+    /// Newest version already turned into an update (or found empty).
+    considered: u64,
+    tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
+}
+
+/// Client went away.
+struct Gone;
+
+struct SubscriberGauge(Arc<XdsCounters>);
+
+impl Drop for SubscriberGauge {
+    fn drop(&mut self) {
+        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Subscriber {
+    async fn run(mut self, resume: Option<ResumePoint>, mut inbound: Streaming<SubscribeRequest>) {
+        self.shared
+            .counters
+            .subscribers
+            .fetch_add(1, Ordering::Relaxed);
+        let _gauge = SubscriberGauge(self.shared.counters.clone());
+        info!(component = "xds", node = %self.node, "config subscriber connected");
+        if self.start(resume).await.is_err() {
+            return;
+        }
+        let mut models_open = true;
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if let Err(status) = self.on_request(req) {
+                            self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                            let _ = self.tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        warn!(component = "xds", node = %self.node, error = s.message(), "bad request on config stream; closing it");
+                        let _ = self.tx.send(Err(Status::invalid_argument(format!("undecodable SubscribeRequest: {}", s.message())))).await;
+                        return;
+                    }
+                },
+                r = self.models.changed(), if models_open && self.in_flight.is_none() => {
+                    if r.is_err() { models_open = false; }
+                }
+            }
+            if self.in_flight.is_none() && self.push_latest().await.is_err() {
+                break;
+            }
+        }
+        info!(component = "xds", node = %self.node, "config subscriber disconnected");
+    }
+
+    async fn start(&mut self, resume: Option<ResumePoint>) -> Result<(), Gone> {
+        let current = self.models.borrow_and_update().clone();
+        let base = resume
+            .filter(|r| r.instance_id == self.shared.instance_id)
+            .and_then(|r| self.shared.at_version(r.version))
+            .map(|v| (v.version, NodeView::new(v, &self.node)));
+        let view = NodeView::new(current.clone(), &self.node);
+        let update = update_between(
+            &self.shared.instance_id,
+            base.as_ref().map(|(_, v)| v),
+            &view,
+        );
+        match &base {
+            Some((v, _)) => {
+                info!(component = "xds", node = %self.node, from = v, to = current.version, "resuming config stream with a delta")
+            }
+            None => {
+                debug!(component = "xds", node = %self.node, version = current.version, "sending full config")
+            }
+        }
+        self.considered = current.version;
+        self.acked = base;
+        self.send(update, view).await
+    }
+
+    /// Sends the newest version if it is new and means something for this
+    /// node.
+    async fn push_latest(&mut self) -> Result<(), Gone> {
+        let current = self.models.borrow_and_update().clone();
+        if current.version <= self.considered {
+            return Ok(());
+        }
+        self.considered = current.version;
+        let view = NodeView::new(current, &self.node);
+        let old = self.acked.as_ref().map(|(_, v)| v);
+        let update = update_between(&self.shared.instance_id, old, &view);
+        if old.is_some_and(|o| is_noop(&update, o)) {
+            return Ok(());
+        }
+        self.send(update, view).await
+    }
+
+    async fn send(&mut self, update: ConfigUpdate, view: NodeView) -> Result<(), Gone> {
+        let c = &self.shared.counters;
+        c.pushes.fetch_add(1, Ordering::Relaxed);
+        if update.full {
+            c.full_pushes.fetch_add(1, Ordering::Relaxed);
+        }
+        c.bytes_pushed.fetch_add(
+            prost::Message::encoded_len(&update) as u64,
+            Ordering::Relaxed,
+        );
+        self.in_flight = Some((update.version, view));
+        self.tx.send(Ok(update)).await.map_err(|_| Gone)
+    }
+
+    fn on_request(&mut self, req: SubscribeRequest) -> Result<(), Status> {
+        match req.request {
+            Some(Req::Ack(ack)) => match self.in_flight.take() {
+                Some((v, view)) if v == ack.version => {
+                    self.shared.counters.acks.fetch_add(1, Ordering::Relaxed);
+                    debug!(component = "xds", node = %self.node, version = v, "config acknowledged");
+                    self.acked = Some((v, view));
+                }
+                other => {
+                    warn!(component = "xds", node = %self.node, version = ack.version, "ACK for a version that is not in flight; ignored");
+                    self.in_flight = other;
+                }
+            },
+            Some(Req::Nack(nack)) => match self.in_flight.take() {
+                Some((v, _)) if v == nack.version => {
+                    self.shared.counters.nacks.fetch_add(1, Ordering::Relaxed);
+                    warn!(component = "xds", node = %self.node, version = v, error = %nack.error, "config rejected by the client; it keeps its last good config");
+                }
+                other => {
+                    warn!(component = "xds", node = %self.node, version = nack.version, error = %nack.error, "NACK for a version that is not in flight; ignored");
+                    self.in_flight = other;
+                }
+            },
+            Some(Req::Hello(_)) => {
+                return Err(Status::invalid_argument(
+                    "Hello may only be the first SubscribeRequest",
+                ))
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "empty SubscribeRequest (want Ack or Nack)",
+                ))
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,582 @@
+//! A fake Kubernetes API server for the controller's tests. No API server
+//! can run on the development and CI machines, so this stands in for one:
+//! a hyper HTTP/1.1 server on 127.0.0.1 that answers the way the real one
+//! does for the requests kube-rs makes:
+//!
+//! - `GET <collection>`: a List with `metadata.resourceVersion`;
+//! - `GET <collection>?watch=true&resourceVersion=N&allowWatchBookmarks=true`:
+//!   a stream of newline-delimited `{"type":"ADDED|MODIFIED|DELETED|BOOKMARK|ERROR","object":…}`
+//!   with every change after N, held open for later ones; a version older
+//!   than the last compaction (`expire_watches`) answers an `ERROR` event
+//!   carrying a `Status` with code 410 reason `Expired`, as etcd compaction
+//!   does, which forces the client to relist;
+//! - `GET`, `PUT` (optimistic concurrency on `metadata.resourceVersion`,
+//!   409 on conflict), `POST` (409 when it exists), `PATCH` (JSON merge
+//!   patch) of single objects and of their `/status` subresource;
+//! - 404 with a `Status` for collections it was not told about (an absent
+//!   CRD).
+//!
+//! Collections are named by their URL path without the namespace part,
+//! e.g. `api/v1/pods` or `apis/weft.dev/v1alpha1/authorizationpolicies`.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+pub const PODS: &str = "api/v1/pods";
+pub const NAMESPACES: &str = "api/v1/namespaces";
+pub const SERVICES: &str = "api/v1/services";
+pub const SERVICE_ACCOUNTS: &str = "api/v1/serviceaccounts";
+pub const ENDPOINT_SLICES: &str = "apis/discovery.k8s.io/v1/endpointslices";
+pub const AUTHZ: &str = "apis/weft.dev/v1alpha1/authorizationpolicies";
+pub const PEER_AUTHN: &str = "apis/weft.dev/v1alpha1/peerauthentications";
+pub const GATEWAYS: &str = "apis/gateway.networking.k8s.io/v1/gateways";
+pub const LEASES: &str = "apis/coordination.k8s.io/v1/leases";
+pub const EVENTS: &str = "apis/events.k8s.io/v1/events";
+
+/// Everything `kube_source` watches, except Gateways (whose CRD is absent
+/// unless a test adds the collection).
+pub const WATCHED: &[&str] = &[
+    NAMESPACES,
+    PODS,
+    SERVICES,
+    SERVICE_ACCOUNTS,
+    ENDPOINT_SLICES,
+    AUTHZ,
+    PEER_AUTHN,
+];
+
+type Key = (String, String); // (namespace or "", name)
+
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: Option<Value>,
+}
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    collections: BTreeMap<String, BTreeMap<Key, Value>>,
+    /// (collection, resourceVersion, type, object)
+    log: Vec<(String, u64, &'static str, Value)>,
+    /// Watches from a version older than this get 410 Gone.
+    compacted: u64,
+    /// Bumped by `expire_watches`: open watches answer 410 and close.
+    epoch: u64,
+    requests: Vec<Recorded>,
+}
+
+#[derive(Clone)]
+pub struct FakeApi {
+    inner: Arc<Mutex<Inner>>,
+    tick: Arc<watch::Sender<u64>>,
+    pub addr: SocketAddr,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code
+    })
+}
+
+fn key_of(obj: &Value) -> Key {
+    let m = &obj["metadata"];
+    (
+        m["namespace"].as_str().unwrap_or("").to_owned(),
+        m["name"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().expect("just made an object");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+impl FakeApi {
+    /// Starts the server with these (empty) collections.
+    pub async fn start(collections: &[&str]) -> FakeApi {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut inner = Inner {
+            rv: 100,
+            compacted: 0,
+            ..Default::default()
+        };
+        for c in collections {
+            inner.collections.insert((*c).to_owned(), BTreeMap::new());
+        }
+        let fake = FakeApi {
+            inner: Arc::new(Mutex::new(inner)),
+            tick: Arc::new(watch::channel(0).0),
+            addr,
+        };
+        let server = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        fake
+    }
+
+    /// A kube client pointed at this server.
+    pub fn client(&self) -> kube::Client {
+        let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    }
+
+    fn bump(&self) {
+        self.tick.send_modify(|t| *t += 1);
+    }
+
+    /// Creates or replaces an object (as a controller elsewhere or a user
+    /// would), recording ADDED or MODIFIED. Returns its resourceVersion.
+    pub fn apply(&self, collection: &str, mut obj: Value) -> u64 {
+        let rv = {
+            let mut g = self.inner.lock().unwrap();
+            g.rv += 1;
+            let rv = g.rv;
+            let key = key_of(&obj);
+            let coll = g.collections.entry(collection.to_owned()).or_default();
+            let prev = coll.get(&key).cloned();
+            let m = obj["metadata"]
+                .as_object_mut()
+                .expect("object has metadata");
+            m.insert("resourceVersion".into(), json!(rv.to_string()));
+            let (uid, generation) = match &prev {
+                Some(p) => (
+                    p["metadata"]["uid"].clone(),
+                    p["metadata"]["generation"].as_i64().unwrap_or(1)
+                        + i64::from(p.get("spec") != obj.get("spec")),
+                ),
+                None => (json!(format!("uid-{}-{rv}", key.1)), 1),
+            };
+            let m = obj["metadata"]
+                .as_object_mut()
+                .expect("object has metadata");
+            m.entry("uid").or_insert(uid);
+            m.insert("generation".into(), json!(generation));
+            if obj.get("status").is_none() {
+                if let Some(s) = prev.as_ref().and_then(|p| p.get("status")) {
+                    obj["status"] = s.clone();
+                }
+            }
+            let ty = if prev.is_some() { "MODIFIED" } else { "ADDED" };
+            coll.insert(key, obj.clone());
+            g.log.push((collection.to_owned(), rv, ty, obj));
+            rv
+        };
+        self.bump();
+        rv
+    }
+
+    pub fn delete(&self, collection: &str, namespace: &str, name: &str) {
+        {
+            let mut g = self.inner.lock().unwrap();
+            g.rv += 1;
+            let rv = g.rv;
+            let key = (namespace.to_owned(), name.to_owned());
+            let Some(mut obj) = g
+                .collections
+                .get_mut(collection)
+                .and_then(|c| c.remove(&key))
+            else {
+                panic!("delete of a missing object {collection} {namespace}/{name}");
+            };
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            g.log.push((collection.to_owned(), rv, "DELETED", obj));
+        }
+        self.bump();
+    }
+
+    /// What etcd compaction does to watchers: every open watch receives an
+    /// ERROR event with a 410 `Expired` Status and is closed, and a watch
+    /// resumed from any version seen so far is refused the same way.
+    pub fn expire_watches(&self) {
+        {
+            let mut g = self.inner.lock().unwrap();
+            g.epoch += 1;
+            g.compacted = g.rv + 1;
+            g.rv += 1; // lists now answer with a version at or above `compacted`
+        }
+        self.bump();
+    }
+
+    pub fn get(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
+        let g = self.inner.lock().unwrap();
+        g.collections
+            .get(collection)
+            .and_then(|c| c.get(&(namespace.to_owned(), name.to_owned())))
+            .cloned()
+    }
+
+    pub fn list(&self, collection: &str) -> Vec<Value> {
+        let g = self.inner.lock().unwrap();
+        g.collections
+            .get(collection)
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    /// Number of non-watch list requests for a collection so far.
+    pub fn list_count(&self, collection: &str) -> usize {
+        let path = format!("/{collection}");
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == path && !r.query.contains("watch=true"))
+            .count()
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: Option<Value> = if body.is_empty() {
+            None
+        } else {
+            serde_json::from_slice(&body).ok()
+        };
+        self.inner.lock().unwrap().requests.push(Recorded {
+            method: method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            body: body.clone(),
+        });
+
+        // Parse `/api/v1/...` or `/apis/<group>/<version>/...`.
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (prefix, rest) = match segs.as_slice() {
+            ["api", v, rest @ ..] => (format!("api/{v}"), rest.to_vec()),
+            ["apis", g, v, rest @ ..] => (format!("apis/{g}/{v}"), rest.to_vec()),
+            _ => return respond(404, status(404, "NotFound", "no such path")),
+        };
+        // (namespace, plural, name, subresource)
+        let (ns, plural, name, sub) = match rest.as_slice() {
+            [plural] => (None, *plural, None, None),
+            ["namespaces", name] => (None, "namespaces", Some(*name), None),
+            ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
+            ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
+            ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
+            [plural, name] => (None, *plural, Some(*name), None),
+            _ => return respond(404, status(404, "NotFound", "no such path")),
+        };
+        let collection = format!("{prefix}/{plural}");
+        if !self
+            .inner
+            .lock()
+            .unwrap()
+            .collections
+            .contains_key(&collection)
+        {
+            return respond(
+                404,
+                status(
+                    404,
+                    "NotFound",
+                    &format!("the server could not find the requested resource ({collection})"),
+                ),
+            );
+        }
+        let params: BTreeMap<String, String> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let key = name.map(|n| (ns.unwrap_or("").to_owned(), n.to_owned()));
+
+        match (method, key) {
+            (Method::GET, None) if params.get("watch").map(String::as_str) == Some("true") => {
+                let from: u64 = params
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let bookmarks =
+                    params.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+                self.watch(collection, ns.map(str::to_owned), from, bookmarks)
+            }
+            (Method::GET, None) => {
+                let g = self.inner.lock().unwrap();
+                let items: Vec<Value> = g.collections[&collection]
+                    .iter()
+                    .filter(|((ons, _), _)| ns.is_none_or(|n| n == ons.as_str()))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                respond(
+                    200,
+                    json!({
+                        "apiVersion": "v1", "kind": "List",
+                        "metadata": { "resourceVersion": g.rv.to_string() },
+                        "items": items,
+                    }),
+                )
+            }
+            (Method::GET, Some(key)) => match self.get(&collection, &key.0, &key.1) {
+                Some(obj) => respond(200, obj),
+                None => respond(
+                    404,
+                    status(404, "NotFound", &format!("{plural} {:?} not found", key.1)),
+                ),
+            },
+            (Method::POST, None) => {
+                let Some(mut obj) = body else {
+                    return respond(400, status(400, "BadRequest", "no body"));
+                };
+                if let Some(ns) = ns {
+                    obj["metadata"]["namespace"] = json!(ns);
+                }
+                if obj["metadata"]["name"].is_null() {
+                    if let Some(prefix) = obj["metadata"]["generateName"].as_str() {
+                        let n = format!("{prefix}{}", self.inner.lock().unwrap().rv);
+                        obj["metadata"]["name"] = json!(n);
+                    }
+                }
+                let key = key_of(&obj);
+                if self.get(&collection, &key.0, &key.1).is_some() {
+                    return respond(
+                        409,
+                        status(
+                            409,
+                            "AlreadyExists",
+                            &format!("{plural} {:?} already exists", key.1),
+                        ),
+                    );
+                }
+                self.apply(&collection, obj);
+                respond(
+                    201,
+                    self.get(&collection, &key.0, &key.1).unwrap_or_default(),
+                )
+            }
+            (Method::PUT, Some(key)) => {
+                let Some(obj) = body else {
+                    return respond(400, status(400, "BadRequest", "no body"));
+                };
+                let Some(cur) = self.get(&collection, &key.0, &key.1) else {
+                    return respond(404, status(404, "NotFound", "not found"));
+                };
+                let want = obj["metadata"]["resourceVersion"].as_str();
+                if want.is_some_and(|w| Some(w) != cur["metadata"]["resourceVersion"].as_str()) {
+                    return respond(
+                        409,
+                        status(409, "Conflict", "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again"),
+                    );
+                }
+                self.apply(&collection, obj);
+                respond(
+                    200,
+                    self.get(&collection, &key.0, &key.1).unwrap_or_default(),
+                )
+            }
+            (Method::PATCH, Some(key)) => {
+                let Some(patch) = body else {
+                    return respond(400, status(400, "BadRequest", "no body"));
+                };
+                let Some(mut cur) = self.get(&collection, &key.0, &key.1) else {
+                    return respond(404, status(404, "NotFound", "not found"));
+                };
+                match sub {
+                    // The status subresource only changes status.
+                    Some("status") => merge_patch(&mut cur["status"], &patch["status"]),
+                    _ => merge_patch(&mut cur, &patch),
+                }
+                self.apply(&collection, cur);
+                respond(
+                    200,
+                    self.get(&collection, &key.0, &key.1).unwrap_or_default(),
+                )
+            }
+            (Method::DELETE, Some(key)) => {
+                self.delete(&collection, &key.0, &key.1);
+                respond(200, status(200, "", "deleted"))
+            }
+            _ => respond(
+                405,
+                status(405, "MethodNotAllowed", "not supported by the fake"),
+            ),
+        }
+    }
+
+    fn watch(
+        &self,
+        collection: String,
+        ns: Option<String>,
+        from: u64,
+        bookmarks: bool,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let inner = self.inner.clone();
+        let mut tick = self.tick.subscribe();
+        tokio::spawn(async move {
+            let line = |v: Value| Bytes::from(format!("{v}\n"));
+            let gone = |rv: u64| {
+                line(json!({"type": "ERROR", "object": status(410, "Expired",
+                    &format!("too old resource version: {rv}"))}))
+            };
+            let (start_epoch, expired) = {
+                let g = inner.lock().unwrap();
+                (g.epoch, from < g.compacted)
+            };
+            if expired {
+                let _ = tx.send(gone(from)).await;
+                return;
+            }
+            let mut last = from;
+            let mut sent_bookmark = false;
+            loop {
+                let (lines, epoch, rv) = {
+                    let g = inner.lock().unwrap();
+                    let lines: Vec<(u64, Bytes)> = g
+                        .log
+                        .iter()
+                        .filter(|(c, rv, _, obj)| {
+                            *c == collection
+                                && *rv > last
+                                && ns.as_deref().is_none_or(|n| key_of(obj).0 == n)
+                        })
+                        .map(|(_, rv, ty, obj)| (*rv, line(json!({"type": ty, "object": obj}))))
+                        .collect();
+                    (lines, g.epoch, g.rv)
+                };
+                if epoch != start_epoch {
+                    let _ = tx.send(gone(last)).await;
+                    return;
+                }
+                for (rv, l) in lines {
+                    last = rv;
+                    if tx.send(l).await.is_err() {
+                        return;
+                    }
+                }
+                if bookmarks && !sent_bookmark {
+                    sent_bookmark = true;
+                    let bm = json!({"type": "BOOKMARK", "object": {
+                        "kind": "Pod", "apiVersion": "v1",
+                        "metadata": {"resourceVersion": rv.to_string()}}});
+                    if tx.send(line(bm)).await.is_err() {
+                        return;
+                    }
+                    last = last.max(rv);
+                }
+                tokio::select! {
+                    r = tick.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        }));
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(BodyExt::boxed(body))
+            .expect("valid response")
+    }
+}
+
+fn respond(code: u16, v: Value) -> Response<BoxBody<Bytes, Infallible>> {
+    Response::builder()
+        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())).boxed())
+        .expect("valid response")
+}
+
+/// Waits until `pred` holds for the value in `rx` (checked at once, then
+/// on every change), or panics after `secs` seconds with `what`.
+pub async fn wait_for<T: Clone, F: FnMut(&T) -> bool>(
+    rx: &mut watch::Receiver<T>,
+    secs: u64,
+    what: &str,
+    mut pred: F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        {
+            let v = rx.borrow_and_update().clone();
+            if pred(&v) {
+                return v;
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("sender dropped while waiting for: {what}"),
+            Err(_) => panic!("timed out waiting for: {what}"),
+        }
+    }
+}
+
+pub fn namespace(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+pub fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"nodeName": node, "serviceAccountName": name, "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+pub fn set_of(names: impl IntoIterator<Item = impl Into<String>>) -> BTreeSet<String> {
+    names.into_iter().map(Into::into).collect()
+}

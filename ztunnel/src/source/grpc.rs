@@ -1,0 +1,281 @@
+//! The mesh model from the controller's config stream (`weft.v1.MeshConfig`).
+//!
+//! Keeps a local copy of what the controller sent, applies each update
+//! (full snapshot or delta) to a candidate copy, validates it, then stores
+//! it in `MeshState` and ACKs; an update that does not convert or validate
+//! is NACKed with the reason and the last good model keeps serving.
+//! Disconnected, the ztunnel keeps serving the last good model and
+//! reconnects with capped exponential backoff, resuming from the last
+//! acknowledged version (the controller then sends only what changed, or a
+//! full snapshot if it cannot). The trust bundle carried by each update goes
+//! to the shared [`SharedTrustBundle`] the TLS code reads.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+use weft_api::model;
+use weft_api::proto::mesh_config_client::MeshConfigClient;
+use weft_api::proto::{self, bearer, ConfigUpdate, Keyed, ResumePoint, SubscribeRequest};
+use weft_api::MeshModel;
+use weft_hbone::TrustBundle;
+
+use crate::ca_client::SharedTrustBundle;
+use crate::metrics::Metrics;
+use crate::state::MeshState;
+
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Where and who: the controller's address (`http://host:port`), this
+/// node's name and its bearer token.
+#[derive(Clone)]
+pub struct GrpcSource {
+    pub endpoint: String,
+    pub node: String,
+    pub token: String,
+    pub state: MeshState,
+    pub metrics: Arc<Metrics>,
+    pub trust: SharedTrustBundle,
+}
+
+type Key = (String, String);
+
+fn key_of(k: proto::ResourceKey) -> Key {
+    (k.namespace, k.name)
+}
+
+/// The client's copy of what the controller sent, keyed for deltas.
+#[derive(Clone, Default)]
+struct Local {
+    trust_domain: String,
+    namespaces: BTreeMap<Key, model::Namespace>,
+    workloads: BTreeMap<Key, model::Workload>,
+    services: BTreeMap<Key, model::Service>,
+    policies: BTreeMap<Key, model::AuthorizationPolicy>,
+    peer_authentications: BTreeMap<Key, model::PeerAuthentication>,
+}
+
+impl Local {
+    /// `self` with `u` applied, or why `u` is unusable.
+    fn apply(&self, u: &ConfigUpdate) -> Result<Local, String> {
+        let mut next = if u.full {
+            Local::default()
+        } else {
+            self.clone()
+        };
+        if !u.trust_domain.is_empty() {
+            next.trust_domain = u.trust_domain.clone();
+        }
+        if let Some(rm) = &u.removals {
+            for k in &rm.namespaces {
+                next.namespaces.remove(&key_of(k.clone()));
+            }
+            for k in &rm.workloads {
+                next.workloads.remove(&key_of(k.clone()));
+            }
+            for k in &rm.services {
+                next.services.remove(&key_of(k.clone()));
+            }
+            for k in &rm.policies {
+                next.policies.remove(&key_of(k.clone()));
+            }
+            for k in &rm.peer_authentications {
+                next.peer_authentications.remove(&key_of(k.clone()));
+            }
+        }
+        if let Some(up) = &u.upserts {
+            let e = |e: proto::ConversionError| e.to_string();
+            for m in &up.namespaces {
+                next.namespaces.insert(key_of(m.key()), m.into());
+            }
+            for m in &up.workloads {
+                next.workloads
+                    .insert(key_of(m.key()), m.try_into().map_err(e)?);
+            }
+            for m in &up.services {
+                next.services
+                    .insert(key_of(m.key()), m.try_into().map_err(e)?);
+            }
+            for m in &up.policies {
+                next.policies
+                    .insert(key_of(m.key()), m.try_into().map_err(e)?);
+            }
+            for m in &up.peer_authentications {
+                next.peer_authentications
+                    .insert(key_of(m.key()), m.try_into().map_err(e)?);
+            }
+        }
+        Ok(next)
+    }
+
+    fn to_model(&self) -> MeshModel {
+        MeshModel {
+            trust_domain: if self.trust_domain.is_empty() {
+                weft_api::identity::DEFAULT_TRUST_DOMAIN.to_owned()
+            } else {
+                self.trust_domain.clone()
+            },
+            namespaces: self.namespaces.values().cloned().collect(),
+            workloads: self.workloads.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
+            peer_authentications: self.peer_authentications.values().cloned().collect(),
+        }
+    }
+}
+
+/// What survives reconnects.
+#[derive(Default)]
+struct Progress {
+    local: Local,
+    last_model: Option<MeshModel>,
+    resume: Option<ResumePoint>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Runs forever: subscribes, applies updates, reconnects.
+pub async fn run(
+    endpoint: String,
+    node: String,
+    token: String,
+    state: MeshState,
+    metrics: Arc<Metrics>,
+    trust: SharedTrustBundle,
+) {
+    GrpcSource {
+        endpoint,
+        node,
+        token,
+        state,
+        metrics,
+        trust,
+    }
+    .run()
+    .await
+}
+
+impl GrpcSource {
+    pub async fn run(self) {
+        let mut progress = Progress::default();
+        let mut backoff = INITIAL_BACKOFF;
+        loop {
+            let mut got_update = false;
+            let result = self.session(&mut progress, &mut got_update).await;
+            if got_update {
+                backoff = INITIAL_BACKOFF;
+            }
+            match result {
+                Ok(()) => {
+                    warn!(component = "config", endpoint = %self.endpoint, "config stream ended by the controller; reconnecting")
+                }
+                Err(e) => {
+                    warn!(component = "config", endpoint = %self.endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream failed; serving the last good model and reconnecting")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn session(&self, p: &mut Progress, got_update: &mut bool) -> Result<(), SessionError> {
+        let channel = Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| SessionError::Protocol(format!("bad controller address: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        let (tx, rx) = mpsc::channel(8);
+        let _ = tx
+            .send(SubscribeRequest::hello(&self.node, p.resume.clone()))
+            .await;
+        let outbound =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+        let mut req = tonic::Request::new(outbound);
+        let auth = bearer(&self.token)
+            .parse()
+            .map_err(|_| SessionError::Protocol("token is not valid metadata".into()))?;
+        req.metadata_mut().insert("authorization", auth);
+        let mut inbound = MeshConfigClient::new(channel)
+            .subscribe(req)
+            .await?
+            .into_inner();
+        info!(component = "config", endpoint = %self.endpoint, resume = p.resume.is_some(), "subscribed to the controller");
+        while let Some(update) = inbound.message().await? {
+            *got_update = true;
+            let answer = self.apply(p, &update);
+            if tx.send(answer).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one update and returns the ACK or NACK for it.
+    fn apply(&self, p: &mut Progress, u: &ConfigUpdate) -> SubscribeRequest {
+        let same_instance = p
+            .resume
+            .as_ref()
+            .is_some_and(|r| r.instance_id == u.instance_id);
+        let checked = if !u.full && !same_instance {
+            Err("a delta from a controller instance this client has no config from".to_owned())
+        } else {
+            p.local.apply(u).and_then(|next| {
+                let model = next.to_model();
+                model.validate().map_err(|e| e.to_string())?;
+                let bundle = if u.trust_bundle_pem.is_empty() {
+                    None
+                } else {
+                    Some(
+                        TrustBundle::from_pem(&u.trust_bundle_pem.concat())
+                            .map_err(|e| format!("trust bundle: {e}"))?,
+                    )
+                };
+                Ok((next, model, bundle))
+            })
+        };
+        match checked {
+            Ok((next, model, bundle)) => {
+                if let Some(b) = bundle {
+                    self.trust.set(b);
+                }
+                if p.last_model.as_ref() != Some(&model) {
+                    self.state.store(model.clone());
+                    self.metrics.config_updates.inc();
+                    info!(
+                        component = "config",
+                        version = u.version,
+                        full = u.full,
+                        local_version = self.state.version(),
+                        "mesh model applied"
+                    );
+                }
+                p.local = next;
+                p.last_model = Some(model);
+                p.resume = Some(ResumePoint {
+                    instance_id: u.instance_id.clone(),
+                    version: u.version,
+                });
+                SubscribeRequest::ack(u.version)
+            }
+            Err(error) => {
+                self.metrics.config_rejections.inc();
+                warn!(component = "config", version = u.version, error = %error, "config update rejected; keeping the last good model");
+                SubscribeRequest::nack(u.version, error)
+            }
+        }
+    }
+}
