@@ -30,6 +30,8 @@ pub struct WorkloadSelector {
 /// L7) access control for the workloads of a namespace. A DENY that matches
 /// wins; with no ALLOW policy for a workload, traffic is allowed; with ALLOW
 /// policies, only what one matches is allowed.
+// Each printcolumn repeats `type_`, which clippy mistakes for a duplicate.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "weft.dev",
@@ -131,6 +133,8 @@ pub struct Operation {
 /// `weft.dev/v1alpha1` PeerAuthentication: whether the selected workloads
 /// (or the whole namespace) accept plaintext. A workload selector wins over
 /// a namespace-wide one.
+// Each printcolumn repeats `type_`, which clippy mistakes for a duplicate.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "weft.dev",

@@ -50,6 +50,13 @@ pub struct Config {
     /// Namespace the controller runs in (Lease, CA Secret).
     #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
     pub namespace: String,
+    /// Lease that elects the replica writing status.
+    #[arg(
+        long,
+        env = "WEFT_LEADER_LEASE",
+        default_value = "weft-controller-leader"
+    )]
+    pub leader_lease: String,
     /// Lifetime of workload certificates.
     #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
@@ -96,8 +103,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     warn!(component = "manifests", error = %e, "manifest source ended");
                 }
             });
-            info!(component = "controller", mode = "embedded", "building the mesh from manifests");
-            (Arc::new(ca.with_ttl(cfg.cert_ttl, cfg.cert_ttl.max(Duration::from_secs(86400)))), Arc::new(tokens))
+            info!(
+                component = "controller",
+                mode = "embedded",
+                "building the mesh from manifests"
+            );
+            (
+                Arc::new(ca.with_ttl(cfg.cert_ttl, cfg.cert_ttl.max(Duration::from_secs(86400)))),
+                Arc::new(tokens),
+            )
         }
         None => {
             let client = kube::Client::try_default().await.map_err(|e| {
@@ -109,7 +123,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 &cfg.ca_secret,
             ));
             let ca = MeshCa::load_or_generate(store, &cfg.trust_domain).await?;
-            let auth = crate::ca::TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()]);
+            let auth =
+                crate::ca::TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()]);
             let td = cfg.trust_domain.clone();
             let (tx, stx) = (model_tx.clone(), status_tx.clone());
             let kube = client.clone();
@@ -118,8 +133,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     warn!(component = "kube", error = %e, "Kubernetes source ended");
                 }
             });
-            info!(component = "controller", mode = "cluster", "watching the Kubernetes API");
-            (Arc::new(ca.with_ttl(cfg.cert_ttl, cfg.cert_ttl.max(Duration::from_secs(86400)))), Arc::new(auth))
+            // Every replica serves config; only the leader writes status.
+            let identity = std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("weft-controller-{}", std::process::id()));
+            let mut lease =
+                crate::leader::LeaderConfig::new(cfg.namespace.clone(), identity.clone());
+            lease.lease_name = cfg.leader_lease.clone();
+            let (is_leader, _elector) = crate::leader::spawn(client.clone(), lease);
+            let statuses = status_rx.clone();
+            let writer = client.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::status::run(writer, statuses, is_leader, identity).await {
+                    warn!(component = "status", error = %e, "status writer ended");
+                }
+            });
+            info!(
+                component = "controller",
+                mode = "cluster",
+                "watching the Kubernetes API"
+            );
+            (
+                Arc::new(ca.with_ttl(cfg.cert_ttl, cfg.cert_ttl.max(Duration::from_secs(86400)))),
+                Arc::new(auth),
+            )
         }
     };
 
@@ -139,7 +175,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         models: model_rx.clone(),
         status: status_rx,
     });
-    for (addr, which) in [(cfg.metrics_addr, Which::Metrics), (cfg.readiness_addr, Which::Ready)] {
+    for (addr, which) in [
+        (cfg.metrics_addr, Which::Metrics),
+        (cfg.readiness_addr, Which::Ready),
+    ] {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -148,10 +187,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     info!(component = "controller", grpc = %cfg.grpc_addr, "serving config stream and CA");
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
@@ -203,7 +243,8 @@ fn respond(e: &Endpoints, which: Which, path: &str) -> http::Response<Full<Bytes
         (Which::Metrics, "/metrics") => (200, metrics_text(e)),
         (Which::Metrics, "/debug/status") => (
             200,
-            serde_json::to_string_pretty(&**e.status.borrow()).unwrap_or_default(),
+            serde_json::to_string_pretty(&crate::status::status_json(&e.status.borrow()))
+                .unwrap_or_default(),
         ),
         _ => (404, "not found\n".to_owned()),
     };
@@ -221,18 +262,58 @@ fn metrics_text(e: &Endpoints) -> String {
     let mut gauge = |name: &str, help: &str, v: u64| {
         out += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
     };
-    gauge("weft_controller_workloads", "Workloads in the mesh model", model.workloads.len() as u64);
-    gauge("weft_controller_services", "Services in the mesh model", model.services.len() as u64);
-    gauge("weft_controller_policies_rejected", "Policies whose Accepted condition is False", rejected as u64);
-    gauge("weft_controller_subscribers", "ztunnels subscribed to the config stream", s.subscribers.max(0) as u64);
+    gauge(
+        "weft_controller_workloads",
+        "Workloads in the mesh model",
+        model.workloads.len() as u64,
+    );
+    gauge(
+        "weft_controller_services",
+        "Services in the mesh model",
+        model.services.len() as u64,
+    );
+    gauge(
+        "weft_controller_policies_rejected",
+        "Policies whose Accepted condition is False",
+        rejected as u64,
+    );
+    gauge(
+        "weft_controller_subscribers",
+        "ztunnels subscribed to the config stream",
+        s.subscribers.max(0) as u64,
+    );
     let mut counter = |name: &str, help: &str, v: u64| {
         out += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}\n");
     };
-    counter("weft_controller_config_pushes", "Config updates sent", s.pushes);
-    counter("weft_controller_config_full_pushes", "Config updates that were full snapshots", s.full_pushes);
-    counter("weft_controller_config_pushed_bytes", "Encoded bytes of config updates sent", s.bytes_pushed);
-    counter("weft_controller_config_acks", "Config updates acknowledged", s.acks);
-    counter("weft_controller_config_nacks", "Config updates rejected by a ztunnel", s.nacks);
-    counter("weft_controller_config_streams_rejected", "Config streams refused (bad request or authentication)", s.rejected);
+    counter(
+        "weft_controller_config_pushes",
+        "Config updates sent",
+        s.pushes,
+    );
+    counter(
+        "weft_controller_config_full_pushes",
+        "Config updates that were full snapshots",
+        s.full_pushes,
+    );
+    counter(
+        "weft_controller_config_pushed_bytes",
+        "Encoded bytes of config updates sent",
+        s.bytes_pushed,
+    );
+    counter(
+        "weft_controller_config_acks",
+        "Config updates acknowledged",
+        s.acks,
+    );
+    counter(
+        "weft_controller_config_nacks",
+        "Config updates rejected by a ztunnel",
+        s.nacks,
+    );
+    counter(
+        "weft_controller_config_streams_rejected",
+        "Config streams refused (bad request or authentication)",
+        s.rejected,
+    );
     out
 }

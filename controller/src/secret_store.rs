@@ -10,7 +10,9 @@ use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, PostParams};
 use kube::Api;
 
-use crate::ca::{CaError, RootStore, StoredRoots, PREVIOUS_ROOTS_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE};
+use crate::ca::{
+    CaError, RootStore, StoredRoots, PREVIOUS_ROOTS_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE,
+};
 
 pub struct SecretRootStore {
     api: Api<Secret>,
@@ -42,7 +44,9 @@ impl RootStore for SecretRootStore {
             return Ok(None);
         };
         let data = secret.data.unwrap_or_default();
-        let (Some(cert_pem), Some(key_pem)) = (text(&data, ROOT_CERT_FILE), text(&data, ROOT_KEY_FILE)) else {
+        let (Some(cert_pem), Some(key_pem)) =
+            (text(&data, ROOT_CERT_FILE), text(&data, ROOT_KEY_FILE))
+        else {
             return Err(storage(format!(
                 "Secret {} lacks {ROOT_CERT_FILE} or {ROOT_KEY_FILE}; delete it to let the controller make a new root",
                 self.name
@@ -60,8 +64,14 @@ impl RootStore for SecretRootStore {
 
     async fn save(&self, roots: &StoredRoots) -> Result<(), CaError> {
         let mut data = BTreeMap::new();
-        data.insert(ROOT_CERT_FILE.to_owned(), ByteString(roots.cert_pem.clone().into_bytes()));
-        data.insert(ROOT_KEY_FILE.to_owned(), ByteString(roots.key_pem.clone().into_bytes()));
+        data.insert(
+            ROOT_CERT_FILE.to_owned(),
+            ByteString(roots.cert_pem.clone().into_bytes()),
+        );
+        data.insert(
+            ROOT_KEY_FILE.to_owned(),
+            ByteString(roots.key_pem.clone().into_bytes()),
+        );
         if !roots.previous_roots_pem.is_empty() {
             data.insert(
                 PREVIOUS_ROOTS_FILE.to_owned(),

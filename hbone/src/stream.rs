@@ -369,7 +369,11 @@ impl Upstream {
 const MIN_READ: usize = 4 * 1024;
 
 /// Reads once from `io` into the spare capacity of `buf`.
-fn poll_read_into<T>(io: Pin<&mut T>, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>>
+fn poll_read_into<T>(
+    io: Pin<&mut T>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>>
 where
     T: AsyncRead + ?Sized,
 {

@@ -83,7 +83,10 @@ impl Mesh {
             for n in cluster.nodes() {
                 let token: u128 = rand::random();
                 text += &format!("{}: {token:032x}\n", n.name);
-                std::fs::write(cluster.run_dir().join(format!("{}.token", n.name)), format!("{token:032x}\n"))?;
+                std::fs::write(
+                    cluster.run_dir().join(format!("{}.token", n.name)),
+                    format!("{token:032x}\n"),
+                )?;
             }
             std::fs::write(&tokens, text)?;
             Some(ControllerRun {
@@ -289,7 +292,11 @@ impl Mesh {
     /// apply them until it is back: see `wait_model_applied`).
     pub fn write_model(&self) -> Result<()> {
         self.write_files()?;
-        if self.controller.as_ref().is_some_and(|c| c.running.is_none()) {
+        if self
+            .controller
+            .as_ref()
+            .is_some_and(|c| c.running.is_none())
+        {
             return Ok(());
         }
         self.wait_model_applied()
@@ -298,7 +305,10 @@ impl Mesh {
     fn write_files(&self) -> Result<()> {
         let (path, text) = match &self.controller {
             None => (self.model_path.clone(), serde_yaml::to_string(&self.model)?),
-            Some(c) => (c.manifests.join("mesh.yaml"), crate::manifests::render(&self.model)?),
+            Some(c) => (
+                c.manifests.join("mesh.yaml"),
+                crate::manifests::render(&self.model)?,
+            ),
         };
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, text)?;
@@ -508,8 +518,14 @@ fn normalized(mut v: Value) -> Value {
             if let Some(items) = list.as_array_mut() {
                 items.sort_by_key(|i| {
                     (
-                        i.get("namespace").and_then(Value::as_str).unwrap_or("").to_owned(),
-                        i.get("name").and_then(Value::as_str).unwrap_or("").to_owned(),
+                        i.get("namespace")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned(),
+                        i.get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned(),
                     )
                 });
             }

@@ -46,33 +46,81 @@ fn e2e_controller_label_enrolls_and_policy_applies_live() {
     mesh.write_model().unwrap();
     mesh.wait_enrolled(0, &client, true).unwrap();
     mesh.wait_enrolled(1, &server, true).unwrap();
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "{v}");
     let m = mesh.metrics(0).unwrap();
     assert!(
-        metric_sum(&m, "weft_tcp_connections_opened_total", &[("reporter", "source"), ("connection_security_policy", "mutual_tls"), ("destination_principal", &spiffe("shop", "server"))]) >= 1.0,
+        metric_sum(
+            &m,
+            "weft_tcp_connections_opened_total",
+            &[
+                ("reporter", "source"),
+                ("connection_security_policy", "mutual_tls"),
+                ("destination_principal", &spiffe("shop", "server"))
+            ]
+        ) >= 1.0,
         "{m}"
     );
     let dump = mesh.config_dump(0).unwrap();
-    assert!(dump["certificates"].to_string().contains(&spiffe("shop", "client")), "{dump}");
+    assert!(
+        dump["certificates"]
+            .to_string()
+            .contains(&spiffe("shop", "client")),
+        "{dump}"
+    );
 
     let mut hold = client.command_os(bin_path("weft-testapp"));
-    hold.args(["hold", "--connect", &target, "--conns", "1", "--rounds", "300", "--interval-ms", "100", "--timeout", "40"]);
+    hold.args([
+        "hold",
+        "--connect",
+        &target,
+        "--conns",
+        "1",
+        "--rounds",
+        "300",
+        "--interval-ms",
+        "100",
+        "--timeout",
+        "40",
+    ]);
     mesh.cluster.spawn("holder", hold).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(mesh.cluster.exit_status("holder").is_none(), "{}", mesh.cluster.log("holder"));
+    assert!(
+        mesh.cluster.exit_status("holder").is_none(),
+        "{}",
+        mesh.cluster.log("holder")
+    );
 
-    mesh.model.policies.push(deny_from(&spiffe("shop", "client")));
+    mesh.model
+        .policies
+        .push(deny_from(&spiffe("shop", "client")));
     mesh.write_model().unwrap();
-    let status = wait_until(Duration::from_secs(5), || mesh.cluster.exit_status("holder"))
-        .expect("the open connection is closed after the DENY arrives");
+    let status = wait_until(Duration::from_secs(5), || {
+        mesh.cluster.exit_status("holder")
+    })
+    .expect("the open connection is closed after the DENY arrives");
     assert!(!status.success(), "{}", mesh.cluster.log("holder"));
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], false, "refused while denied: {v}");
 
     mesh.model.policies.clear();
     mesh.write_model().unwrap();
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "flows again: {v}");
 }
 
@@ -89,10 +137,19 @@ fn e2e_controller_refuses_identity_of_pod_on_another_node() {
             .cluster
             .node(0)
             .command_os(bin_path("weft-hbone-probe"))
-            .args(["csr", "--controller", &controller, "--token", token.trim(), "--identity", identity])
+            .args([
+                "csr",
+                "--controller",
+                &controller,
+                "--token",
+                token.trim(),
+                "--identity",
+                identity,
+            ])
             .output()
             .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
     };
     let v = ask(&spiffe("shop", "a-sa"), &token1);
     assert_eq!(v["ok"], true, "own pod's identity: {v}");
@@ -115,25 +172,54 @@ fn e2e_controller_restart_keeps_traffic_and_catches_up() {
     let target = format!("{}:7000", server.ip);
 
     let mut hold = client.command_os(bin_path("weft-testapp"));
-    hold.args(["hold", "--connect", &target, "--conns", "8", "--rounds", "60", "--interval-ms", "100", "--timeout", "40"]);
+    hold.args([
+        "hold",
+        "--connect",
+        &target,
+        "--conns",
+        "8",
+        "--rounds",
+        "60",
+        "--interval-ms",
+        "100",
+        "--timeout",
+        "40",
+    ]);
     mesh.cluster.spawn("holder", hold).unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     mesh.stop_controller().unwrap();
     // While it is down: a new connection still works on the last good config.
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "{v}");
     // A change made while it is down.
-    mesh.model.policies.push(deny_from(&spiffe("shop", "someone-else")));
-    let late = mesh.add_pod(0, "shop", "late", "late").unwrap_or_else(|e| panic!("{e:#}"));
+    mesh.model
+        .policies
+        .push(deny_from(&spiffe("shop", "someone-else")));
+    let late = mesh
+        .add_pod(0, "shop", "late", "late")
+        .unwrap_or_else(|e| panic!("{e:#}"));
     std::thread::sleep(Duration::from_secs(1));
 
     mesh.start_controller().unwrap();
-    mesh.wait_model_applied().expect("the change made while the controller was down arrives");
+    mesh.wait_model_applied()
+        .expect("the change made while the controller was down arrives");
     mesh.wait_enrolled(0, &late, true).unwrap();
 
-    let status = wait_until(Duration::from_secs(40), || mesh.cluster.exit_status("holder")).unwrap();
-    assert!(status.success(), "established connections dropped across the restart:\n{}", mesh.cluster.log("holder"));
+    let status = wait_until(Duration::from_secs(40), || {
+        mesh.cluster.exit_status("holder")
+    })
+    .unwrap();
+    assert!(
+        status.success(),
+        "established connections dropped across the restart:\n{}",
+        mesh.cluster.log("holder")
+    );
 }
 
 /// A malformed manifest and a policy naming an unknown namespace are
@@ -159,13 +245,30 @@ fn e2e_controller_bad_input_is_reported_and_contained() {
     let node1 = mesh.cluster.node(0).clone();
     let garbage = node1
         .command_os(bin_path("weft-hbone-probe"))
-        .args(["raw", "--to", &format!("{}:{CONTROLLER_GRPC_PORT}", node1.ip), "--kind", "garbage"])
+        .args([
+            "raw",
+            "--to",
+            &format!("{}:{CONTROLLER_GRPC_PORT}", node1.ip),
+            "--kind",
+            "garbage",
+        ])
         .output()
         .unwrap();
     assert!(garbage.status.success());
 
     let status = wait_until(Duration::from_secs(10), || {
-        let s = mesh.node_exec(0, "curl", &["-sS", "--max-time", "5", "http://127.0.0.1:15014/debug/status"]).ok()?;
+        let s = mesh
+            .node_exec(
+                0,
+                "curl",
+                &[
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "http://127.0.0.1:15014/debug/status",
+                ],
+            )
+            .ok()?;
         s.contains("UnknownNamespace").then_some(s)
     })
     .expect("the orphan policy's status says its namespace is unknown");
@@ -180,7 +283,16 @@ fn e2e_controller_bad_input_is_reported_and_contained() {
     // Everything else still works, including new config.
     mesh.wait_enrolled(0, &client, true).unwrap();
     let (_, v) = mesh
-        .testapp(&client, &["connect", "--connect", &format!("{}:7000", server.ip), "--timeout", "5"])
+        .testapp(
+            &client,
+            &[
+                "connect",
+                "--connect",
+                &format!("{}:7000", server.ip),
+                "--timeout",
+                "5",
+            ],
+        )
         .unwrap();
     assert_eq!(v["ok"], true, "{v}");
 }

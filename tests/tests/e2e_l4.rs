@@ -624,7 +624,9 @@ fn e2e_200_long_lived_connections() {
 /// outside the mesh while mesh clients keep working.
 #[test]
 fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
-    use weft_api::model::{AuthorizationPolicy, MtlsMode, PeerAuthentication, PolicyAction, Rule, Source};
+    use weft_api::model::{
+        AuthorizationPolicy, MtlsMode, PeerAuthentication, PolicyAction, Rule, Source,
+    };
     let mut mesh = Mesh::new(2, &["shop"]).expect("mesh");
     let client = mesh.add_pod(0, "shop", "client", "client").unwrap();
     let outsider = mesh.add_pod(0, "legacy", "outsider", "default").unwrap();
@@ -636,10 +638,26 @@ fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
 
     // A long-lived connection, exchanging a line every 100 ms for up to 30 s.
     let mut hold = client.command_os(bin_path("weft-testapp"));
-    hold.args(["hold", "--connect", &target, "--conns", "1", "--rounds", "300", "--interval-ms", "100", "--timeout", "40"]);
+    hold.args([
+        "hold",
+        "--connect",
+        &target,
+        "--conns",
+        "1",
+        "--rounds",
+        "300",
+        "--interval-ms",
+        "100",
+        "--timeout",
+        "40",
+    ]);
     mesh.cluster.spawn("holder", hold).unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(mesh.cluster.exit_status("holder").is_none(), "holder ended early:\n{}", mesh.cluster.log("holder"));
+    assert!(
+        mesh.cluster.exit_status("holder").is_none(),
+        "holder ended early:\n{}",
+        mesh.cluster.log("holder")
+    );
 
     mesh.model.policies.push(AuthorizationPolicy {
         name: "deny-client".into(),
@@ -655,20 +673,45 @@ fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
         }],
     });
     mesh.write_model().unwrap();
-    let status = wait_until(Duration::from_secs(5), || mesh.cluster.exit_status("holder"))
-        .expect("the open connection is closed within seconds of the DENY");
-    assert!(!status.success(), "holder should fail when its connection is cut:\n{}", mesh.cluster.log("holder"));
-    assert!(mesh.ztunnel_log(1).contains("policy now denies"), "{}", mesh.ztunnel_log(1));
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let status = wait_until(Duration::from_secs(5), || {
+        mesh.cluster.exit_status("holder")
+    })
+    .expect("the open connection is closed within seconds of the DENY");
+    assert!(
+        !status.success(),
+        "holder should fail when its connection is cut:\n{}",
+        mesh.cluster.log("holder")
+    );
+    assert!(
+        mesh.ztunnel_log(1).contains("policy now denies"),
+        "{}",
+        mesh.ztunnel_log(1)
+    );
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], false, "new connection while denied: {v}");
 
     mesh.model.policies.clear();
     mesh.write_model().unwrap();
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "after removing the DENY: {v}");
 
     // PERMISSIVE: plaintext from outside the mesh is let in; STRICT: refused.
-    let (_, v) = mesh.testapp(&outsider, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &outsider,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "permissive plaintext: {v}");
     mesh.model.peer_authentications.push(PeerAuthentication {
         name: "strict".into(),
@@ -677,10 +720,27 @@ fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
         mode: MtlsMode::Strict,
     });
     mesh.write_model().unwrap();
-    let (_, v) = mesh.testapp(&outsider, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &outsider,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], false, "plaintext under STRICT: {v}");
-    let (_, v) = mesh.testapp(&client, &["connect", "--connect", &target, "--timeout", "5"]).unwrap();
+    let (_, v) = mesh
+        .testapp(
+            &client,
+            &["connect", "--connect", &target, "--timeout", "5"],
+        )
+        .unwrap();
     assert_eq!(v["ok"], true, "mTLS under STRICT: {v}");
     let m = mesh.metrics(1).unwrap();
-    assert!(metric_sum(&m, "weft_authorization_denials_total", &[("policy", "peer-authentication-strict")]) >= 1.0, "{m}");
+    assert!(
+        metric_sum(
+            &m,
+            "weft_authorization_denials_total",
+            &[("policy", "peer-authentication-strict")]
+        ) >= 1.0,
+        "{m}"
+    );
 }

@@ -105,7 +105,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .connections
                 .revalidate(&watched.load(), &proxy.metrics);
             if closed > 0 {
-                info!(component = "ztunnel", closed, "closed connections the new policy denies");
+                info!(
+                    component = "ztunnel",
+                    closed, "closed connections the new policy denies"
+                );
             }
         }
     });

@@ -119,7 +119,8 @@ impl InPod {
 
     /// CNI ADD: remember the pod and capture it if the model says so.
     /// Returns whether it is captured.
-    pub async fn add(&self, info: PodInfo) -> anyhow::Result<bool> {
+    pub async fn add(&self, mut info: PodInfo) -> anyhow::Result<bool> {
+        info.netns = host_path(&info.netns);
         Netns::open(&info.netns)
             .map_err(|e| anyhow::anyhow!("pod netns {}: {e}", info.netns.display()))?;
         self.persist(&info)?;
@@ -327,5 +328,17 @@ fn on_off(b: bool) -> &'static str {
         "on"
     } else {
         "off"
+    }
+}
+
+/// A runtime may name a pod's netns `/proc/<pid>/ns/net`; in a container the
+/// host's /proc is mounted at `$WEFT_HOST_PROC`.
+fn host_path(netns: &Path) -> PathBuf {
+    match (
+        std::env::var_os("WEFT_HOST_PROC"),
+        netns.strip_prefix("/proc"),
+    ) {
+        (Some(host_proc), Ok(rest)) => PathBuf::from(host_proc).join(rest),
+        _ => netns.to_owned(),
     }
 }

@@ -13,7 +13,6 @@ mod report;
 #[path = "../bench/tools.rs"]
 mod tools;
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -23,7 +22,7 @@ use serde_json::{json, Value};
 use weft_e2e::mesh::{bin_path, metric_sum, wait_until, Mesh};
 use weft_e2e::Pod;
 
-use report::{Cell, Report, Sample};
+use report::{Report, Sample};
 
 const MESH_NS: &str = "bench-mesh";
 const PLAIN_NS: &str = "bench-plain";
@@ -226,7 +225,7 @@ fn bench(o: &Options) -> Result<()> {
                 report
                     .cells
                     .entry((w.key, s.key))
-                    .or_insert_with(Cell::default)
+                    .or_default()
                     .runs
                     .push(sample);
             }
@@ -671,6 +670,6 @@ fn capture_cost(b: &Bench, o: &Options) -> Result<Value> {
         "added_p50_ns_vs_loopback": p50(&captured) - p50(&plain_local),
         "added_p50_ns_vs_remote_pod": p50(&captured) - p50(&plain_remote),
         "bpf_programs": programs,
-        "target_for_connects": Ipv4Addr::from(plain.server.ip).to_string(),
+        "target_for_connects": plain.server.ip.to_string(),
     }))
 }

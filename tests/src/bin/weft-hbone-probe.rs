@@ -129,7 +129,9 @@ async fn csr(args: &[String]) -> serde_json::Value {
     use weft_api::proto::CreateCertificateRequest;
     let controller = need(args, "--controller");
     let token = need(args, "--token");
-    let identity: Identity = need(args, "--identity").parse().expect("--identity spiffe id");
+    let identity: Identity = need(args, "--identity")
+        .parse()
+        .expect("--identity spiffe id");
     let result = async {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = rcgen::CertificateParams::default();
@@ -153,7 +155,9 @@ async fn csr(args: &[String]) -> serde_json::Value {
     .await;
     match result {
         Ok(Ok(resp)) => json!({ "ok": true, "chain_len": resp.into_inner().cert_chain_pem.len() }),
-        Ok(Err(status)) => json!({ "ok": false, "code": format!("{:?}", status.code()), "error": status.message() }),
+        Ok(Err(status)) => {
+            json!({ "ok": false, "code": format!("{:?}", status.code()), "error": status.message() })
+        }
         Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
     }
 }

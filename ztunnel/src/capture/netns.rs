@@ -131,6 +131,12 @@ pub fn netns_cookie_of(sock: BorrowedFd<'_>) -> io::Result<u64> {
 /// Mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` or, on hybrid
 /// layouts, `/sys/fs/cgroup/unified`), from `/proc/self/mountinfo`.
 pub fn cgroup2_root() -> io::Result<PathBuf> {
+    // In a container with its own cgroup namespace the mount table shows
+    // only the container's subtree; the DaemonSet mounts the host's
+    // hierarchy and names it here.
+    if let Some(root) = std::env::var_os("WEFT_CGROUP_ROOT") {
+        return Ok(PathBuf::from(root));
+    }
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     let mut found: Option<PathBuf> = None;
     for line in info.lines() {

@@ -13,6 +13,17 @@ use super::netns::Netns;
 /// Read through the calling thread's netns (unlike `/proc/sys/net`, which
 /// also follows the thread, `/proc/net` follows the process).
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+
+/// Where `tcp_fwmark_accept` is written: `$WEFT_PROC_SYS_NET/ipv4/...` when
+/// set (in a container, /proc/sys is read-only; the DaemonSet bind-mounts
+/// the host's /proc/sys/net there, which still follows the writing
+/// thread's netns).
+fn fwmark_accept_path() -> std::path::PathBuf {
+    match std::env::var_os("WEFT_PROC_SYS_NET") {
+        Some(dir) => std::path::PathBuf::from(dir).join("ipv4/tcp_fwmark_accept"),
+        None => FWMARK_ACCEPT.into(),
+    }
+}
 const IF_INET6: &str = "/proc/thread-self/net/if_inet6";
 
 /// Sets `tcp_fwmark_accept`, the `fwmark MARK_INBOUND` rule and the local
@@ -20,7 +31,7 @@ const IF_INET6: &str = "/proc/thread-self/net/if_inet6";
 /// Idempotent.
 pub fn install(netns: &Netns) -> io::Result<()> {
     netns.run(|| -> io::Result<()> {
-        std::fs::write(FWMARK_ACCEPT, "1")?;
+        std::fs::write(fwmark_accept_path(), "1")?;
         for family in families() {
             let mark = format!("{MARK_INBOUND:#x}");
             let table = INBOUND_ROUTE_TABLE.to_string();
@@ -57,14 +68,14 @@ pub fn remove(netns: &Netns) -> io::Result<()> {
                 ip(&[family, "route", "flush", "table", &table])?;
             }
         }
-        std::fs::write(FWMARK_ACCEPT, "0")?;
+        std::fs::write(fwmark_accept_path(), "0")?;
         Ok(())
     })?
 }
 
 /// Whether `tcp_fwmark_accept` is on in this netns (for checks and tests).
 pub fn fwmark_accept_enabled(netns: &Netns) -> io::Result<bool> {
-    netns.run(|| std::fs::read_to_string(FWMARK_ACCEPT).map(|s| s.trim() == "1"))?
+    netns.run(|| std::fs::read_to_string(fwmark_accept_path()).map(|s| s.trim() == "1"))?
 }
 
 /// `-4`, plus `-6` when the netns has IPv6 enabled.

@@ -17,10 +17,10 @@ use weft_hbone::server::{self, InboundTunnel};
 use weft_hbone::stream::{copy_bidirectional, copy_tunnel};
 use weft_hbone::tls;
 
+use super::connections::{self, Refusal};
 use super::outbound::{finish, MODEL_WAIT};
 use super::{socket, EnrolledPod, ProxyInputs};
 use crate::metrics::{ConnectionGuard, ConnectionLabels, DenialLabels, Reporter, SecurityPolicy};
-use super::connections::{self, Refusal};
 
 #[derive(Clone, Copy)]
 pub enum Kind {
