@@ -47,6 +47,11 @@ pub struct Config {
     /// In a cluster: Secret holding the CA root.
     #[arg(long, env = "WEFT_CA_SECRET", default_value = "weft-ca-root")]
     pub ca_secret: String,
+    /// The CA Secret is a user-supplied intermediate (`tls.crt`: the
+    /// intermediate then its chain, `tls.key`, `ca.crt`: the root), read
+    /// only, instead of a root the controller manages.
+    #[arg(long, env = "WEFT_CA_EXTERNAL")]
+    pub ca_external: bool,
     /// Namespace the controller runs in (Lease, CA Secret).
     #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
     pub namespace: String,
@@ -117,12 +122,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let client = kube::Client::try_default().await.map_err(|e| {
                 anyhow::anyhow!("no Kubernetes API ({e}); outside a cluster, run with --manifests")
             })?;
-            let store: Arc<dyn RootStore> = Arc::new(crate::secret_store::SecretRootStore::new(
-                client.clone(),
-                &cfg.namespace,
-                &cfg.ca_secret,
-            ));
-            let ca = MeshCa::load_or_generate(store, &cfg.trust_domain).await?;
+            let ca = if cfg.ca_external {
+                let (cert, key, chain) = crate::secret_store::read_intermediate(
+                    client.clone(),
+                    &cfg.namespace,
+                    &cfg.ca_secret,
+                )
+                .await?;
+                MeshCa::from_intermediate(&cert, &key, &chain, &cfg.trust_domain)?
+            } else {
+                let store: Arc<dyn RootStore> = Arc::new(crate::secret_store::SecretRootStore::new(
+                    client.clone(),
+                    &cfg.namespace,
+                    &cfg.ca_secret,
+                ));
+                MeshCa::load_or_generate(store, &cfg.trust_domain).await?
+            };
             let auth =
                 crate::ca::TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()]);
             let td = cfg.trust_domain.clone();

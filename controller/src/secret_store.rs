@@ -115,3 +115,27 @@ fn split_certificates(pem: &str) -> Vec<String> {
         .map(|b| format!("{}\n", b.trim()))
         .collect()
 }
+
+/// A user-supplied intermediate from a Secret: (intermediate certificate,
+/// its key, the issuers above it up to the root).
+pub async fn read_intermediate(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<(String, String, String)> {
+    let api: Api<Secret> = Api::namespaced(client, namespace);
+    let secret = api
+        .get_opt(name)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("CA Secret {namespace}/{name} does not exist (ca.existingSecret)"))?;
+    let data = secret.data.unwrap_or_default();
+    let need = |key: &str| {
+        text(&data, key).ok_or_else(|| anyhow::anyhow!("CA Secret {namespace}/{name} has no {key}"))
+    };
+    let blocks = split_certificates(&need("tls.crt")?);
+    let Some((intermediate, above)) = blocks.split_first() else {
+        anyhow::bail!("CA Secret {namespace}/{name}: tls.crt holds no certificate");
+    };
+    let chain = above.concat() + &need("ca.crt")?;
+    Ok((intermediate.clone(), need("tls.key")?, chain))
+}
