@@ -198,7 +198,7 @@ async fn child_main(endpoint: String, count: usize) -> Result<()> {
 async fn wait_all(
     states: &[MeshState],
     timeout: Duration,
-    ready: impl Fn(&MeshModel) -> bool + Clone + Send + 'static,
+    ready: impl Fn(&MeshModel) -> bool + Clone + Send + Sync + 'static,
 ) -> Option<Instant> {
     let waiters: Vec<_> = states
         .iter()
@@ -351,7 +351,7 @@ struct Change {
 fn make_change(i: usize, current: &MeshModel, last_added: &mut Option<(String, String)>) -> Change {
     let mut m = current.clone();
     let pick = (i * 7919) % m.workloads.len();
-    let mut edit = |m: &mut MeshModel, kind: &'static str, f: &dyn Fn(&mut Workload)| {
+    let edit = |m: &mut MeshModel, kind: &'static str, f: &dyn Fn(&mut Workload)| {
         let w = &mut m.workloads[pick];
         f(w);
         (kind, w.namespace.clone(), w.name.clone(), Some(w.clone()))

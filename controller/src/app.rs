@@ -131,11 +131,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 .await?;
                 MeshCa::from_intermediate(&cert, &key, &chain, &cfg.trust_domain)?
             } else {
-                let store: Arc<dyn RootStore> = Arc::new(crate::secret_store::SecretRootStore::new(
-                    client.clone(),
-                    &cfg.namespace,
-                    &cfg.ca_secret,
-                ));
+                let store: Arc<dyn RootStore> =
+                    Arc::new(crate::secret_store::SecretRootStore::new(
+                        client.clone(),
+                        &cfg.namespace,
+                        &cfg.ca_secret,
+                    ));
                 MeshCa::load_or_generate(store, &cfg.trust_domain).await?
             };
             let auth =

@@ -20,12 +20,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CustomExtension,
-    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
@@ -34,6 +33,7 @@ use tracing::{info, warn};
 use weft_api::proto::ca_server::{Ca, CaServer};
 use weft_api::proto::{CreateCertificateRequest, CreateCertificateResponse};
 use weft_api::{Identity, MeshModel};
+use weft_hbone::ca::{random_serial, set_validity};
 use weft_hbone::TrustBundle;
 
 /// Leaf lifetime when the request does not ask for one.
@@ -542,32 +542,7 @@ impl MeshCa {
             });
         }
         let ttl = if ttl.is_zero() { self.default_ttl } else { ttl }.min(self.max_ttl);
-        let mut params = CertificateParams::default();
-        // Like Istio and LocalCa: no subject, the identity only in a SAN,
-        // which RFC 5280 then requires to be critical (rcgen writes SANs
-        // non-critical, so it goes in as a custom extension).
-        params.distinguished_name = DistinguishedName::new();
-        let mut san = CustomExtension::from_oid_content(
-            &[2, 5, 29, 17],
-            uri_san_der(identity.to_string().as_bytes()),
-        );
-        san.set_criticality(true);
-        params.custom_extensions = vec![san];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        let now = truncate_to_secs(SystemTime::now());
-        let not_after = now + ttl;
-        set_validity(
-            &mut params,
-            now.checked_sub(BACKDATE).unwrap_or(now),
-            not_after,
-        );
+        let (params, _, not_after) = weft_hbone::ca::workload_leaf_params(&identity, ttl);
 
         let signer = self.state().signer.clone();
         let request = CertificateSigningRequestParams {
@@ -583,49 +558,6 @@ impl MeshCa {
             not_after,
         })
     }
-}
-
-/// DER of `GeneralNames ::= SEQUENCE { uniformResourceIdentifier [6] IA5String }`
-/// (the same encoding as `weft_hbone::ca`'s leaves).
-fn uri_san_der(uri: &[u8]) -> Vec<u8> {
-    let mut inner = vec![0x86];
-    push_der_len(&mut inner, uri.len());
-    inner.extend_from_slice(uri);
-    let mut out = vec![0x30];
-    push_der_len(&mut out, inner.len());
-    out.extend_from_slice(&inner);
-    out
-}
-
-fn push_der_len(out: &mut Vec<u8>, len: usize) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-}
-
-fn random_serial() -> SerialNumber {
-    let mut bytes: [u8; 16] = rand::random();
-    // Positive INTEGER without a leading zero octet.
-    bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    SerialNumber::from_slice(&bytes)
-}
-
-fn truncate_to_secs(t: SystemTime) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
-}
-
-fn set_validity(params: &mut CertificateParams, not_before: SystemTime, not_after: SystemTime) {
-    let since_epoch = |t: SystemTime| {
-        Duration::from_secs(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
-    };
-    let epoch = rcgen::date_time_ymd(1970, 1, 1);
-    params.not_before = epoch + since_epoch(not_before);
-    params.not_after = epoch + since_epoch(not_after);
 }
 
 // ---- authentication ----

@@ -124,10 +124,9 @@ pub async fn read_intermediate(
     name: &str,
 ) -> anyhow::Result<(String, String, String)> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
-    let secret = api
-        .get_opt(name)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("CA Secret {namespace}/{name} does not exist (ca.existingSecret)"))?;
+    let secret = api.get_opt(name).await?.ok_or_else(|| {
+        anyhow::anyhow!("CA Secret {namespace}/{name} does not exist (ca.existingSecret)")
+    })?;
     let data = secret.data.unwrap_or_default();
     let need = |key: &str| {
         text(&data, key).ok_or_else(|| anyhow::anyhow!("CA Secret {namespace}/{name} has no {key}"))

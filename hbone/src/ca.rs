@@ -209,30 +209,7 @@ impl LocalCa {
             });
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        // Like Istio: no subject, identity only in a SAN, which RFC 5280
-        // then requires to be critical (rcgen writes SANs non-critical, so
-        // it goes in as a custom extension).
-        params.distinguished_name = DistinguishedName::new();
-        let mut san = CustomExtension::from_oid_content(
-            &[2, 5, 29, 17],
-            uri_san_der(identity.to_string().as_bytes()),
-        );
-        san.set_criticality(true);
-        params.custom_extensions = vec![san];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        let now = truncate_to_secs(SystemTime::now());
-        let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
-        let not_after = now + ttl;
-        set_validity(&mut params, not_before, not_after);
-
+        let (params, not_before, not_after) = workload_leaf_params(identity, ttl);
         let leaf = params.signed_by(&key, &self.issuer, &self.key)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok(WorkloadCert {
@@ -243,6 +220,41 @@ impl LocalCa {
             not_after,
         })
     }
+}
+
+/// The parameters of every workload leaf Weft issues (this local CA and the
+/// controller's): empty subject, one critical URI SAN = `identity`, not a
+/// CA, digitalSignature, serverAuth + clientAuth, a random serial, valid
+/// from [`BACKDATE`] before now for `ttl`. Returns them with (not_before,
+/// not_after).
+pub fn workload_leaf_params(
+    identity: &Identity,
+    ttl: Duration,
+) -> (CertificateParams, SystemTime, SystemTime) {
+    let mut params = CertificateParams::default();
+    // Like Istio: no subject, identity only in a SAN, which RFC 5280 then
+    // requires to be critical (rcgen writes SANs non-critical, so it goes
+    // in as a custom extension).
+    params.distinguished_name = DistinguishedName::new();
+    let mut san = CustomExtension::from_oid_content(
+        &[2, 5, 29, 17],
+        uri_san_der(identity.to_string().as_bytes()),
+    );
+    san.set_criticality(true);
+    params.custom_extensions = vec![san];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    let now = truncate_to_secs(SystemTime::now());
+    let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
+    let not_after = now + ttl;
+    set_validity(&mut params, not_before, not_after);
+    (params, not_before, not_after)
 }
 
 /// DER of `GeneralNames ::= SEQUENCE { uniformResourceIdentifier [6] IA5String }`.
@@ -267,7 +279,8 @@ fn push_der_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
-fn random_serial() -> SerialNumber {
+/// A random positive certificate serial.
+pub fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     // A failing system RNG would make the keys weak as well; a time-based
     // serial still keeps serials distinct in that (theoretical) case.
@@ -294,7 +307,7 @@ fn truncate_to_secs(t: SystemTime) -> SystemTime {
 
 /// Sets rcgen's validity without naming the `time` crate: epoch plus an
 /// offset, whole seconds.
-fn set_validity(params: &mut CertificateParams, not_before: SystemTime, not_after: SystemTime) {
+pub fn set_validity(params: &mut CertificateParams, not_before: SystemTime, not_after: SystemTime) {
     let since_epoch = |t: SystemTime| {
         Duration::from_secs(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
     };

@@ -479,6 +479,44 @@ impl Mesh {
             .wait_for_log(&name, "listening", Duration::from_secs(10))
     }
 
+    /// `weft-testapp connect` from `pod` to `target` (5 s timeout): its JSON
+    /// answer (`ok`, `peer_seen_by_server`, `error`).
+    pub fn connect(&self, pod: &Pod, target: &str) -> Value {
+        match self.testapp(pod, &["connect", "--connect", target, "--timeout", "5"]) {
+            Ok((_, v)) => v,
+            Err(e) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
+        }
+    }
+
+    /// Starts `weft-testapp hold` in `pod`, tracked as `name`: `conns`
+    /// connections to `target`, each exchanging a line every 100 ms for
+    /// `rounds` rounds (40 s at most).
+    pub fn spawn_holder(
+        &mut self,
+        name: &str,
+        pod: &Pod,
+        target: &str,
+        conns: u32,
+        rounds: u32,
+    ) -> Result<()> {
+        let mut hold = pod.command_os(bin_path("weft-testapp"));
+        hold.args([
+            "hold",
+            "--connect",
+            target,
+            "--conns",
+            &conns.to_string(),
+            "--rounds",
+            &rounds.to_string(),
+            "--interval-ms",
+            "100",
+            "--timeout",
+            "40",
+        ]);
+        self.cluster.spawn(name, hold)?;
+        Ok(())
+    }
+
     /// Runs `weft-testapp <args>` in a pod; returns its JSON output.
     pub fn testapp(&self, pod: &Pod, args: &[&str]) -> Result<(Output, Value)> {
         let out = pod
@@ -532,6 +570,28 @@ fn normalized(mut v: Value) -> Value {
         }
     }
     v
+}
+
+/// A DENY policy in `namespace` against one source principal.
+pub fn deny_from(
+    namespace: &str,
+    name: &str,
+    principal: &str,
+) -> weft_api::model::AuthorizationPolicy {
+    use weft_api::model::{AuthorizationPolicy, PolicyAction, Rule, Source};
+    AuthorizationPolicy {
+        name: name.into(),
+        namespace: namespace.into(),
+        selector: None,
+        action: PolicyAction::Deny,
+        rules: vec![Rule {
+            from: vec![Source {
+                principals: vec![principal.into()],
+                ..Default::default()
+            }],
+            to: vec![],
+        }],
+    }
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.

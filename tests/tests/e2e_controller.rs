@@ -6,27 +6,10 @@
 
 use std::time::Duration;
 
-use weft_api::model::{AuthorizationPolicy, PolicyAction, Rule, Source};
-use weft_e2e::mesh::{bin_path, metric_sum, wait_until, Mesh, CONTROLLER_GRPC_PORT};
+use weft_e2e::mesh::{bin_path, deny_from, metric_sum, wait_until, Mesh, CONTROLLER_GRPC_PORT};
 
 fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
-}
-
-fn deny_from(principal: &str) -> AuthorizationPolicy {
-    AuthorizationPolicy {
-        name: "deny-client".into(),
-        namespace: "shop".into(),
-        selector: None,
-        action: PolicyAction::Deny,
-        rules: vec![Rule {
-            from: vec![Source {
-                principals: vec![principal.into()],
-                ..Default::default()
-            }],
-            to: vec![],
-        }],
-    }
 }
 
 /// Label a namespace in the manifests: its pods become enrolled and reach
@@ -46,12 +29,7 @@ fn e2e_controller_label_enrolls_and_policy_applies_live() {
     mesh.write_model().unwrap();
     mesh.wait_enrolled(0, &client, true).unwrap();
     mesh.wait_enrolled(1, &server, true).unwrap();
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "{v}");
     let m = mesh.metrics(0).unwrap();
     assert!(
@@ -74,21 +52,8 @@ fn e2e_controller_label_enrolls_and_policy_applies_live() {
         "{dump}"
     );
 
-    let mut hold = client.command_os(bin_path("weft-testapp"));
-    hold.args([
-        "hold",
-        "--connect",
-        &target,
-        "--conns",
-        "1",
-        "--rounds",
-        "300",
-        "--interval-ms",
-        "100",
-        "--timeout",
-        "40",
-    ]);
-    mesh.cluster.spawn("holder", hold).unwrap();
+    mesh.spawn_holder("holder", &client, &target, 1, 300)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         mesh.cluster.exit_status("holder").is_none(),
@@ -98,29 +63,19 @@ fn e2e_controller_label_enrolls_and_policy_applies_live() {
 
     mesh.model
         .policies
-        .push(deny_from(&spiffe("shop", "client")));
+        .push(deny_from("shop", "deny-client", &spiffe("shop", "client")));
     mesh.write_model().unwrap();
     let status = wait_until(Duration::from_secs(5), || {
         mesh.cluster.exit_status("holder")
     })
     .expect("the open connection is closed after the DENY arrives");
     assert!(!status.success(), "{}", mesh.cluster.log("holder"));
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], false, "refused while denied: {v}");
 
     mesh.model.policies.clear();
     mesh.write_model().unwrap();
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "flows again: {v}");
 }
 
@@ -171,36 +126,20 @@ fn e2e_controller_restart_keeps_traffic_and_catches_up() {
     mesh.serve_testapp(&server, 7000).unwrap();
     let target = format!("{}:7000", server.ip);
 
-    let mut hold = client.command_os(bin_path("weft-testapp"));
-    hold.args([
-        "hold",
-        "--connect",
-        &target,
-        "--conns",
-        "8",
-        "--rounds",
-        "60",
-        "--interval-ms",
-        "100",
-        "--timeout",
-        "40",
-    ]);
-    mesh.cluster.spawn("holder", hold).unwrap();
+    mesh.spawn_holder("holder", &client, &target, 8, 60)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     mesh.stop_controller().unwrap();
     // While it is down: a new connection still works on the last good config.
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "{v}");
     // A change made while it is down.
-    mesh.model
-        .policies
-        .push(deny_from(&spiffe("shop", "someone-else")));
+    mesh.model.policies.push(deny_from(
+        "shop",
+        "deny-client",
+        &spiffe("shop", "someone-else"),
+    ));
     let late = mesh
         .add_pod(0, "shop", "late", "late")
         .unwrap_or_else(|e| panic!("{e:#}"));

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use weft_e2e::cluster::Capture as PacketCapture;
-use weft_e2e::mesh::{bin_path, metric_sum, wait_until, Mesh};
+use weft_e2e::mesh::{bin_path, deny_from, metric_sum, wait_until, Mesh};
 
 const OPENED: &str = "weft_tcp_connections_opened_total";
 
@@ -168,9 +168,7 @@ fn e2e_same_node_is_policy_checked() {
     mesh.serve_testapp(&b, 7000).unwrap();
     let target = format!("{}:7000", b.ip);
 
-    let (_, v) = mesh
-        .testapp(&a, &["connect", "--connect", &target, "--timeout", "5"])
-        .unwrap();
+    let v = mesh.connect(&a, &target);
     assert_eq!(v["ok"], true, "{v}");
     assert!(
         v["peer_seen_by_server"]
@@ -182,24 +180,10 @@ fn e2e_same_node_is_policy_checked() {
 
     mesh.model
         .policies
-        .push(weft_api::model::AuthorizationPolicy {
-            name: "deny-a".into(),
-            namespace: "shop".into(),
-            selector: None,
-            action: weft_api::model::PolicyAction::Deny,
-            rules: vec![weft_api::model::Rule {
-                from: vec![weft_api::model::Source {
-                    principals: vec![spiffe("shop", "a-sa")],
-                    ..Default::default()
-                }],
-                to: vec![],
-            }],
-        });
+        .push(deny_from("shop", "deny-a", &spiffe("shop", "a-sa")));
     mesh.write_model().unwrap();
     wait_until(Duration::from_secs(10), || {
-        let (_, v) = mesh
-            .testapp(&a, &["connect", "--connect", &target, "--timeout", "5"])
-            .ok()?;
+        let v = mesh.connect(&a, &target);
         (v["ok"] == false).then_some(())
     })
     .expect("DENY policy refuses a's connections");
@@ -334,24 +318,14 @@ fn e2e_enroll_and_unenroll_running_pod() {
         |mesh: &Mesh| metric_sum(&mesh.metrics(0).unwrap(), OPENED, &[("reporter", "source")]);
 
     let base = source_opened(&mesh);
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(source_opened(&mesh), base, "not enrolled yet, yet counted");
 
     mesh.set_ambient("late", true);
     mesh.write_model().unwrap();
     mesh.wait_enrolled(0, &client, true).unwrap();
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "{v}");
     assert!(
         v["peer_seen_by_server"]
@@ -369,12 +343,7 @@ fn e2e_enroll_and_unenroll_running_pod() {
     mesh.write_model().unwrap();
     mesh.wait_enrolled(0, &client, false).unwrap();
     let base = source_opened(&mesh);
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(source_opened(&mesh), base, "unenrolled pod still captured");
     assert!(
@@ -393,22 +362,12 @@ fn e2e_ztunnel_down_fails_closed() {
     mesh.wait_enrolled(0, &client, true).unwrap();
     mesh.serve_testapp(&server, 7000).unwrap();
     let target = format!("{}:7000", server.ip);
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "{v}");
 
     mesh.stop_ztunnel(0).unwrap();
     let cap = PacketCapture::start(&mesh.cluster, "tcp").unwrap();
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(
         v["ok"], false,
         "connection succeeded with ztunnel down: {v}"
@@ -423,12 +382,7 @@ fn e2e_ztunnel_down_fails_closed() {
 
     mesh.start_ztunnel(0).unwrap();
     wait_until(Duration::from_secs(10), || {
-        let (_, v) = mesh
-            .testapp(
-                &client,
-                &["connect", "--connect", &target, "--timeout", "5"],
-            )
-            .ok()?;
+        let v = mesh.connect(&client, &target);
         (v["ok"] == true).then_some(())
     })
     .expect("connections work again after ztunnel restarts");
@@ -546,12 +500,7 @@ fn e2e_bad_input_on_hbone_port() {
         let text = v["response_text"].as_str().unwrap_or_default();
         assert!(!text.contains("HTTP/1.1 200"), "{kind}: {v}");
     }
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "new tunnel after bad input: {v}");
     wait_until(Duration::from_secs(60), || {
         mesh.cluster.exit_status("holder")
@@ -624,9 +573,7 @@ fn e2e_200_long_lived_connections() {
 /// outside the mesh while mesh clients keep working.
 #[test]
 fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
-    use weft_api::model::{
-        AuthorizationPolicy, MtlsMode, PeerAuthentication, PolicyAction, Rule, Source,
-    };
+    use weft_api::model::{MtlsMode, PeerAuthentication};
     let mut mesh = Mesh::new(2, &["shop"]).expect("mesh");
     let client = mesh.add_pod(0, "shop", "client", "client").unwrap();
     let outsider = mesh.add_pod(0, "legacy", "outsider", "default").unwrap();
@@ -637,21 +584,8 @@ fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
     let target = format!("{}:7000", server.ip);
 
     // A long-lived connection, exchanging a line every 100 ms for up to 30 s.
-    let mut hold = client.command_os(bin_path("weft-testapp"));
-    hold.args([
-        "hold",
-        "--connect",
-        &target,
-        "--conns",
-        "1",
-        "--rounds",
-        "300",
-        "--interval-ms",
-        "100",
-        "--timeout",
-        "40",
-    ]);
-    mesh.cluster.spawn("holder", hold).unwrap();
+    mesh.spawn_holder("holder", &client, &target, 1, 300)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         mesh.cluster.exit_status("holder").is_none(),
@@ -659,19 +593,9 @@ fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
         mesh.cluster.log("holder")
     );
 
-    mesh.model.policies.push(AuthorizationPolicy {
-        name: "deny-client".into(),
-        namespace: "shop".into(),
-        selector: None,
-        action: PolicyAction::Deny,
-        rules: vec![Rule {
-            from: vec![Source {
-                principals: vec![spiffe("shop", "client")],
-                ..Default::default()
-            }],
-            to: vec![],
-        }],
-    });
+    mesh.model
+        .policies
+        .push(deny_from("shop", "deny-client", &spiffe("shop", "client")));
     mesh.write_model().unwrap();
     let status = wait_until(Duration::from_secs(5), || {
         mesh.cluster.exit_status("holder")
@@ -687,31 +611,16 @@ fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
         "{}",
         mesh.ztunnel_log(1)
     );
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], false, "new connection while denied: {v}");
 
     mesh.model.policies.clear();
     mesh.write_model().unwrap();
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "after removing the DENY: {v}");
 
     // PERMISSIVE: plaintext from outside the mesh is let in; STRICT: refused.
-    let (_, v) = mesh
-        .testapp(
-            &outsider,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&outsider, &target);
     assert_eq!(v["ok"], true, "permissive plaintext: {v}");
     mesh.model.peer_authentications.push(PeerAuthentication {
         name: "strict".into(),
@@ -720,19 +629,9 @@ fn e2e_policy_change_applies_to_open_connections_and_strict_mtls() {
         mode: MtlsMode::Strict,
     });
     mesh.write_model().unwrap();
-    let (_, v) = mesh
-        .testapp(
-            &outsider,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&outsider, &target);
     assert_eq!(v["ok"], false, "plaintext under STRICT: {v}");
-    let (_, v) = mesh
-        .testapp(
-            &client,
-            &["connect", "--connect", &target, "--timeout", "5"],
-        )
-        .unwrap();
+    let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "mTLS under STRICT: {v}");
     let m = mesh.metrics(1).unwrap();
     assert!(

@@ -52,6 +52,29 @@ pub enum Refusal {
     StrictMtls,
 }
 
+impl Refusal {
+    /// The `policy` label of the denial: the policy's namespace/name, or
+    /// what denied it when no single policy did.
+    pub fn policy_name(&self) -> String {
+        match self {
+            Refusal::Policy(p) => p.clone().unwrap_or_else(|| "no-matching-allow".into()),
+            Refusal::StrictMtls => "peer-authentication-strict".into(),
+        }
+    }
+}
+
+/// Counts one denied connection to `dst`.
+pub fn record_denial(metrics: &Metrics, dst: &weft_api::model::Workload, policy: &str) {
+    metrics
+        .denials
+        .get_or_create(&DenialLabels {
+            policy: policy.to_owned(),
+            destination_workload: dst.name.clone(),
+            destination_workload_namespace: dst.namespace.clone(),
+        })
+        .inc();
+}
+
 /// Evaluates one inbound connection against the current model.
 pub fn check(
     snap: &Snapshot,
@@ -123,19 +146,9 @@ impl Connections {
                 continue;
             }
             if let Err(refusal) = check(snap, t.src_ip, t.src_identity.as_ref(), t.target) {
-                let policy = match &refusal {
-                    Refusal::Policy(p) => p.clone().unwrap_or_else(|| "no-matching-allow".into()),
-                    Refusal::StrictMtls => "peer-authentication-strict".into(),
-                };
+                let policy = refusal.policy_name();
                 if let Some(dst) = snap.workload_by_ip(t.target.ip()) {
-                    metrics
-                        .denials
-                        .get_or_create(&DenialLabels {
-                            policy: policy.clone(),
-                            destination_workload: dst.workload.name.clone(),
-                            destination_workload_namespace: dst.workload.namespace.clone(),
-                        })
-                        .inc();
+                    record_denial(metrics, dst.workload, &policy);
                 }
                 info!(
                     component = "inbound",

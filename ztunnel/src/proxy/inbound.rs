@@ -17,10 +17,10 @@ use weft_hbone::server::{self, InboundTunnel};
 use weft_hbone::stream::{copy_bidirectional, copy_tunnel};
 use weft_hbone::tls;
 
-use super::connections::{self, Refusal};
+use super::connections;
 use super::outbound::{finish, MODEL_WAIT};
 use super::{socket, EnrolledPod, ProxyInputs};
-use crate::metrics::{ConnectionGuard, ConnectionLabels, DenialLabels, Reporter, SecurityPolicy};
+use crate::metrics::{ConnectionGuard, ConnectionLabels, Reporter, SecurityPolicy};
 
 #[derive(Clone, Copy)]
 pub enum Kind {
@@ -231,18 +231,8 @@ async fn authorize(
     };
     let src = snap.workload_by_ip(src_ip);
     if let Err(refusal) = connections::check(&snap, src_ip, src_identity, target) {
-        let policy = match refusal {
-            Refusal::Policy(p) => p.unwrap_or_else(|| "no-matching-allow".to_owned()),
-            Refusal::StrictMtls => "peer-authentication-strict".to_owned(),
-        };
-        pi.metrics
-            .denials
-            .get_or_create(&DenialLabels {
-                policy: policy.clone(),
-                destination_workload: dst.workload.name.clone(),
-                destination_workload_namespace: dst.workload.namespace.clone(),
-            })
-            .inc();
+        let policy = refusal.policy_name();
+        connections::record_denial(&pi.metrics, dst.workload, &policy);
         info!(
             component = "inbound",
             src = %src_ip,
