@@ -21,8 +21,8 @@ fn step(s: &str) {
 }
 
 fn run() -> Result<()> {
-    step("building a 2-node cluster of network namespaces with a weft-ztunnel on each node");
-    let mut mesh = Mesh::new(2, &["shop"])?;
+    step("building a 2-node cluster of network namespaces: weft-controller (fed by a folder of Kubernetes manifests) and a weft-ztunnel on each node");
+    let mut mesh = Mesh::with_controller(2, &["shop"])?;
     for n in mesh.cluster.nodes() {
         println!("    {} at {}", n.name, n.ip);
     }
@@ -62,20 +62,30 @@ fn run() -> Result<()> {
         print!("    curl: {}", String::from_utf8_lossy(&out.stdout));
     }
     let packets = wire.stop()?;
-    let on_hbone = packets
-        .iter()
-        .filter(|p| p.src_port == 15008 || p.dst_port == 15008)
-        .count();
+    let on_port = |port: u16| {
+        packets
+            .iter()
+            .filter(|p| p.src_port == port || p.dst_port == port)
+            .count()
+    };
+    let on_hbone = on_port(15008);
+    let control = on_port(weft_e2e::mesh::CONTROLLER_GRPC_PORT);
     let plaintext = packets
         .iter()
         .filter(|p| p.payload.windows(10).any(|w| w == b"hello from"))
         .count();
     println!(
-        "    on the wire between nodes: {} TCP packets, {} of them to/from port 15008 (HBONE), {} carrying the page in plaintext",
+        "    on the wire between nodes: {} TCP packets: {} HBONE (mTLS, port 15008), {} config stream (port {}), {} other; {} carrying the page in plaintext",
         packets.len(),
         on_hbone,
+        control,
+        weft_e2e::mesh::CONTROLLER_GRPC_PORT,
+        packets.len() - on_hbone - control,
         plaintext
     );
+    if plaintext > 0 || packets.len() != on_hbone + control {
+        bail!("traffic left the node outside HBONE");
+    }
     let log = mesh.cluster.log("cart-http");
     if let Some(line) = log.lines().find(|l| l.contains("GET /")) {
         println!("    cart's server log (client address is the frontend pod): {line}");
