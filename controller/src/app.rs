@@ -55,6 +55,9 @@ pub struct Config {
     /// Namespace the controller runs in (Lease, CA Secret).
     #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
     pub namespace: String,
+    /// Extra DNS names for the gRPC serving certificate.
+    #[arg(long = "serving-dns", value_delimiter = ',')]
+    pub serving_dns: Vec<String>,
     /// Lease that elects the replica writing status.
     #[arg(
         long,
@@ -201,7 +204,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(serve_http(l, endpoints.clone(), which));
     }
 
-    info!(component = "controller", grpc = %cfg.grpc_addr, "serving config stream and CA");
+    // The gRPC port is TLS, with a serving certificate from the mesh root;
+    // ztunnels verify it with the root (the CA directory in embedded mode,
+    // the ConfigMap the controller publishes in a cluster).
+    let mut dns = vec![
+        format!("weft-controller.{}", cfg.namespace),
+        format!("weft-controller.{}.svc", cfg.namespace),
+        format!("weft-controller.{}.svc.cluster.local", cfg.namespace),
+    ];
+    dns.extend(cfg.serving_dns.iter().cloned());
+    let serving = ca.issue_serving_cert(&dns, Duration::from_secs(365 * 86400))?;
+    let tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(serving.chain_pem, serving.key_pem),
+    );
+    info!(component = "controller", grpc = %cfg.grpc_addr, "serving config stream and CA (TLS)");
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -214,6 +230,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|e| anyhow::anyhow!("TLS for the gRPC port: {e}"))?
         .add_service(xds.into_service())
         .add_service(ca_service.into_service())
         .serve_with_shutdown(cfg.grpc_addr, shutdown)

@@ -560,6 +560,61 @@ impl MeshCa {
     }
 }
 
+/// The controller's own TLS serving certificate, for the gRPC port.
+pub struct ServingCert {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// The name ztunnels expect the controller's serving certificate to carry
+/// (they connect by Service name or by IP; either way they verify this).
+pub const CONTROLLER_SERVER_NAME: &str = "weft-controller";
+
+impl MeshCa {
+    /// A serving certificate for the controller's gRPC port, signed by the
+    /// mesh root: DNS names `dns` (always including
+    /// [`CONTROLLER_SERVER_NAME`]), serverAuth only, valid for `ttl`.
+    pub fn issue_serving_cert(
+        &self,
+        dns: &[String],
+        ttl: Duration,
+    ) -> Result<ServingCert, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut names: Vec<String> = vec![CONTROLLER_SERVER_NAME.to_owned()];
+        names.extend(
+            dns.iter()
+                .filter(|d| d.as_str() != CONTROLLER_SERVER_NAME)
+                .cloned(),
+        );
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, CONTROLLER_SERVER_NAME);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        let now = SystemTime::now();
+        set_validity(
+            &mut params,
+            now.checked_sub(BACKDATE).unwrap_or(now),
+            now + ttl,
+        );
+        let signer = self.state().signer.clone();
+        let leaf = params.signed_by(&key, &signer.issuer, &signer.key)?;
+        let mut chain_pem = leaf.pem();
+        for c in &signer.chain_pem {
+            chain_pem.push_str(c);
+        }
+        Ok(ServingCert {
+            chain_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 // ---- authentication ----
 
 #[derive(Debug, thiserror::Error)]

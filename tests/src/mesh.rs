@@ -173,6 +173,14 @@ impl Mesh {
             .unwrap_or_default()
     }
 
+    /// The controller's root certificate (controller mode): what verifies
+    /// its TLS serving certificate.
+    pub fn controller_root(&self) -> Option<PathBuf> {
+        self.controller
+            .as_ref()
+            .map(|c| c.ca_dir.join("root-cert.pem"))
+    }
+
     /// The folder of manifests the controller reads (controller mode).
     pub fn manifests_dir(&self) -> Option<&Path> {
         self.controller.as_ref().map(|c| c.manifests.as_path())
@@ -233,9 +241,11 @@ impl Mesh {
                 "--ca-dir".into(),
                 self.ca_dir.clone().into(),
             ],
-            Some(_) => vec![
+            Some(c) => vec![
                 "--controller".into(),
-                format!("{}:{CONTROLLER_GRPC_PORT}", self.cluster.node(0).ip).into(),
+                format!("https://{}:{CONTROLLER_GRPC_PORT}", self.cluster.node(0).ip).into(),
+                "--controller-ca-file".into(),
+                c.ca_dir.join("root-cert.pem").into(),
                 "--token-file".into(),
                 self.cluster
                     .run_dir()

@@ -85,7 +85,8 @@ fn e2e_controller_refuses_identity_of_pod_on_another_node() {
     let mut mesh = Mesh::with_controller(2, &["shop"]).expect("mesh with controller");
     let _a = mesh.add_pod(0, "shop", "a", "a-sa").unwrap();
     let _b = mesh.add_pod(1, "shop", "b", "b-sa").unwrap();
-    let controller = format!("http://{}:{CONTROLLER_GRPC_PORT}", mesh.cluster.node(0).ip);
+    let controller = format!("https://{}:{CONTROLLER_GRPC_PORT}", mesh.cluster.node(0).ip);
+    let root = mesh.controller_root().unwrap();
     let token1 = std::fs::read_to_string(mesh.cluster.run_dir().join("node1.token")).unwrap();
     let ask = |identity: &str, token: &str| -> serde_json::Value {
         let out = mesh
@@ -96,6 +97,8 @@ fn e2e_controller_refuses_identity_of_pod_on_another_node() {
                 "csr",
                 "--controller",
                 &controller,
+                "--ca-file",
+                root.to_str().unwrap(),
                 "--token",
                 token.trim(),
                 "--identity",

@@ -11,6 +11,7 @@ use crate::admin::{self, Admin, Endpoint};
 use crate::ca_client::{GrpcCaProvider, SharedTrustBundle};
 use crate::capture::ebpf::Capture;
 use crate::config::Config;
+use crate::controller_client::ControllerAddr;
 use crate::identity::{CertManager, LocalCaProvider};
 use crate::inpod::InPod;
 use crate::metrics::Metrics;
@@ -43,16 +44,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     .to_owned(),
                 None => anyhow::bail!("--controller needs --token-file (this node's bearer token)"),
             };
+            let addr =
+                ControllerAddr {
+                    uri: endpoint.clone(),
+                    ca_pem: match &cfg.controller_ca_file {
+                        Some(f) => Some(std::fs::read_to_string(f).map_err(|e| {
+                            anyhow::anyhow!("controller CA file {}: {e}", f.display())
+                        })?),
+                        None => None,
+                    },
+                };
+            if endpoint.starts_with("http://") {
+                tracing::warn!(component = "ztunnel", controller = %endpoint, "talking to the controller without TLS: the node token travels in the clear");
+            }
             let trust = SharedTrustBundle::default();
             tokio::spawn(source::grpc::run(
-                endpoint.clone(),
+                addr.clone(),
                 cfg.node_name.clone(),
                 token.clone(),
                 state.clone(),
                 metrics.clone(),
                 trust.clone(),
             ));
-            let provider = GrpcCaProvider::new(&endpoint, token, cfg.cert_ttl, trust)?;
+            let provider = GrpcCaProvider::new(addr, token, cfg.cert_ttl, trust)?;
             // Serve nothing until the controller has said what the mesh is.
             let mut waited = 0u64;
             while state.version() == 0 {

@@ -8,12 +8,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use weft_api::proto::ca_client::CaClient;
 use weft_api::proto::{bearer, CreateCertificateRequest};
 use weft_api::Identity;
 use weft_hbone::{TrustBundle, WorkloadCert};
 
+use crate::controller_client::ControllerAddr;
 use crate::identity::{BoxFuture, CertProvider, IdentityError};
 
 /// The mesh trust roots as last heard from the controller (the config
@@ -63,14 +64,15 @@ impl GrpcCaProvider {
     /// inside a Tokio runtime. `ttl` is the lifetime asked for (the CA caps
     /// it).
     pub fn new(
-        endpoint: &str,
+        endpoint: impl Into<ControllerAddr>,
         token: String,
         ttl: Duration,
         trust: SharedTrustBundle,
     ) -> Result<Self, IdentityError> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| IdentityError::Unavailable(format!("bad CA address {endpoint:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
+        let channel = endpoint
+            .into()
+            .endpoint()
+            .map_err(IdentityError::Unavailable)?
             .timeout(Duration::from_secs(15))
             .connect_lazy();
         Ok(Self {

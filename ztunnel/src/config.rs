@@ -17,6 +17,10 @@ pub struct Config {
     /// config stream and CA. The normal mode.
     #[arg(long, env = "WEFT_CONTROLLER", conflicts_with_all = ["model_file", "ca_dir"])]
     pub controller: Option<String>,
+    /// Root certificate(s) that verify the controller's TLS serving
+    /// certificate (the `weft-ca-root-cert` ConfigMap in a cluster).
+    #[arg(long, env = "WEFT_CONTROLLER_CA_FILE")]
+    pub controller_ca_file: Option<PathBuf>,
     /// File holding this node's bearer token for the controller (a
     /// ServiceAccount token in a cluster, a bootstrap token elsewhere).
     #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
@@ -59,13 +63,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// The controller endpoint as a URI tonic accepts.
+    /// The controller endpoint as a URI tonic accepts: `https://` unless
+    /// the address says otherwise.
     pub fn controller_uri(&self) -> Option<String> {
         self.controller.as_ref().map(|c| {
             if c.contains("://") {
                 c.clone()
             } else {
-                format!("http://{c}")
+                format!("https://{c}")
             }
         })
     }

@@ -14,6 +14,7 @@ pub mod ca_client;
 pub mod capture;
 pub mod cni_server;
 pub mod config;
+pub mod controller_client;
 pub mod identity;
 pub mod inpod;
 pub mod metrics;

@@ -78,7 +78,7 @@ async fn start() -> Harness {
     let trust = SharedTrustBundle::default();
     tokio::spawn(
         GrpcSource {
-            endpoint: format!("http://{addr}"),
+            endpoint: format!("http://{addr}").into(),
             node: "n1".into(),
             token: "tok-1".into(),
             state: state.clone(),

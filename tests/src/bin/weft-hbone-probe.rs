@@ -34,7 +34,7 @@ async fn main() {
         Some("raw") => raw(&args).await,
         Some("csr") => csr(&args).await,
         _ => {
-            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca)\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller http://IP:PORT --token T --identity SPIFFE");
+            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca)\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller https://IP:PORT --ca-file ROOT.pem --token T --identity SPIFFE");
             std::process::exit(2)
         }
     };
@@ -138,7 +138,15 @@ async fn csr(args: &[String]) -> serde_json::Value {
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.subject_alt_names = vec![rcgen::SanType::URI(identity.to_string().try_into()?)];
         let csr_pem = params.serialize_request(&key)?.pem()?;
-        let channel = tonic::transport::Endpoint::from_shared(controller)?
+        let mut endpoint = tonic::transport::Endpoint::from_shared(controller)?;
+        if let Some(ca) = arg(args, "--ca-file") {
+            endpoint = endpoint.tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca)?))
+                    .domain_name("weft-controller"),
+            )?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
             .connect()

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 use weft_api::model;
 use weft_api::proto::mesh_config_client::MeshConfigClient;
@@ -24,6 +23,7 @@ use weft_api::MeshModel;
 use weft_hbone::TrustBundle;
 
 use crate::ca_client::SharedTrustBundle;
+use crate::controller_client::ControllerAddr;
 use crate::metrics::Metrics;
 use crate::state::MeshState;
 
@@ -34,7 +34,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// node's name and its bearer token.
 #[derive(Clone)]
 pub struct GrpcSource {
-    pub endpoint: String,
+    pub endpoint: ControllerAddr,
     pub node: String,
     pub token: String,
     pub state: MeshState,
@@ -148,7 +148,7 @@ enum SessionError {
 
 /// Runs forever: subscribes, applies updates, reconnects.
 pub async fn run(
-    endpoint: String,
+    endpoint: impl Into<ControllerAddr>,
     node: String,
     token: String,
     state: MeshState,
@@ -156,7 +156,7 @@ pub async fn run(
     trust: SharedTrustBundle,
 ) {
     GrpcSource {
-        endpoint,
+        endpoint: endpoint.into(),
         node,
         token,
         state,
@@ -179,10 +179,10 @@ impl GrpcSource {
             }
             match result {
                 Ok(()) => {
-                    warn!(component = "config", endpoint = %self.endpoint, "config stream ended by the controller; reconnecting")
+                    warn!(component = "config", endpoint = %self.endpoint.uri, "config stream ended by the controller; reconnecting")
                 }
                 Err(e) => {
-                    warn!(component = "config", endpoint = %self.endpoint, error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream failed; serving the last good model and reconnecting")
+                    warn!(component = "config", endpoint = %self.endpoint.uri, error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream failed; serving the last good model and reconnecting")
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -191,9 +191,10 @@ impl GrpcSource {
     }
 
     async fn session(&self, p: &mut Progress, got_update: &mut bool) -> Result<(), SessionError> {
-        let channel = Endpoint::from_shared(self.endpoint.clone())
-            .map_err(|e| SessionError::Protocol(format!("bad controller address: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
+        let channel = self
+            .endpoint
+            .endpoint()
+            .map_err(SessionError::Protocol)?
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .connect()
@@ -213,7 +214,7 @@ impl GrpcSource {
             .subscribe(req)
             .await?
             .into_inner();
-        info!(component = "config", endpoint = %self.endpoint, resume = p.resume.is_some(), "subscribed to the controller");
+        info!(component = "config", endpoint = %self.endpoint.uri, resume = p.resume.is_some(), "subscribed to the controller");
         while let Some(update) = inbound.message().await? {
             *got_update = true;
             let answer = self.apply(p, &update);
