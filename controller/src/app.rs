@@ -58,6 +58,9 @@ pub struct Config {
     /// Extra DNS names for the gRPC serving certificate.
     #[arg(long = "serving-dns", value_delimiter = ',')]
     pub serving_dns: Vec<String>,
+    /// In a cluster: ConfigMap where the root certificate is published.
+    #[arg(long, env = "WEFT_CA_CONFIGMAP", default_value = "weft-ca-root-cert")]
+    pub ca_configmap: String,
     /// Lease that elects the replica writing status.
     #[arg(
         long,
@@ -152,6 +155,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     warn!(component = "kube", error = %e, "Kubernetes source ended");
                 }
             });
+            tokio::spawn(crate::secret_store::publish_trust_bundle(
+                client.clone(),
+                cfg.namespace.clone(),
+                cfg.ca_configmap.clone(),
+                ca.subscribe_bundle(),
+            ));
             // Every replica serves config; only the leader writes status.
             let identity = std::env::var("POD_NAME")
                 .unwrap_or_else(|_| format!("weft-controller-{}", std::process::id()));

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, PostParams};
 use kube::Api;
@@ -137,4 +137,57 @@ pub async fn read_intermediate(
     };
     let chain = above.concat() + &need("ca.crt")?;
     Ok((intermediate.clone(), need("tls.key")?, chain))
+}
+
+/// Keeps ConfigMap `namespace/name` (key `root-cert.pem`) equal to the trust
+/// bundle, so ztunnels can verify the controller's TLS serving certificate
+/// before they have any other contact with it. Runs until the bundle's
+/// sender is gone.
+pub async fn publish_trust_bundle(
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    mut bundle: tokio::sync::watch::Receiver<weft_hbone::TrustBundle>,
+) {
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    loop {
+        let pem = bundle.borrow_and_update().to_pem();
+        let mut delay = std::time::Duration::from_secs(1);
+        loop {
+            match write_config_map(&api, &name, &pem).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(component = "ca", configmap = %name, error = %e, "cannot publish the root certificate; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                }
+            }
+        }
+        if bundle.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_config_map(api: &Api<ConfigMap>, name: &str, pem: &str) -> Result<(), kube::Error> {
+    let mut data = BTreeMap::new();
+    data.insert(ROOT_CERT_FILE.to_owned(), pem.to_owned());
+    let mut cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    };
+    match api.get_opt(name).await? {
+        None => api.create(&PostParams::default(), &cm).await.map(|_| ()),
+        Some(existing) if existing.data == cm.data => Ok(()),
+        Some(existing) => {
+            cm.metadata.resource_version = existing.metadata.resource_version;
+            api.replace(name, &PostParams::default(), &cm)
+                .await
+                .map(|_| ())
+        }
+    }
 }
