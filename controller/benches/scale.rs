@@ -10,7 +10,9 @@
 //! `--ztunnels-child`), so each process's RSS is its own. The parent drives
 //! the child over stdin/stdout, one JSON object per line.
 //!
-//! Run: `cargo bench -p weft-controller --bench scale -- [--quick] [--changes N] [--out DIR]`.
+//! Run: `cargo bench -p weft-controller --bench scale -- [--quick] [--changes N]
+//! [--ztunnels N] [--out DIR]` (progress on stderr, the table on stdout, JSON
+//! in `bench-results/controller-<utc>.json`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -40,7 +42,6 @@ use weft_ztunnel::state::MeshState;
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const PODS_PER_NAMESPACE: usize = 100;
-const SERVICES_PER_NAMESPACE: usize = 10;
 const POLICIES_PER_NAMESPACE: usize = 3;
 const SERVICE_ACCOUNTS_PER_NAMESPACE: usize = 5;
 /// Until all clients hold the full model.
@@ -99,6 +100,7 @@ fn main() -> ExitCode {
 /// Parent -> child.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Start the clients; reply `synced` once every MeshState holds this
     /// many workloads and services.
@@ -120,11 +122,22 @@ async fn child_main(endpoint: String, count: usize) -> Result<()> {
         bail!("usage: --ztunnels-child <http://addr:port> <count>");
     }
     let mut out = tokio::io::stdout();
-    let mut input = BufReader::new(tokio::io::stdin()).lines();
+    // Commands arrive through a task so that a parent that goes away (stdin
+    // closed) ends this process even while it is waiting on the clients.
+    let (commands, mut input) = tokio::sync::mpsc::channel::<String>(4);
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if commands.send(line).await.is_err() {
+                break;
+            }
+        }
+        std::process::exit(0);
+    });
     let baseline = Rss::read();
     emit(&mut out, json!({"event": "ready", "rss": baseline})).await?;
     let mut states = Vec::new();
-    while let Some(line) = input.next_line().await? {
+    while let Some(line) = input.recv().await {
         let cmd: Command = serde_json::from_str(&line).context("bad command from the parent")?;
         match cmd {
             Command::Start {
@@ -499,11 +512,15 @@ async fn parent_main(args: &[String]) -> Result<()> {
     if let Some(n) = flag("--changes") {
         scale.changes = n.parse().context("--changes wants a number")?;
     }
+    if let Some(n) = flag("--ztunnels") {
+        scale.ztunnels = n.parse().context("--ztunnels wants a number")?;
+    }
     let out_dir = flag("--out").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../bench-results")
-            .components()
-            .collect()
+        let controller = Path::new(env!("CARGO_MANIFEST_DIR"));
+        controller
+            .parent()
+            .unwrap_or(controller)
+            .join("bench-results")
     });
     if cfg!(debug_assertions) {
         eprintln!(
@@ -568,7 +585,10 @@ async fn parent_main(args: &[String]) -> Result<()> {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(xds.clone().into_service())
-            .serve_with_incoming(TcpIncoming::from(listener)),
+            // TCP_NODELAY as `Server::serve` (the controller's path) sets it;
+            // `TcpIncoming::from` alone leaves Nagle on and adds ~40 ms
+            // delayed-ACK stalls to every push.
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
     );
     let rss_server = Rss::read();
 
@@ -595,6 +615,10 @@ async fn parent_main(args: &[String]) -> Result<()> {
     let sync_child_ms = synced["ms"].as_f64().unwrap_or(f64::NAN);
     let child_synced = Rss::from_event(&synced);
     let after_sync: XdsStats = counters.snapshot();
+    eprintln!(
+        "initial sync: {sync_all_applied_ms:.0} ms; now {} changes",
+        scale.changes
+    );
     let rss_subscribed = Rss::read();
 
     // One pod change at a time.
@@ -635,6 +659,14 @@ async fn parent_main(args: &[String]) -> Result<()> {
         if after.nacks != before.nacks {
             bail!("change {i} ({}) was NACKed", change.kind);
         }
+        eprintln!(
+            "change {}/{} ({}): {:.1} ms, {} B",
+            i + 1,
+            scale.changes,
+            change.kind,
+            ms(all_applied),
+            after.bytes_pushed - before.bytes_pushed
+        );
         results.push(ChangeResult {
             kind: change.kind,
             all_applied_ms: ms(all_applied),
