@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,6 +48,9 @@ const SERVICE_ACCOUNTS_PER_NAMESPACE: usize = 5;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 /// Until all clients hold one change.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// For the whole change phase: changes stop (and are reported as fewer)
+/// once it is spent, so a slow build still ends.
+const CHANGES_BUDGET: Duration = Duration::from_secs(900);
 /// For a child's reply that needs no model work.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -461,11 +464,24 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
-/// Polls the ACK counter (every ms, bounded) until it reaches `target`.
-async fn acks_reach(counters: &XdsCounters, target: u64, timeout: Duration) -> Option<Instant> {
+fn acks(c: &XdsCounters) -> &AtomicU64 {
+    &c.acks
+}
+
+fn pushes(c: &XdsCounters) -> &AtomicU64 {
+    &c.pushes
+}
+
+/// Polls one counter (every ms, bounded) until it reaches `target`.
+async fn counter_reaches(
+    counters: &XdsCounters,
+    counter: fn(&XdsCounters) -> &AtomicU64,
+    target: u64,
+    timeout: Duration,
+) -> Option<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
-        if counters.acks.load(Ordering::Relaxed) >= target {
+        if counter(counters).load(Ordering::Relaxed) >= target {
             return Some(Instant::now());
         }
         if Instant::now() >= deadline {
@@ -483,7 +499,10 @@ struct ChangeResult {
     kind: &'static str,
     all_applied_ms: f64,
     all_acked_ms: f64,
+    all_pushed_ms: f64,
     pushes: u64,
+    /// Streams that broke (clients reconnecting) during the change.
+    stream_errors: u64,
     bytes: u64,
 }
 
@@ -608,7 +627,7 @@ async fn parent_main(args: &[String]) -> Result<()> {
             "initial sync did not converge: not every ztunnel held the full model within {SYNC_TIMEOUT:?}"
         );
     }
-    let acked = acks_reach(&counters, scale.ztunnels as u64, REPLY_TIMEOUT)
+    let acked = counter_reaches(&counters, acks, scale.ztunnels as u64, REPLY_TIMEOUT)
         .await
         .ok_or_else(|| anyhow!("the controller did not count {} ACKs", scale.ztunnels))?;
     let sync_all_acked_ms = ms(acked.duration_since(t));
@@ -624,7 +643,15 @@ async fn parent_main(args: &[String]) -> Result<()> {
     // One pod change at a time.
     let mut results = Vec::new();
     let mut last_added = None;
+    let changes_started = Instant::now();
     for i in 0..scale.changes {
+        if changes_started.elapsed() > CHANGES_BUDGET {
+            eprintln!(
+                "change phase over its {CHANGES_BUDGET:?} budget: stopping after {i} of {} changes",
+                scale.changes
+            );
+            break;
+        }
         let current = models.borrow().clone();
         let change = make_change(i, &current, &mut last_added);
         drop(current);
@@ -637,13 +664,17 @@ async fn parent_main(args: &[String]) -> Result<()> {
         .await?;
         zt.recv("armed", REPLY_TIMEOUT).await?;
         let before = counters.snapshot();
-        let target = before.acks + scale.ztunnels as u64;
+        let n = scale.ztunnels as u64;
         let t0 = Instant::now();
         models.send_replace(Arc::new(change.model));
-        let acks = {
+        let watch_counter = |counter, target| {
             let counters = counters.clone();
-            tokio::spawn(async move { acks_reach(&counters, target, CHANGE_TIMEOUT).await })
+            tokio::spawn(async move {
+                counter_reaches(&counters, counter, target, CHANGE_TIMEOUT).await
+            })
         };
+        let pushed = watch_counter(pushes, before.pushes + n);
+        let acks = watch_counter(acks, before.acks + n);
         let applied = zt.recv("applied", CHANGE_TIMEOUT + REPLY_TIMEOUT).await?;
         let all_applied = t0.elapsed();
         if applied["ok"] != true {
@@ -655,6 +686,9 @@ async fn parent_main(args: &[String]) -> Result<()> {
         let acked = acks
             .await?
             .ok_or_else(|| anyhow!("change {i}: the controller did not count every ACK"))?;
+        let pushed = pushed
+            .await?
+            .ok_or_else(|| anyhow!("change {i}: the controller did not push to every ztunnel"))?;
         let after = counters.snapshot();
         if after.nacks != before.nacks {
             bail!("change {i} ({}) was NACKed", change.kind);
@@ -671,7 +705,9 @@ async fn parent_main(args: &[String]) -> Result<()> {
             kind: change.kind,
             all_applied_ms: ms(all_applied),
             all_acked_ms: ms(acked.duration_since(t0)),
+            all_pushed_ms: ms(pushed.duration_since(t0)),
             pushes: after.pushes - before.pushes,
+            stream_errors: after.rejected - before.rejected,
             bytes: after.bytes_pushed - before.bytes_pushed,
         });
     }
@@ -684,6 +720,8 @@ async fn parent_main(args: &[String]) -> Result<()> {
     // Report.
     let applied = sorted(results.iter().map(|r| r.all_applied_ms).collect());
     let acked = sorted(results.iter().map(|r| r.all_acked_ms).collect());
+    let pushed = sorted(results.iter().map(|r| r.all_pushed_ms).collect());
+    let stream_errors: u64 = results.iter().map(|r| r.stream_errors).sum();
     let bytes = sorted(results.iter().map(|r| r.bytes as f64).collect());
     let per_sub = sorted(
         results
@@ -746,6 +784,20 @@ async fn parent_main(args: &[String]) -> Result<()> {
     );
     row(
         &mut t,
+        "pod changes measured (one at a time)",
+        format!("{} of {}", results.len(), scale.changes),
+    );
+    row(
+        &mut t,
+        "change -> controller pushed to every ztunnel  p50 / p99",
+        format!(
+            "{:.1} / {:.1} ms",
+            percentile(&pushed, 50.0),
+            percentile(&pushed, 99.0)
+        ),
+    );
+    row(
+        &mut t,
         "change -> every ztunnel applied it  p50 / p99 / max",
         format!(
             "{:.1} / {:.1} / {:.1} ms",
@@ -775,6 +827,11 @@ async fn parent_main(args: &[String]) -> Result<()> {
             ),
         );
     }
+    row(
+        &mut t,
+        "config streams broken during changes (reconnects)",
+        format!("{stream_errors} (resume pushes count in the bytes)"),
+    );
     row(
         &mut t,
         "bytes pushed per change (all ztunnels)  p50 / max",
@@ -848,7 +905,8 @@ async fn parent_main(args: &[String]) -> Result<()> {
         "benchmark": "controller-scale",
         "mode": if quick { "quick" } else { "full" },
         "started": utc_stamp(started_at),
-        "scale": {"pods": scale.pods, "services": scale.services, "ztunnels": scale.ztunnels, "changes": scale.changes},
+        "scale": {"pods": scale.pods, "services": scale.services, "ztunnels": scale.ztunnels,
+                  "changes": scale.changes, "changes_done": results.len()},
         "model": model_stats,
         "builder": {"parse_ms": parse_ms, "build_ms": build_ms},
         "initial_sync": {
@@ -859,12 +917,16 @@ async fn parent_main(args: &[String]) -> Result<()> {
         "changes": {
             "all_applied_ms": {"p50": percentile(&applied, 50.0), "p99": percentile(&applied, 99.0),
                                "max": percentile(&applied, 100.0), "mean": mean(&applied)},
+            "all_pushed_ms": {"p50": percentile(&pushed, 50.0), "p99": percentile(&pushed, 99.0),
+                              "max": percentile(&pushed, 100.0)},
+            "stream_errors": stream_errors,
             "all_acked_ms": {"p50": percentile(&acked, 50.0), "p99": percentile(&acked, 99.0),
                              "max": percentile(&acked, 100.0)},
             "bytes_per_change": {"p50": percentile(&bytes, 50.0), "max": percentile(&bytes, 100.0), "mean": mean(&bytes)},
             "bytes_per_change_per_ztunnel": {"p50": percentile(&per_sub, 50.0), "max": percentile(&per_sub, 100.0)},
             "samples": results.iter().map(|r| json!({"kind": r.kind, "all_applied_ms": r.all_applied_ms,
-                "all_acked_ms": r.all_acked_ms, "pushes": r.pushes, "bytes": r.bytes})).collect::<Vec<_>>(),
+                "all_acked_ms": r.all_acked_ms, "all_pushed_ms": r.all_pushed_ms,
+                "stream_errors": r.stream_errors, "pushes": r.pushes, "bytes": r.bytes})).collect::<Vec<_>>(),
         },
         "memory_kib": {
             "controller": {"start": rss_start, "model_built": rss_model, "serving": rss_server,
