@@ -3,9 +3,11 @@
 //! CNI plugin speaks to the node's ztunnel. Nothing here does I/O.
 
 pub mod cni;
+pub mod config_cache;
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod identity;
+pub mod l7;
 pub mod model;
 pub mod ports;
 pub mod proto;

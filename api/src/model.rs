@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{Identity, DEFAULT_TRUST_DOMAIN};
+pub use crate::l7::*;
 use crate::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
 
 pub type Labels = BTreeMap<String, String>;
@@ -21,6 +22,10 @@ pub struct MeshModel {
     pub services: Vec<Service>,
     pub policies: Vec<AuthorizationPolicy>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    pub waypoints: Vec<Waypoint>,
+    pub http_routes: Vec<HttpRoute>,
+    pub grpc_routes: Vec<GrpcRoute>,
+    pub traffic_policies: Vec<TrafficPolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +68,11 @@ pub struct Service {
     /// Pods whose labels include all of these are the endpoints.
     #[serde(default)]
     pub selector: Labels,
+    /// Name of the waypoint (in `namespace`) this Service's traffic goes
+    /// through, from the `weft.dev/use-waypoint` label of the Service or
+    /// its Namespace. Its endpoints then accept it only from the waypoint.
+    #[serde(default)]
+    pub waypoint: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +111,20 @@ pub struct AuthorizationPolicy {
     pub action: PolicyAction,
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Services or waypoint Gateways (in `namespace`) the policy applies to
+    /// at the waypoint. A policy with targets is enforced by the waypoint
+    /// only; one without is enforced by the destination ztunnel.
+    #[serde(default)]
+    pub targets: Vec<PolicyTarget>,
+}
+
+/// What a waypoint-enforced policy applies to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTarget {
+    #[serde(default)]
+    pub kind: ParentKind,
+    pub name: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,12 +177,17 @@ pub struct Destination {
     /// HTTP fields: only a waypoint can enforce them; at L4 a rule naming
     /// them fails closed.
     pub methods: Vec<String>,
+    /// Exact paths, or with a leading or trailing `*` as a suffix or prefix
+    /// match.
     pub paths: Vec<String>,
+    /// Header name (case-insensitive) to accepted values (same `*` rules);
+    /// every named header must match.
+    pub headers: BTreeMap<String, Vec<String>>,
 }
 
 impl Destination {
     pub fn has_l7_fields(&self) -> bool {
-        !self.methods.is_empty() || !self.paths.is_empty()
+        !self.methods.is_empty() || !self.paths.is_empty() || !self.headers.is_empty()
     }
 }
 
@@ -168,6 +197,22 @@ pub enum ModelError {
     Parse(#[from] serde_yaml::Error),
     #[error("mesh model is invalid: {0}")]
     Invalid(String),
+}
+
+/// What makes one workload unusable on its own.
+pub fn validate_workload(w: &Workload) -> Result<(), String> {
+    if w.name.is_empty() || w.namespace.is_empty() {
+        return Err("a workload needs a name and a namespace".into());
+    }
+    Ok(())
+}
+
+/// What makes one service unusable on its own.
+pub fn validate_service(s: &Service) -> Result<(), String> {
+    if s.ports.iter().any(|p| p.port == 0 || p.target() == 0) {
+        return Err(format!("service {}/{} has a port 0", s.namespace, s.name));
+    }
+    Ok(())
 }
 
 impl MeshModel {
@@ -184,11 +229,7 @@ impl MeshModel {
     pub fn validate(&self) -> Result<(), ModelError> {
         let mut seen = std::collections::HashSet::new();
         for w in &self.workloads {
-            if w.name.is_empty() || w.namespace.is_empty() {
-                return Err(ModelError::Invalid(
-                    "a workload needs a name and a namespace".into(),
-                ));
-            }
+            validate_workload(w).map_err(ModelError::Invalid)?;
             if !seen.insert((&w.namespace, &w.name)) {
                 return Err(ModelError::Invalid(format!(
                     "workload {}/{} appears twice",
@@ -197,12 +238,7 @@ impl MeshModel {
             }
         }
         for s in &self.services {
-            if s.ports.iter().any(|p| p.port == 0 || p.target() == 0) {
-                return Err(ModelError::Invalid(format!(
-                    "service {}/{} has a port 0",
-                    s.namespace, s.name
-                )));
-            }
+            validate_service(s).map_err(ModelError::Invalid)?;
         }
         Ok(())
     }

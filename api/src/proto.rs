@@ -87,6 +87,11 @@ macro_rules! keyed {
     )*};
 }
 keyed!(
+    L7Resource,
+    model::Waypoint,
+    model::HttpRoute,
+    model::GrpcRoute,
+    model::TrafficPolicy,
     Workload,
     Service,
     AuthorizationPolicy,
@@ -149,6 +154,7 @@ impl From<&model::Service> for Service {
                 })
                 .collect(),
             selector: s.selector.clone().into_iter().collect(),
+            waypoint: s.waypoint.clone(),
         }
     }
 }
@@ -194,8 +200,21 @@ impl From<&model::AuthorizationPolicy> for AuthorizationPolicy {
                             ports: d.ports.iter().map(|p| u32::from(*p)).collect(),
                             methods: d.methods.clone(),
                             paths: d.paths.clone(),
+                            headers: d
+                                .headers
+                                .iter()
+                                .map(|(k, v)| (k.clone(), HeaderValues { values: v.clone() }))
+                                .collect(),
                         })
                         .collect(),
+                })
+                .collect(),
+            targets: p
+                .targets
+                .iter()
+                .map(|t| PolicyTarget {
+                    kind: parent_kind_name(t.kind).to_owned(),
+                    name: t.name.clone(),
                 })
                 .collect(),
         }
@@ -224,8 +243,62 @@ impl From<&model::MeshModel> for Resources {
             services: m.services.iter().map(Into::into).collect(),
             policies: m.policies.iter().map(Into::into).collect(),
             peer_authentications: m.peer_authentications.iter().map(Into::into).collect(),
+            waypoints: m.waypoints.iter().map(Into::into).collect(),
+            http_routes: m.http_routes.iter().map(Into::into).collect(),
+            grpc_routes: m.grpc_routes.iter().map(Into::into).collect(),
+            traffic_policies: m.traffic_policies.iter().map(Into::into).collect(),
         }
     }
+}
+
+fn parent_kind_name(k: model::ParentKind) -> &'static str {
+    match k {
+        model::ParentKind::Service => "Service",
+        model::ParentKind::Gateway => "Gateway",
+    }
+}
+
+macro_rules! l7_to_proto {
+    ($($t:ty),*) => {$(
+        impl From<&$t> for L7Resource {
+            fn from(r: &$t) -> Self {
+                Self {
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    // Serializing plain data structs cannot fail.
+                    json: serde_json::to_string(r).unwrap_or_default(),
+                }
+            }
+        }
+    )*};
+}
+l7_to_proto!(
+    model::Waypoint,
+    model::HttpRoute,
+    model::GrpcRoute,
+    model::TrafficPolicy
+);
+
+pub(crate) fn decode_l7<T: serde::de::DeserializeOwned + Keyed>(
+    kind: &str,
+    items: &[L7Resource],
+) -> Result<Vec<T>, ConversionError> {
+    items
+        .iter()
+        .map(|r| {
+            let v: T = serde_json::from_str(&r.json)
+                .map_err(|e| err(kind, &r.namespace, &r.name, format!("undecodable: {e}")))?;
+            if v.key() != r.key() {
+                return Err(err(
+                    kind,
+                    &r.namespace,
+                    &r.name,
+                    format!("body names {}", v.key()),
+                ));
+            }
+            Ok(v)
+        })
+        .collect()
 }
 
 // ---- proto -> model ----
@@ -280,6 +353,7 @@ impl TryFrom<&Service> for model::Service {
                 })
                 .collect::<Result<_, ConversionError>>()?,
             selector: s.selector.clone().into_iter().collect(),
+            waypoint: s.waypoint.clone(),
         })
     }
 }
@@ -326,6 +400,11 @@ impl TryFrom<&AuthorizationPolicy> for model::AuthorizationPolicy {
                                     .collect::<Result<_, ConversionError>>()?,
                                 methods: d.methods.clone(),
                                 paths: d.paths.clone(),
+                                headers: d
+                                    .headers
+                                    .iter()
+                                    .map(|(k, v)| (k.clone(), v.values.clone()))
+                                    .collect(),
                             })
                         })
                         .collect::<Result<_, ConversionError>>()?,
@@ -338,6 +417,28 @@ impl TryFrom<&AuthorizationPolicy> for model::AuthorizationPolicy {
             selector: selector_from_proto(&p.selector),
             action,
             rules,
+            targets: p
+                .targets
+                .iter()
+                .map(|t| {
+                    let kind = match t.kind.as_str() {
+                        "Service" | "" => model::ParentKind::Service,
+                        "Gateway" => model::ParentKind::Gateway,
+                        other => {
+                            return Err(err(
+                                "authorization policy",
+                                ns,
+                                name,
+                                format!("unknown target kind {other:?}"),
+                            ))
+                        }
+                    };
+                    Ok(model::PolicyTarget {
+                        kind,
+                        name: t.name.clone(),
+                    })
+                })
+                .collect::<Result<_, ConversionError>>()?,
         })
     }
 }
@@ -393,6 +494,10 @@ impl Resources {
                 .iter()
                 .map(TryInto::try_into)
                 .collect::<Result<_, _>>()?,
+            waypoints: decode_l7("waypoint", &self.waypoints)?,
+            http_routes: decode_l7("HTTPRoute", &self.http_routes)?,
+            grpc_routes: decode_l7("GRPCRoute", &self.grpc_routes)?,
+            traffic_policies: decode_l7("traffic policy", &self.traffic_policies)?,
         })
     }
 
@@ -402,6 +507,10 @@ impl Resources {
             && self.services.is_empty()
             && self.policies.is_empty()
             && self.peer_authentications.is_empty()
+            && self.waypoints.is_empty()
+            && self.http_routes.is_empty()
+            && self.grpc_routes.is_empty()
+            && self.traffic_policies.is_empty()
     }
 }
 
@@ -412,6 +521,10 @@ impl Removals {
             && self.services.is_empty()
             && self.policies.is_empty()
             && self.peer_authentications.is_empty()
+            && self.waypoints.is_empty()
+            && self.http_routes.is_empty()
+            && self.grpc_routes.is_empty()
+            && self.traffic_policies.is_empty()
     }
 }
 
@@ -421,8 +534,18 @@ impl SubscribeRequest {
             request: Some(subscribe_request::Request::Hello(Hello {
                 node_name: node_name.to_owned(),
                 resume,
+                role: String::new(),
             })),
         }
+    }
+
+    /// A Hello from a waypoint running on `node_name`.
+    pub fn waypoint_hello(node_name: &str, resume: Option<ResumePoint>) -> Self {
+        let mut h = Self::hello(node_name, resume);
+        if let Some(subscribe_request::Request::Hello(hello)) = &mut h.request {
+            hello.role = "waypoint".to_owned();
+        }
+        h
     }
 
     pub fn ack(version: u64) -> Self {

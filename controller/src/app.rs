@@ -358,5 +358,10 @@ fn metrics_text(e: &Endpoints) -> String {
         "Config streams refused (bad request or authentication)",
         s.rejected,
     );
+    counter(
+        "weft_controller_config_streams_disconnected",
+        "Config streams ended because the client went away",
+        s.disconnects,
+    );
     out
 }

@@ -144,6 +144,7 @@ pub fn build(state: &ClusterState, trust_domain: &str) -> BuildOutput {
             services,
             policies,
             peer_authentications,
+            ..Default::default()
         },
         policy_status,
         problems: problems.into_iter().collect(),
@@ -337,6 +338,7 @@ fn build_services(state: &ClusterState, problems: &mut BTreeSet<String>) -> Vec<
             vips,
             ports,
             selector,
+            waypoint: None,
         });
     }
     out
@@ -482,6 +484,7 @@ fn build_policies(
                             ports: t.operation.ports.clone(),
                             methods: t.operation.methods.clone(),
                             paths: t.operation.paths.clone(),
+                            headers: Default::default(),
                         };
                         has_l7 |= d.has_l7_fields();
                         d
@@ -525,6 +528,7 @@ fn build_policies(
             selector: selector_labels(&p.spec.selector),
             action,
             rules,
+            targets: Vec::new(),
         });
     }
     out

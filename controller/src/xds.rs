@@ -59,6 +59,9 @@ pub struct XdsCounters {
     pub nacks: AtomicU64,
     /// Streams refused or ended for a malformed request or failed auth.
     pub rejected: AtomicU64,
+    /// Streams that ended because the client went away (closed, reset,
+    /// keepalive timeout).
+    pub disconnects: AtomicU64,
 }
 
 /// A plain copy of [`XdsCounters`].
@@ -71,6 +74,7 @@ pub struct XdsStats {
     pub acks: u64,
     pub nacks: u64,
     pub rejected: u64,
+    pub disconnects: u64,
 }
 
 impl XdsCounters {
@@ -83,6 +87,7 @@ impl XdsCounters {
             acks: self.acks.load(Ordering::Relaxed),
             nacks: self.nacks.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
+            disconnects: self.disconnects.load(Ordering::Relaxed),
         }
     }
 }
@@ -109,6 +114,10 @@ struct Versioned {
     services: BTreeMap<Key, Arc<proto::Service>>,
     policies: BTreeMap<Key, Arc<proto::AuthorizationPolicy>>,
     peer_authentications: BTreeMap<Key, Arc<proto::PeerAuthentication>>,
+    waypoints: BTreeMap<Key, Arc<proto::L7Resource>>,
+    http_routes: BTreeMap<Key, Arc<proto::L7Resource>>,
+    grpc_routes: BTreeMap<Key, Arc<proto::L7Resource>>,
+    traffic_policies: BTreeMap<Key, Arc<proto::L7Resource>>,
     trust_bundle_pem: Vec<String>,
 }
 
@@ -150,6 +159,13 @@ impl Versioned {
                 &model.peer_authentications,
                 previous.map(|p| &p.peer_authentications),
             ),
+            waypoints: index(&model.waypoints, previous.map(|p| &p.waypoints)),
+            http_routes: index(&model.http_routes, previous.map(|p| &p.http_routes)),
+            grpc_routes: index(&model.grpc_routes, previous.map(|p| &p.grpc_routes)),
+            traffic_policies: index(
+                &model.traffic_policies,
+                previous.map(|p| &p.traffic_policies),
+            ),
             trust_bundle_pem: bundle
                 .roots
                 .iter()
@@ -170,10 +186,15 @@ struct NodeView {
     base: Arc<Versioned>,
     /// Namespaces with a workload on the node: their policies are included.
     policy_namespaces: BTreeSet<String>,
+    /// A waypoint: gets routes, traffic policies and every policy.
+    waypoint: bool,
 }
 
+/// Subscriber role named in Hello.
+pub const ROLE_WAYPOINT: &str = "waypoint";
+
 impl NodeView {
-    fn new(base: Arc<Versioned>, node: &str) -> Self {
+    fn new(base: Arc<Versioned>, node: &str, waypoint: bool) -> Self {
         let policy_namespaces = base
             .workloads
             .values()
@@ -183,11 +204,12 @@ impl NodeView {
         Self {
             base,
             policy_namespaces,
+            waypoint,
         }
     }
 
     fn wants_policy(&self, key: &Key) -> bool {
-        self.policy_namespaces.contains(&key.0)
+        self.waypoint || self.policy_namespaces.contains(&key.0)
     }
 }
 
@@ -261,6 +283,32 @@ fn update_between(instance_id: &str, old: Option<&NodeView>, new: &NodeView) -> 
         &mut up.peer_authentications,
         &mut rm.peer_authentications,
     );
+    diff_map(
+        o.map(|o| (&o.waypoints, &all as &dyn Fn(&Key) -> bool)),
+        (&n.waypoints, &all),
+        &mut up.waypoints,
+        &mut rm.waypoints,
+    );
+    let old_l7 = |_: &Key| old.is_some_and(|o| o.waypoint);
+    let new_l7 = |_: &Key| new.waypoint;
+    diff_map(
+        o.map(|o| (&o.http_routes, &old_l7 as &dyn Fn(&Key) -> bool)),
+        (&n.http_routes, &new_l7),
+        &mut up.http_routes,
+        &mut rm.http_routes,
+    );
+    diff_map(
+        o.map(|o| (&o.grpc_routes, &old_l7 as &dyn Fn(&Key) -> bool)),
+        (&n.grpc_routes, &new_l7),
+        &mut up.grpc_routes,
+        &mut rm.grpc_routes,
+    );
+    diff_map(
+        o.map(|o| (&o.traffic_policies, &old_l7 as &dyn Fn(&Key) -> bool)),
+        (&n.traffic_policies, &new_l7),
+        &mut up.traffic_policies,
+        &mut rm.traffic_policies,
+    );
     ConfigUpdate {
         instance_id: instance_id.to_owned(),
         version: n.version,
@@ -268,7 +316,12 @@ fn update_between(instance_id: &str, old: Option<&NodeView>, new: &NodeView) -> 
         trust_domain: n.trust_domain.clone(),
         upserts: Some(up),
         removals: Some(rm),
-        trust_bundle_pem: n.trust_bundle_pem.clone(),
+        // A delta carries the roots only when they changed (empty:
+        // unchanged), so a pod change costs only the pod.
+        trust_bundle_pem: match old {
+            Some(o) if o.base.trust_bundle_pem == n.trust_bundle_pem => Vec::new(),
+            _ => n.trust_bundle_pem.clone(),
+        },
     }
 }
 
@@ -277,7 +330,7 @@ fn is_noop(update: &ConfigUpdate, old: &NodeView) -> bool {
         && update.upserts.as_ref().is_none_or(Resources::is_empty)
         && update.removals.as_ref().is_none_or(Removals::is_empty)
         && update.trust_domain == old.base.trust_domain
-        && update.trust_bundle_pem == old.base.trust_bundle_pem
+        && update.trust_bundle_pem.is_empty()
 }
 
 struct Shared {
@@ -446,6 +499,7 @@ impl MeshConfig for XdsServer {
         }
         let (tx, rx) = mpsc::channel(4);
         let sub = Subscriber {
+            waypoint: hello.role == ROLE_WAYPOINT,
             node: hello.node_name,
             shared: shared.clone(),
             models: shared.current.clone(),
@@ -462,8 +516,15 @@ impl MeshConfig for XdsServer {
     }
 }
 
+/// Whether a stream error is the client's message failing to decode (a bad
+/// request), as opposed to the transport ending (client gone).
+fn is_decode_error(s: &Status) -> bool {
+    s.code() == tonic::Code::Internal && s.message().contains("decode")
+}
+
 struct Subscriber {
     node: String,
+    waypoint: bool,
     shared: Arc<Shared>,
     models: watch::Receiver<Arc<Versioned>>,
     /// What the client has applied (and we diff against).
@@ -509,6 +570,10 @@ impl Subscriber {
                         }
                     }
                     Ok(None) => break,
+                    Err(s) if !is_decode_error(&s) => {
+                        info!(component = "xds", node = %self.node, code = ?s.code(), error = s.message(), "config subscriber went away");
+                        break;
+                    }
                     Err(s) => {
                         self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
                         warn!(component = "xds", node = %self.node, error = s.message(), "bad request on config stream; closing it");
@@ -524,6 +589,10 @@ impl Subscriber {
                 break;
             }
         }
+        self.shared
+            .counters
+            .disconnects
+            .fetch_add(1, Ordering::Relaxed);
         info!(component = "xds", node = %self.node, "config subscriber disconnected");
     }
 
@@ -532,8 +601,8 @@ impl Subscriber {
         let base = resume
             .filter(|r| r.instance_id == self.shared.instance_id)
             .and_then(|r| self.shared.at_version(r.version))
-            .map(|v| (v.version, NodeView::new(v, &self.node)));
-        let view = NodeView::new(current.clone(), &self.node);
+            .map(|v| (v.version, NodeView::new(v, &self.node, self.waypoint)));
+        let view = NodeView::new(current.clone(), &self.node, self.waypoint);
         let update = update_between(
             &self.shared.instance_id,
             base.as_ref().map(|(_, v)| v),
@@ -560,7 +629,7 @@ impl Subscriber {
             return Ok(());
         }
         self.considered = current.version;
-        let view = NodeView::new(current, &self.node);
+        let view = NodeView::new(current, &self.node, self.waypoint);
         let old = self.acked.as_ref().map(|(_, v)| v);
         let update = update_between(&self.shared.instance_id, old, &view);
         if old.is_some_and(|o| is_noop(&update, o)) {

@@ -420,6 +420,7 @@ impl Mesh {
                 })
                 .collect(),
             selector,
+            waypoint: None,
         });
         self.write_model()?;
         Ok(vip)
@@ -601,6 +602,7 @@ pub fn deny_from(
             }],
             to: vec![],
         }],
+        targets: vec![],
     }
 }
 

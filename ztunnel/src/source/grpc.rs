@@ -10,16 +10,14 @@
 //! full snapshot if it cannot). The trust bundle carried by each update goes
 //! to the shared [`SharedTrustBundle`] the TLS code reads.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use weft_api::model;
+use weft_api::config_cache::ConfigCache;
 use weft_api::proto::mesh_config_client::MeshConfigClient;
-use weft_api::proto::{self, bearer, ConfigUpdate, Keyed, ResumePoint, SubscribeRequest};
-use weft_api::MeshModel;
+use weft_api::proto::{bearer, ConfigUpdate, ResumePoint, SubscribeRequest};
 use weft_hbone::TrustBundle;
 
 use crate::ca_client::SharedTrustBundle;
@@ -42,97 +40,10 @@ pub struct GrpcSource {
     pub trust: SharedTrustBundle,
 }
 
-type Key = (String, String);
-
-fn key_of(k: proto::ResourceKey) -> Key {
-    (k.namespace, k.name)
-}
-
-/// The client's copy of what the controller sent, keyed for deltas.
-#[derive(Clone, Default)]
-struct Local {
-    trust_domain: String,
-    namespaces: BTreeMap<Key, model::Namespace>,
-    workloads: BTreeMap<Key, model::Workload>,
-    services: BTreeMap<Key, model::Service>,
-    policies: BTreeMap<Key, model::AuthorizationPolicy>,
-    peer_authentications: BTreeMap<Key, model::PeerAuthentication>,
-}
-
-impl Local {
-    /// `self` with `u` applied, or why `u` is unusable.
-    fn apply(&self, u: &ConfigUpdate) -> Result<Local, String> {
-        let mut next = if u.full {
-            Local::default()
-        } else {
-            self.clone()
-        };
-        if !u.trust_domain.is_empty() {
-            next.trust_domain = u.trust_domain.clone();
-        }
-        if let Some(rm) = &u.removals {
-            for k in &rm.namespaces {
-                next.namespaces.remove(&key_of(k.clone()));
-            }
-            for k in &rm.workloads {
-                next.workloads.remove(&key_of(k.clone()));
-            }
-            for k in &rm.services {
-                next.services.remove(&key_of(k.clone()));
-            }
-            for k in &rm.policies {
-                next.policies.remove(&key_of(k.clone()));
-            }
-            for k in &rm.peer_authentications {
-                next.peer_authentications.remove(&key_of(k.clone()));
-            }
-        }
-        if let Some(up) = &u.upserts {
-            let e = |e: proto::ConversionError| e.to_string();
-            for m in &up.namespaces {
-                next.namespaces.insert(key_of(m.key()), m.into());
-            }
-            for m in &up.workloads {
-                next.workloads
-                    .insert(key_of(m.key()), m.try_into().map_err(e)?);
-            }
-            for m in &up.services {
-                next.services
-                    .insert(key_of(m.key()), m.try_into().map_err(e)?);
-            }
-            for m in &up.policies {
-                next.policies
-                    .insert(key_of(m.key()), m.try_into().map_err(e)?);
-            }
-            for m in &up.peer_authentications {
-                next.peer_authentications
-                    .insert(key_of(m.key()), m.try_into().map_err(e)?);
-            }
-        }
-        Ok(next)
-    }
-
-    fn to_model(&self) -> MeshModel {
-        MeshModel {
-            trust_domain: if self.trust_domain.is_empty() {
-                weft_api::identity::DEFAULT_TRUST_DOMAIN.to_owned()
-            } else {
-                self.trust_domain.clone()
-            },
-            namespaces: self.namespaces.values().cloned().collect(),
-            workloads: self.workloads.values().cloned().collect(),
-            services: self.services.values().cloned().collect(),
-            policies: self.policies.values().cloned().collect(),
-            peer_authentications: self.peer_authentications.values().cloned().collect(),
-        }
-    }
-}
-
 /// What survives reconnects.
 #[derive(Default)]
 struct Progress {
-    local: Local,
-    last_model: Option<MeshModel>,
+    cache: ConfigCache,
     resume: Option<ResumePoint>,
 }
 
@@ -233,28 +144,23 @@ impl GrpcSource {
             .is_some_and(|r| r.instance_id == u.instance_id);
         let checked = if !u.full && !same_instance {
             Err("a delta from a controller instance this client has no config from".to_owned())
+        } else if u.trust_bundle_pem.is_empty() {
+            Ok(None)
         } else {
-            p.local.apply(u).and_then(|next| {
-                let model = next.to_model();
-                model.validate().map_err(|e| e.to_string())?;
-                let bundle = if u.trust_bundle_pem.is_empty() {
-                    None
-                } else {
-                    Some(
-                        TrustBundle::from_pem(&u.trust_bundle_pem.concat())
-                            .map_err(|e| format!("trust bundle: {e}"))?,
-                    )
-                };
-                Ok((next, model, bundle))
-            })
+            TrustBundle::from_pem(&u.trust_bundle_pem.concat())
+                .map(Some)
+                .map_err(|e| format!("trust bundle: {e}"))
         };
+        // Checked whole before anything is applied: a rejected update
+        // leaves the cache and the serving model as they were.
+        let checked = checked.and_then(|bundle| p.cache.apply(u).map(|changed| (changed, bundle)));
         match checked {
-            Ok((next, model, bundle)) => {
+            Ok((changed, bundle)) => {
                 if let Some(b) = bundle {
                     self.trust.set(b);
                 }
-                if p.last_model.as_ref() != Some(&model) {
-                    self.state.store(model.clone());
+                if changed {
+                    self.state.store(p.cache.to_model());
                     self.metrics.config_updates.inc();
                     info!(
                         component = "config",
@@ -264,8 +170,6 @@ impl GrpcSource {
                         "mesh model applied"
                     );
                 }
-                p.local = next;
-                p.last_model = Some(model);
                 p.resume = Some(ResumePoint {
                     instance_id: u.instance_id.clone(),
                     version: u.version,

@@ -11,6 +11,7 @@ pub struct Snapshot {
     pub version: u64,
     pub model: MeshModel,
     workload_by_ip: HashMap<IpAddr, usize>,
+    workload_by_name: HashMap<(String, String), usize>,
     service_by_vip: HashMap<IpAddr, usize>,
     /// Endpoint workloads of each service (index into `model.workloads`).
     endpoints: Vec<Vec<usize>>,
@@ -54,9 +55,20 @@ impl Default for Snapshot {
 impl Snapshot {
     pub fn new(model: MeshModel, version: u64) -> Self {
         let mut workload_by_ip = HashMap::new();
+        let mut workload_by_name = HashMap::new();
+        // Services select pods of their own namespace only: index once so
+        // endpoints cost (services x pods of the namespace), not x all pods.
+        let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, w) in model.workloads.iter().enumerate() {
             for ip in &w.ips {
                 workload_by_ip.insert(*ip, i);
+            }
+            workload_by_name.insert((w.namespace.clone(), w.name.clone()), i);
+            if !w.ips.is_empty() {
+                by_namespace
+                    .entry(w.namespace.as_str())
+                    .or_default()
+                    .push(i);
             }
         }
         let mut service_by_vip = HashMap::new();
@@ -66,19 +78,23 @@ impl Snapshot {
                 service_by_vip.insert(*vip, si);
             }
             endpoints.push(
-                model
-                    .workloads
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| s.selects(w) && !w.ips.is_empty())
-                    .map(|(i, _)| i)
-                    .collect(),
+                by_namespace
+                    .get(s.namespace.as_str())
+                    .map(|ws| {
+                        ws.iter()
+                            .copied()
+                            .filter(|&i| s.selects(&model.workloads[i]))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             );
         }
+        drop(by_namespace);
         Self {
             version,
             model,
             workload_by_ip,
+            workload_by_name,
             service_by_vip,
             endpoints,
             round_robin: AtomicUsize::new(0),
@@ -94,11 +110,10 @@ impl Snapshot {
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<WorkloadRef<'_>> {
-        let w = self
-            .model
-            .workloads
-            .iter()
-            .find(|w| w.namespace == namespace && w.name == name)?;
+        let i = self
+            .workload_by_name
+            .get(&(namespace.to_owned(), name.to_owned()))?;
+        let w = &self.model.workloads[*i];
         Some(WorkloadRef {
             workload: w,
             captured: self.model.is_captured(w),

@@ -1,0 +1,331 @@
+//! A config-stream client's copy of what the controller sent, keyed for
+//! deltas. Pure: no I/O, used by ztunnels and waypoints alike.
+//!
+//! An update is checked whole before anything is applied (every upsert
+//! converted and validated), then applied in place, so a rejected update
+//! leaves the cache exactly as it was and an accepted one costs no copy of
+//! the resources it does not touch.
+
+use std::collections::BTreeMap;
+
+use crate::identity::DEFAULT_TRUST_DOMAIN;
+use crate::model::{self, MeshModel};
+use crate::proto::{self, ConfigUpdate, ConversionError, Keyed};
+
+type Key = (String, String);
+
+fn key_of(k: &proto::ResourceKey) -> Key {
+    (k.namespace.clone(), k.name.clone())
+}
+
+fn keyed<T: Keyed>(t: T) -> (Key, T) {
+    let k = t.key();
+    ((k.namespace, k.name), t)
+}
+
+/// Everything one update changes, converted and validated.
+#[derive(Default)]
+struct Staged {
+    namespaces: Vec<(Key, model::Namespace)>,
+    workloads: Vec<(Key, model::Workload)>,
+    services: Vec<(Key, model::Service)>,
+    policies: Vec<(Key, model::AuthorizationPolicy)>,
+    peer_authentications: Vec<(Key, model::PeerAuthentication)>,
+    waypoints: Vec<(Key, model::Waypoint)>,
+    http_routes: Vec<(Key, model::HttpRoute)>,
+    grpc_routes: Vec<(Key, model::GrpcRoute)>,
+    traffic_policies: Vec<(Key, model::TrafficPolicy)>,
+}
+
+/// The client's copy of the controller's model.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConfigCache {
+    trust_domain: String,
+    namespaces: BTreeMap<Key, model::Namespace>,
+    workloads: BTreeMap<Key, model::Workload>,
+    services: BTreeMap<Key, model::Service>,
+    policies: BTreeMap<Key, model::AuthorizationPolicy>,
+    peer_authentications: BTreeMap<Key, model::PeerAuthentication>,
+    waypoints: BTreeMap<Key, model::Waypoint>,
+    http_routes: BTreeMap<Key, model::HttpRoute>,
+    grpc_routes: BTreeMap<Key, model::GrpcRoute>,
+    traffic_policies: BTreeMap<Key, model::TrafficPolicy>,
+}
+
+fn convert<'a, P: 'a, M>(
+    items: &'a [P],
+    f: impl Fn(&'a P) -> Result<M, ConversionError>,
+) -> Result<Vec<(Key, M)>, ConversionError>
+where
+    M: Keyed,
+{
+    items.iter().map(|p| f(p).map(keyed)).collect()
+}
+
+/// Applies removals then upserts to one map; whether anything changed.
+fn apply_map<T: PartialEq>(
+    map: &mut BTreeMap<Key, T>,
+    removals: Option<&[proto::ResourceKey]>,
+    upserts: Vec<(Key, T)>,
+) -> bool {
+    let mut changed = false;
+    for k in removals.unwrap_or_default() {
+        changed |= map.remove(&key_of(k)).is_some();
+    }
+    for (k, v) in upserts {
+        match map.get_mut(&k) {
+            Some(old) if *old == v => {}
+            Some(old) => {
+                *old = v;
+                changed = true;
+            }
+            None => {
+                map.insert(k, v);
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+fn l7<T: serde::de::DeserializeOwned + Keyed>(
+    kind: &str,
+    items: &[proto::L7Resource],
+) -> Result<Vec<(Key, T)>, ConversionError> {
+    Ok(proto::decode_l7::<T>(kind, items)?
+        .into_iter()
+        .map(keyed)
+        .collect())
+}
+
+impl ConfigCache {
+    /// Applies `u` (a full snapshot replaces everything). Returns whether
+    /// the model changed; on error nothing was applied.
+    pub fn apply(&mut self, u: &ConfigUpdate) -> Result<bool, String> {
+        let staged = Self::stage(u).map_err(|e| e.to_string())?;
+        if u.full {
+            let mut fresh = ConfigCache::default();
+            fresh.apply_staged(u, staged);
+            let changed = fresh != *self;
+            *self = fresh;
+            return Ok(changed);
+        }
+        Ok(self.apply_staged(u, staged))
+    }
+
+    fn apply_staged(&mut self, u: &ConfigUpdate, staged: Staged) -> bool {
+        let mut changed = false;
+        if !u.trust_domain.is_empty() && u.trust_domain != self.trust_domain {
+            self.trust_domain = u.trust_domain.clone();
+            changed = true;
+        }
+        let rm = u.removals.as_ref();
+        changed |= apply_map(
+            &mut self.namespaces,
+            rm.map(|r| &r.namespaces[..]),
+            staged.namespaces,
+        );
+        changed |= apply_map(
+            &mut self.workloads,
+            rm.map(|r| &r.workloads[..]),
+            staged.workloads,
+        );
+        changed |= apply_map(
+            &mut self.services,
+            rm.map(|r| &r.services[..]),
+            staged.services,
+        );
+        changed |= apply_map(
+            &mut self.policies,
+            rm.map(|r| &r.policies[..]),
+            staged.policies,
+        );
+        changed |= apply_map(
+            &mut self.peer_authentications,
+            rm.map(|r| &r.peer_authentications[..]),
+            staged.peer_authentications,
+        );
+        changed |= apply_map(
+            &mut self.waypoints,
+            rm.map(|r| &r.waypoints[..]),
+            staged.waypoints,
+        );
+        changed |= apply_map(
+            &mut self.http_routes,
+            rm.map(|r| &r.http_routes[..]),
+            staged.http_routes,
+        );
+        changed |= apply_map(
+            &mut self.grpc_routes,
+            rm.map(|r| &r.grpc_routes[..]),
+            staged.grpc_routes,
+        );
+        changed |= apply_map(
+            &mut self.traffic_policies,
+            rm.map(|r| &r.traffic_policies[..]),
+            staged.traffic_policies,
+        );
+        changed
+    }
+
+    fn stage(u: &ConfigUpdate) -> Result<Staged, ConversionError> {
+        let Some(up) = &u.upserts else {
+            return Ok(Staged::default());
+        };
+        let staged = Staged {
+            namespaces: convert(&up.namespaces, |n| Ok(model::Namespace::from(n)))?,
+            workloads: convert(&up.workloads, model::Workload::try_from)?,
+            services: convert(&up.services, model::Service::try_from)?,
+            policies: convert(&up.policies, model::AuthorizationPolicy::try_from)?,
+            peer_authentications: convert(
+                &up.peer_authentications,
+                model::PeerAuthentication::try_from,
+            )?,
+            waypoints: l7("waypoint", &up.waypoints)?,
+            http_routes: l7("HTTPRoute", &up.http_routes)?,
+            grpc_routes: l7("GRPCRoute", &up.grpc_routes)?,
+            traffic_policies: l7("traffic policy", &up.traffic_policies)?,
+        };
+        for (_, w) in &staged.workloads {
+            model::validate_workload(w).map_err(|reason| ConversionError {
+                resource: format!("workload {}/{}", w.namespace, w.name),
+                reason,
+            })?;
+        }
+        for (_, s) in &staged.services {
+            model::validate_service(s).map_err(|reason| ConversionError {
+                resource: format!("service {}/{}", s.namespace, s.name),
+                reason,
+            })?;
+        }
+        Ok(staged)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.workloads.is_empty()
+            && self.services.is_empty()
+            && self.policies.is_empty()
+            && self.peer_authentications.is_empty()
+            && self.waypoints.is_empty()
+            && self.http_routes.is_empty()
+            && self.grpc_routes.is_empty()
+            && self.traffic_policies.is_empty()
+    }
+
+    /// The cache as a model (one copy of every resource; keys are unique,
+    /// so it needs no further validation).
+    pub fn to_model(&self) -> MeshModel {
+        MeshModel {
+            trust_domain: if self.trust_domain.is_empty() {
+                DEFAULT_TRUST_DOMAIN.to_owned()
+            } else {
+                self.trust_domain.clone()
+            },
+            namespaces: self.namespaces.values().cloned().collect(),
+            workloads: self.workloads.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
+            peer_authentications: self.peer_authentications.values().cloned().collect(),
+            waypoints: self.waypoints.values().cloned().collect(),
+            http_routes: self.http_routes.values().cloned().collect(),
+            grpc_routes: self.grpc_routes.values().cloned().collect(),
+            traffic_policies: self.traffic_policies.values().cloned().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Removals, ResourceKey, Resources};
+
+    fn model() -> MeshModel {
+        MeshModel::from_yaml(
+            r#"
+namespaces: [{ name: shop }]
+workloads:
+  - { name: a, namespace: shop, node: n1, ips: [10.0.0.2] }
+  - { name: b, namespace: shop, node: n1, ips: [10.0.0.3] }
+services:
+  - { name: s, namespace: shop, vips: [10.96.0.1], ports: [{ port: 80 }], selector: { app: a } }
+http_routes:
+  - name: r
+    namespace: shop
+    parents: [{ name: s }]
+    rules: [{ backends: [{ name: s, port: 80, weight: 9 }] }]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn full(m: &MeshModel) -> ConfigUpdate {
+        ConfigUpdate {
+            instance_id: "i".into(),
+            version: 1,
+            full: true,
+            trust_domain: m.trust_domain.clone(),
+            upserts: Some(Resources::from(m)),
+            removals: None,
+            trust_bundle_pem: vec![],
+        }
+    }
+
+    #[test]
+    fn full_then_delta_round_trips() {
+        let m = model();
+        let mut c = ConfigCache::default();
+        assert!(c.apply(&full(&m)).unwrap());
+        assert_eq!(c.to_model(), m);
+        // The same snapshot again changes nothing.
+        assert!(!c.apply(&full(&m)).unwrap());
+        let delta = ConfigUpdate {
+            version: 2,
+            full: false,
+            removals: Some(Removals {
+                workloads: vec![ResourceKey::new("shop", "b")],
+                ..Default::default()
+            }),
+            upserts: None,
+            ..full(&m)
+        };
+        assert!(c.apply(&delta).unwrap());
+        let got = c.to_model();
+        assert_eq!(got.workloads.len(), 1);
+        assert_eq!(got.http_routes, m.http_routes);
+    }
+
+    #[test]
+    fn a_bad_upsert_changes_nothing() {
+        let m = model();
+        let mut c = ConfigCache::default();
+        c.apply(&full(&m)).unwrap();
+        let mut bad = Resources::from(&m);
+        bad.workloads[0].ips = vec!["not-an-ip".into()];
+        bad.services[0].ports[0].port = 0;
+        let err = c
+            .apply(&ConfigUpdate {
+                full: false,
+                upserts: Some(bad),
+                ..full(&m)
+            })
+            .unwrap_err();
+        assert!(err.contains("workload shop/a"), "{err}");
+        assert_eq!(c.to_model(), m);
+        let mut bad_route = Resources::default();
+        bad_route.http_routes = vec![proto::L7Resource {
+            namespace: "shop".into(),
+            name: "r".into(),
+            json: "{\"name\": 3}".into(),
+        }];
+        let err = c
+            .apply(&ConfigUpdate {
+                full: false,
+                upserts: Some(bad_route),
+                ..full(&m)
+            })
+            .unwrap_err();
+        assert!(err.contains("HTTPRoute shop/r"), "{err}");
+        assert_eq!(c.to_model(), m);
+    }
+}
