@@ -1,0 +1,1 @@
+//! Retries, outlier detection, load balancing, limits, faults, rate limits (filled in next).

@@ -1,0 +1,1 @@
+//! Gateway API routing (filled in next).
