@@ -7,6 +7,7 @@
 pub mod ca;
 mod cert;
 pub mod client;
+pub mod control;
 mod error;
 pub mod pool;
 pub mod server;

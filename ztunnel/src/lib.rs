@@ -10,15 +10,16 @@
 
 pub mod admin;
 pub mod app;
-pub mod ca_client;
 pub mod capture;
 pub mod cni_server;
 pub mod config;
-pub mod controller_client;
-pub mod identity;
 pub mod inpod;
 pub mod metrics;
 pub mod proxy;
 pub mod rbac;
 pub mod source;
 pub mod state;
+
+// Shared with the waypoint; kept under their old paths.
+pub use weft_hbone::control::addr as controller_client;
+pub use weft_hbone::control::{ca_client, identity};

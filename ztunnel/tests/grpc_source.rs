@@ -19,7 +19,6 @@ use weft_api::proto::{
 use weft_hbone::LocalCa;
 use weft_ztunnel::ca_client::SharedTrustBundle;
 use weft_ztunnel::metrics::Metrics;
-use weft_ztunnel::source::grpc::GrpcSource;
 use weft_ztunnel::state::MeshState;
 
 type Conn = (
@@ -76,17 +75,14 @@ async fn start() -> Harness {
     let state = MeshState::default();
     let metrics = Metrics::new();
     let trust = SharedTrustBundle::default();
-    tokio::spawn(
-        GrpcSource {
-            endpoint: format!("http://{addr}").into(),
-            node: "n1".into(),
-            token: "tok-1".into(),
-            state: state.clone(),
-            metrics: metrics.clone(),
-            trust: trust.clone(),
-        }
-        .run(),
-    );
+    tokio::spawn(weft_ztunnel::source::grpc::run(
+        format!("http://{addr}"),
+        "n1".into(),
+        "tok-1".into(),
+        state.clone(),
+        metrics.clone(),
+        trust.clone(),
+    ));
     let bundle_pem = LocalCa::generate("cluster.local").unwrap().root_pem();
     Harness {
         conns,

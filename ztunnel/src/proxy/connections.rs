@@ -50,6 +50,9 @@ impl Drop for Registration {
 pub enum Refusal {
     Policy(Option<String>),
     StrictMtls,
+    /// A Service selecting the pod uses this waypoint (`namespace/name`),
+    /// and the connection did not come from it.
+    WaypointRequired(String),
 }
 
 impl Refusal {
@@ -59,6 +62,7 @@ impl Refusal {
         match self {
             Refusal::Policy(p) => p.clone().unwrap_or_else(|| "no-matching-allow".into()),
             Refusal::StrictMtls => "peer-authentication-strict".into(),
+            Refusal::WaypointRequired(w) => format!("waypoint-required:{w}"),
         }
     }
 }
@@ -87,6 +91,11 @@ pub fn check(
     };
     if src_identity.is_none() && snap.model.mtls_mode(dst.workload) == MtlsMode::Strict {
         return Err(Refusal::StrictMtls);
+    }
+    // L7 policy lives in the waypoint: a client that skips it is refused.
+    let waypoints = snap.required_waypoints(dst.workload);
+    if !waypoints.is_empty() && !waypoints.iter().any(|(id, _)| src_identity == Some(id)) {
+        return Err(Refusal::WaypointRequired(waypoints[0].1.clone()));
     }
     let conn = rbac::Connection {
         src_ip,

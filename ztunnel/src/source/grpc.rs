@@ -1,63 +1,34 @@
-//! The mesh model from the controller's config stream (`weft.v1.MeshConfig`).
-//!
-//! Keeps a local copy of what the controller sent, applies each update
-//! (full snapshot or delta) to a candidate copy, validates it, then stores
-//! it in `MeshState` and ACKs; an update that does not convert or validate
-//! is NACKed with the reason and the last good model keeps serving.
-//! Disconnected, the ztunnel keeps serving the last good model and
-//! reconnects with capped exponential backoff, resuming from the last
-//! acknowledged version (the controller then sends only what changed, or a
-//! full snapshot if it cannot). The trust bundle carried by each update goes
-//! to the shared [`SharedTrustBundle`] the TLS code reads.
+//! The mesh model from the controller's config stream: the shared client
+//! (`weft_hbone::control::config_stream`) feeding this ztunnel's
+//! [`MeshState`] and counting updates and rejections.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tracing::{info, warn};
-use weft_api::config_cache::ConfigCache;
-use weft_api::proto::mesh_config_client::MeshConfigClient;
-use weft_api::proto::{bearer, ConfigUpdate, ResumePoint, SubscribeRequest};
-use weft_hbone::TrustBundle;
+use weft_api::MeshModel;
+use weft_hbone::control::{ConfigSink, ConfigStream, ControllerAddr, Role, SharedTrustBundle};
 
-use crate::ca_client::SharedTrustBundle;
-use crate::controller_client::ControllerAddr;
 use crate::metrics::Metrics;
 use crate::state::MeshState;
 
-pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
+pub use weft_hbone::control::config_stream::{INITIAL_BACKOFF, MAX_BACKOFF};
 
-/// Where and who: the controller's address (`http://host:port`), this
-/// node's name and its bearer token.
-#[derive(Clone)]
-pub struct GrpcSource {
-    pub endpoint: ControllerAddr,
-    pub node: String,
-    pub token: String,
-    pub state: MeshState,
-    pub metrics: Arc<Metrics>,
-    pub trust: SharedTrustBundle,
+struct StateSink {
+    state: MeshState,
+    metrics: Arc<Metrics>,
 }
 
-/// What survives reconnects.
-#[derive(Default)]
-struct Progress {
-    cache: ConfigCache,
-    resume: Option<ResumePoint>,
+impl ConfigSink for StateSink {
+    fn model_changed(&self, model: MeshModel, _version: u64, _full: bool) {
+        self.state.store(model);
+        self.metrics.config_updates.inc();
+    }
+
+    fn rejected(&self, _version: u64, _error: &str) {
+        self.metrics.config_rejections.inc();
+    }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
-    #[error("{0}")]
-    Protocol(String),
-}
-
-/// Runs forever: subscribes, applies updates, reconnects.
+/// Runs forever: subscribes for `node`, applies updates, reconnects.
 pub async fn run(
     endpoint: impl Into<ControllerAddr>,
     node: String,
@@ -66,121 +37,14 @@ pub async fn run(
     metrics: Arc<Metrics>,
     trust: SharedTrustBundle,
 ) {
-    GrpcSource {
+    ConfigStream {
         endpoint: endpoint.into(),
         node,
         token,
-        state,
-        metrics,
+        role: Role::Ztunnel,
         trust,
+        sink: Arc::new(StateSink { state, metrics }),
     }
     .run()
     .await
-}
-
-impl GrpcSource {
-    pub async fn run(self) {
-        let mut progress = Progress::default();
-        let mut backoff = INITIAL_BACKOFF;
-        loop {
-            let mut got_update = false;
-            let result = self.session(&mut progress, &mut got_update).await;
-            if got_update {
-                backoff = INITIAL_BACKOFF;
-            }
-            match result {
-                Ok(()) => {
-                    warn!(component = "config", endpoint = %self.endpoint.uri, "config stream ended by the controller; reconnecting")
-                }
-                Err(e) => {
-                    warn!(component = "config", endpoint = %self.endpoint.uri, error = %e, retry_in_ms = backoff.as_millis() as u64, "config stream failed; serving the last good model and reconnecting")
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    async fn session(&self, p: &mut Progress, got_update: &mut bool) -> Result<(), SessionError> {
-        let channel = self
-            .endpoint
-            .endpoint()
-            .map_err(SessionError::Protocol)?
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
-            .await?;
-        let (tx, rx) = mpsc::channel(8);
-        let _ = tx
-            .send(SubscribeRequest::hello(&self.node, p.resume.clone()))
-            .await;
-        let outbound =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-        let mut req = tonic::Request::new(outbound);
-        let auth = bearer(&self.token)
-            .parse()
-            .map_err(|_| SessionError::Protocol("token is not valid metadata".into()))?;
-        req.metadata_mut().insert("authorization", auth);
-        let mut inbound = MeshConfigClient::new(channel)
-            .subscribe(req)
-            .await?
-            .into_inner();
-        info!(component = "config", endpoint = %self.endpoint.uri, resume = p.resume.is_some(), "subscribed to the controller");
-        while let Some(update) = inbound.message().await? {
-            *got_update = true;
-            let answer = self.apply(p, &update);
-            if tx.send(answer).await.is_err() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one update and returns the ACK or NACK for it.
-    fn apply(&self, p: &mut Progress, u: &ConfigUpdate) -> SubscribeRequest {
-        let same_instance = p
-            .resume
-            .as_ref()
-            .is_some_and(|r| r.instance_id == u.instance_id);
-        let checked = if !u.full && !same_instance {
-            Err("a delta from a controller instance this client has no config from".to_owned())
-        } else if u.trust_bundle_pem.is_empty() {
-            Ok(None)
-        } else {
-            TrustBundle::from_pem(&u.trust_bundle_pem.concat())
-                .map(Some)
-                .map_err(|e| format!("trust bundle: {e}"))
-        };
-        // Checked whole before anything is applied: a rejected update
-        // leaves the cache and the serving model as they were.
-        let checked = checked.and_then(|bundle| p.cache.apply(u).map(|changed| (changed, bundle)));
-        match checked {
-            Ok((changed, bundle)) => {
-                if let Some(b) = bundle {
-                    self.trust.set(b);
-                }
-                if changed {
-                    self.state.store(p.cache.to_model());
-                    self.metrics.config_updates.inc();
-                    info!(
-                        component = "config",
-                        version = u.version,
-                        full = u.full,
-                        local_version = self.state.version(),
-                        "mesh model applied"
-                    );
-                }
-                p.resume = Some(ResumePoint {
-                    instance_id: u.instance_id.clone(),
-                    version: u.version,
-                });
-                SubscribeRequest::ack(u.version)
-            }
-            Err(error) => {
-                self.metrics.config_rejections.inc();
-                warn!(component = "config", version = u.version, error = %error, "config update rejected; keeping the last good model");
-                SubscribeRequest::nack(u.version, error)
-            }
-        }
-    }
 }

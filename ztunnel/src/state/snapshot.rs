@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use weft_api::model::{AuthorizationPolicy, Service, Workload};
+use weft_api::model::{AuthorizationPolicy, Service, Workload, GATEWAY_NAME_LABEL};
 use weft_api::{Identity, MeshModel};
 
 pub struct Snapshot {
@@ -15,6 +15,11 @@ pub struct Snapshot {
     service_by_vip: HashMap<IpAddr, usize>,
     /// Endpoint workloads of each service (index into `model.workloads`).
     endpoints: Vec<Vec<usize>>,
+    /// Pods of each waypoint, by (namespace, gateway name).
+    waypoint_pods: HashMap<(String, String), Vec<usize>>,
+    /// Workloads that accept traffic only from a waypoint: workload index
+    /// to the waypoint's identity and `namespace/name`.
+    waypoint_required: HashMap<usize, Vec<(Identity, String)>>,
     round_robin: AtomicUsize,
 }
 
@@ -90,6 +95,35 @@ impl Snapshot {
             );
         }
         drop(by_namespace);
+        let mut waypoint_pods: HashMap<(String, String), Vec<usize>> = HashMap::new();
+        for (i, w) in model.workloads.iter().enumerate() {
+            if let Some(gw) = w.labels.get(GATEWAY_NAME_LABEL) {
+                if !w.ips.is_empty() {
+                    waypoint_pods
+                        .entry((w.namespace.clone(), gw.clone()))
+                        .or_default()
+                        .push(i);
+                }
+            }
+        }
+        let mut waypoint_required: HashMap<usize, Vec<(Identity, String)>> = HashMap::new();
+        for (si, s) in model.services.iter().enumerate() {
+            let Some(wp) = &s.waypoint else { continue };
+            let sa = model
+                .waypoints
+                .iter()
+                .find(|w| w.namespace == s.namespace && &w.name == wp)
+                .map(|w| w.service_account().to_owned())
+                .unwrap_or_else(|| wp.clone());
+            let id = Identity::new(&model.trust_domain, &s.namespace, &sa);
+            for &e in &endpoints[si] {
+                let entry = (id.clone(), format!("{}/{}", s.namespace, wp));
+                let list = waypoint_required.entry(e).or_default();
+                if !list.contains(&entry) {
+                    list.push(entry);
+                }
+            }
+        }
         Self {
             version,
             model,
@@ -97,6 +131,8 @@ impl Snapshot {
             workload_by_name,
             service_by_vip,
             endpoints,
+            waypoint_pods,
+            waypoint_required,
             round_robin: AtomicUsize::new(0),
         }
     }
@@ -137,6 +173,9 @@ impl Snapshot {
                     service: format!("{}/{}", svc.namespace, svc.name),
                 };
             };
+            if let Some(wp) = &svc.waypoint {
+                return self.route_to_waypoint(svc, wp, dst);
+            }
             let eps = &self.endpoints[si];
             if eps.is_empty() {
                 return OutboundRoute::NoEndpoint {
@@ -159,6 +198,48 @@ impl Snapshot {
                 service: None,
             },
         }
+    }
+
+    /// A Service with a waypoint: HBONE to one of the waypoint's pods,
+    /// CONNECT to the address the app dialled (the waypoint routes it). No
+    /// waypoint pod: refuse rather than bypass its policy.
+    fn route_to_waypoint(&self, svc: &Service, waypoint: &str, dst: SocketAddr) -> OutboundRoute {
+        let service = format!("{}.{}", svc.name, svc.namespace);
+        let pods = self
+            .waypoint_pods
+            .get(&(svc.namespace.clone(), waypoint.to_owned()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if pods.is_empty() {
+            return OutboundRoute::NoEndpoint {
+                service: format!(
+                    "{}/{} (waypoint {waypoint} has no pod)",
+                    svc.namespace, svc.name
+                ),
+            };
+        }
+        let w = &self.model.workloads
+            [pods[self.round_robin.fetch_add(1, Ordering::Relaxed) % pods.len()]];
+        let ip = pick_family(&w.ips, dst.ip());
+        OutboundRoute::Hbone {
+            target: dst,
+            hbone: SocketAddr::new(ip, weft_api::ports::HBONE),
+            identity: self.identity(w),
+            workload: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service: Some(service),
+        }
+    }
+
+    /// The waypoints `w` accepts traffic only from (identity and
+    /// `namespace/name` each), when Services selecting it use one; empty
+    /// when it accepts any client.
+    pub fn required_waypoints(&self, w: &Workload) -> &[(Identity, String)] {
+        self.workload_by_name
+            .get(&(w.namespace.clone(), w.name.clone()))
+            .and_then(|i| self.waypoint_required.get(i))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     fn route_to_workload(
@@ -186,7 +267,9 @@ impl Snapshot {
         w: &'a Workload,
     ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
         self.model.policies.iter().filter(move |p| {
-            p.namespace == w.namespace
+            // Policies with targets are the waypoint's to enforce.
+            p.targets.is_empty()
+                && p.namespace == w.namespace
                 && p.selector
                     .as_ref()
                     .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
@@ -271,5 +354,59 @@ services:
             s.route_outbound("10.96.0.1:81".parse().unwrap()),
             OutboundRoute::NoEndpoint { .. }
         ));
+    }
+
+    #[test]
+    fn service_with_waypoint_goes_through_it_and_its_pods_require_it() {
+        let m = MeshModel::from_yaml(
+            r#"
+namespaces:
+  - { name: shop, labels: { weft.dev/dataplane-mode: ambient } }
+workloads:
+  - { name: web, namespace: shop, service_account: web, node: n1, ips: [10.1.0.2], labels: { app: web } }
+  - { name: wp-0, namespace: shop, service_account: wp, node: n1, ips: [10.1.0.9], labels: { gateway.networking.k8s.io/gateway-name: wp, weft.dev/dataplane-mode: none } }
+services:
+  - { name: web, namespace: shop, vips: [10.96.0.1], ports: [{ port: 80, target_port: 8080 }], selector: { app: web }, waypoint: wp }
+  - { name: lost, namespace: shop, vips: [10.96.0.2], ports: [{ port: 80 }], selector: { app: web }, waypoint: gone }
+waypoints:
+  - { name: wp, namespace: shop, service_account: wp }
+"#,
+        )
+        .unwrap();
+        let s = Snapshot::new(m, 1);
+        match s.route_outbound("10.96.0.1:80".parse().unwrap()) {
+            OutboundRoute::Hbone {
+                target,
+                hbone,
+                identity,
+                ..
+            } => {
+                assert_eq!(target, "10.96.0.1:80".parse().unwrap());
+                assert_eq!(hbone, "10.1.0.9:15008".parse().unwrap());
+                assert_eq!(identity.to_string(), "spiffe://cluster.local/ns/shop/sa/wp");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A waypoint with no pod refuses instead of bypassing it.
+        assert!(matches!(
+            s.route_outbound("10.96.0.2:80".parse().unwrap()),
+            OutboundRoute::NoEndpoint { .. }
+        ));
+        let web = s.workload("shop", "web").unwrap().workload;
+        let required: Vec<String> = s
+            .required_waypoints(web)
+            .iter()
+            .map(|(id, name)| format!("{name}={id}"))
+            .collect();
+        assert_eq!(
+            required,
+            [
+                "shop/wp=spiffe://cluster.local/ns/shop/sa/wp",
+                "shop/gone=spiffe://cluster.local/ns/shop/sa/gone"
+            ]
+        );
+        let wp = s.workload("shop", "wp-0").unwrap();
+        assert!(!wp.captured);
+        assert!(s.required_waypoints(wp.workload).is_empty());
     }
 }

@@ -9,9 +9,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::ca::LocalCa;
+use crate::{TrustBundle, WorkloadCert};
 use weft_api::Identity;
-use weft_hbone::ca::LocalCa;
-use weft_hbone::{TrustBundle, WorkloadCert};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -7,15 +7,15 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::{TrustBundle, WorkloadCert};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use tonic::transport::Channel;
 use weft_api::proto::ca_client::CaClient;
 use weft_api::proto::{bearer, CreateCertificateRequest};
 use weft_api::Identity;
-use weft_hbone::{TrustBundle, WorkloadCert};
 
-use crate::controller_client::ControllerAddr;
-use crate::identity::{BoxFuture, CertProvider, IdentityError};
+use super::addr::ControllerAddr;
+use super::identity::{BoxFuture, CertProvider, IdentityError};
 
 /// The mesh trust roots as last heard from the controller (the config
 /// stream or a CA response; both carry the complete set). Empty until the
