@@ -6,6 +6,7 @@ pub mod cni;
 pub mod config_cache;
 #[cfg(feature = "crd")]
 pub mod crd;
+pub mod duration;
 pub mod identity;
 pub mod l7;
 pub mod model;

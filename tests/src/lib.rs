@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod manifests;
 pub mod mesh;
+pub mod waypoint;
 
 use std::path::PathBuf;
 use std::process::Command;

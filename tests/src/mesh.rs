@@ -44,6 +44,8 @@ pub struct Mesh {
     /// With a controller (embedded mode, fed by manifests) instead of the
     /// ztunnels reading the model file themselves.
     controller: Option<ControllerRun>,
+    /// Running waypoints: their pod and spawn name.
+    pub(crate) waypoints: Vec<(Pod, String)>,
 }
 
 struct ControllerRun {
@@ -110,6 +112,7 @@ impl Mesh {
             generation: 0,
             next_vip: 1,
             controller,
+            waypoints: Vec::new(),
         };
         for ns in ambient {
             mesh.set_ambient(ns, true);
@@ -163,6 +166,15 @@ impl Mesh {
             self.cluster.stop(&name, Duration::from_secs(5))?;
         }
         Ok(())
+    }
+
+    /// `--controller`, `--controller-ca-file`, `--token-file` for a
+    /// process on `node_name` (controller mode only).
+    pub(crate) fn controller_args(&self, node_name: &str) -> Result<Vec<std::ffi::OsString>> {
+        if self.controller.is_none() {
+            bail!("this mesh has no controller");
+        }
+        Ok(self.control_args(node_name))
     }
 
     pub fn controller_log(&self) -> String {
@@ -329,7 +341,12 @@ impl Mesh {
     /// Waits until every running ztunnel serves exactly the model last
     /// written (its `/config_dump` shows it).
     pub fn wait_model_applied(&self) -> Result<()> {
-        let want = normalized(serde_json::to_value(&self.model)?);
+        // ztunnels get no routes or traffic policies (the waypoints do).
+        let mut for_ztunnels = self.model.clone();
+        for_ztunnels.http_routes.clear();
+        for_ztunnels.grpc_routes.clear();
+        for_ztunnels.traffic_policies.clear();
+        let want = normalized(serde_json::to_value(&for_ztunnels)?);
         for (node, name) in self.ztunnel_names.iter().enumerate() {
             if name.is_none() {
                 continue;
@@ -348,7 +365,7 @@ impl Mesh {
                 format!("ztunnel on node {node} did not apply the new mesh model\nwant: {want}\ngot:  {got}")
             })?;
         }
-        Ok(())
+        self.wait_waypoints_applied()
     }
 
     /// Creates a pod with labels `app=<name>` plus `labels`, records it in
@@ -404,8 +421,7 @@ impl Mesh {
         app: &str,
         ports: &[(u16, u16)],
     ) -> Result<Ipv4Addr> {
-        let vip = self.cluster.vip(self.next_vip);
-        self.next_vip += 1;
+        let vip = self.next_vip();
         let mut selector = BTreeMap::new();
         selector.insert("app".to_owned(), app.to_owned());
         self.model.services.push(Service {
@@ -424,6 +440,12 @@ impl Mesh {
         });
         self.write_model()?;
         Ok(vip)
+    }
+
+    pub(crate) fn next_vip(&mut self) -> Ipv4Addr {
+        let vip = self.cluster.vip(self.next_vip);
+        self.next_vip += 1;
+        vip
     }
 
     /// Runs `program args` inside the node's netns and returns stdout.
@@ -561,7 +583,7 @@ impl Drop for Mesh {
 
 /// A model as JSON with every list of named objects sorted by
 /// (namespace, name), so models built in different orders compare equal.
-fn normalized(mut v: Value) -> Value {
+pub(crate) fn normalized(mut v: Value) -> Value {
     if let Some(obj) = v.as_object_mut() {
         for list in obj.values_mut() {
             if let Some(items) = list.as_array_mut() {

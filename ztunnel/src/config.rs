@@ -77,28 +77,5 @@ impl Config {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("duration {s:?}: unit must be ms, s, m or h")),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn durations() {
-        assert_eq!(super::parse_duration("24h").unwrap().as_secs(), 86400);
-        assert_eq!(super::parse_duration("150ms").unwrap().as_millis(), 150);
-        assert!(super::parse_duration("10").is_err());
-        assert!(super::parse_duration("5d").is_err());
-    }
+    weft_api::duration::parse(s)
 }

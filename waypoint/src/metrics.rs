@@ -1,0 +1,215 @@
+//! Prometheus metrics of the waypoint (`weft_` prefix, mesh-standard
+//! labels). Request counters carry the workload labels; histograms carry
+//! only the destination service and the response class, so their series
+//! stay few.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub request_protocol: &'static str,
+    /// Standard method names; anything else is `OTHER`.
+    pub request_method: &'static str,
+    pub response_code: u16,
+    /// The route rule that matched (`namespace/route#rule`), or empty.
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub destination_service: String,
+    /// `2xx`, `4xx`, ...
+    pub response_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub policy: String,
+    pub destination_service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceOnly {
+    pub destination_service: String,
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<ServiceLabels, Histogram>,
+    pub request_bytes: Family<ServiceLabels, Histogram>,
+    pub response_bytes: Family<ServiceLabels, Histogram>,
+    pub denials: Family<DenialLabels, Counter>,
+    pub retries: Family<ServiceOnly, Counter>,
+    pub rate_limited: Family<ServiceOnly, Counter>,
+    pub overflows: Family<ServiceOnly, Counter>,
+    pub ejections: Family<ServiceOnly, Counter>,
+    pub failures: Family<ReasonLabels, Counter>,
+    pub handshake_failures: Family<ReasonLabels, Counter>,
+    pub l4_connections: Family<ServiceOnly, Counter>,
+    pub config_updates: Counter,
+    pub config_rejections: Counter,
+    pub active_requests: Gauge,
+    registry: Registry,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 0.5 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+fn bytes_histogram() -> Histogram {
+    // 64 B .. ~1 GiB
+    Histogram::new(exponential_buckets(64.0, 4.0, 13))
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("weft");
+        let m = Metrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(seconds_histogram),
+            request_bytes: Family::new_with_constructor(bytes_histogram),
+            response_bytes: Family::new_with_constructor(bytes_histogram),
+            denials: Family::default(),
+            retries: Family::default(),
+            rate_limited: Family::default(),
+            overflows: Family::default(),
+            ejections: Family::default(),
+            failures: Family::default(),
+            handshake_failures: Family::default(),
+            l4_connections: Family::default(),
+            config_updates: Counter::default(),
+            config_rejections: Counter::default(),
+            active_requests: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "HTTP requests handled", m.requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time from request headers to the end of the response",
+            m.duration.clone(),
+        );
+        registry.register(
+            "request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
+        );
+        registry.register(
+            "authorization_denials",
+            "Requests denied by authorization policy",
+            m.denials.clone(),
+        );
+        registry.register("retries", "Upstream retries", m.retries.clone());
+        registry.register(
+            "rate_limited",
+            "Requests answered 429 by a local rate limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "circuit_breaker_overflows",
+            "Requests answered 503 because a limit was reached",
+            m.overflows.clone(),
+        );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected for consecutive failures",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "upstream_failures",
+            "Upstream attempts that failed before a response, by reason",
+            m.failures.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Inbound mTLS handshakes rejected, by reason",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "tcp_passthrough_connections",
+            "Non-HTTP connections carried at L4",
+            m.l4_connections.clone(),
+        );
+        registry.register(
+            "config_updates",
+            "Mesh model versions applied",
+            m.config_updates.clone(),
+        );
+        registry.register(
+            "config_rejections",
+            "Mesh model updates rejected (the last good one stays)",
+            m.config_rejections.clone(),
+        );
+        registry.register(
+            "active_requests",
+            "Requests being proxied now",
+            m.active_requests.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn failure(&self, reason: &str) {
+        self.failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+pub fn response_class(code: u16) -> &'static str {
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,165 @@
+//! The mesh model as the waypoint reads it: one compiled, immutable version
+//! (services by VIP and name, their endpoints, routes, L7 policy), swapped
+//! whole when the controller sends a new model.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+use weft_api::model::{Service, Workload};
+use weft_api::MeshModel;
+
+use crate::plan::{Policies, Routes};
+use crate::upstream::Endpoint;
+
+pub struct Compiled {
+    pub version: u64,
+    pub model: MeshModel,
+    service_by_vip: HashMap<IpAddr, usize>,
+    service_by_name: HashMap<(String, String), usize>,
+    workload_by_ip: HashMap<IpAddr, usize>,
+    /// Endpoint workloads of each service (index into `model.workloads`).
+    endpoints: Vec<Vec<usize>>,
+    pub routes: Routes,
+    pub authz: Policies,
+}
+
+impl Compiled {
+    pub fn new(model: MeshModel, version: u64) -> Self {
+        let mut workload_by_ip = HashMap::new();
+        let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, w) in model.workloads.iter().enumerate() {
+            for ip in &w.ips {
+                workload_by_ip.insert(*ip, i);
+            }
+            if !w.ips.is_empty() {
+                by_namespace.entry(&w.namespace).or_default().push(i);
+            }
+        }
+        let mut service_by_vip = HashMap::new();
+        let mut service_by_name = HashMap::new();
+        let mut endpoints = Vec::with_capacity(model.services.len());
+        for (si, s) in model.services.iter().enumerate() {
+            for vip in &s.vips {
+                service_by_vip.insert(*vip, si);
+            }
+            service_by_name.insert((s.namespace.clone(), s.name.clone()), si);
+            endpoints.push(
+                by_namespace
+                    .get(s.namespace.as_str())
+                    .map(|ws| {
+                        ws.iter()
+                            .copied()
+                            .filter(|&i| s.selects(&model.workloads[i]))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            );
+        }
+        drop(by_namespace);
+        let routes = Routes::build(&model);
+        let authz = Policies::build(&model);
+        Self {
+            version,
+            model,
+            service_by_vip,
+            service_by_name,
+            workload_by_ip,
+            endpoints,
+            routes,
+            authz,
+        }
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        Some(&self.model.services[*self.service_by_vip.get(&ip)?])
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        let i = self
+            .service_by_name
+            .get(&(namespace.to_owned(), name.to_owned()))?;
+        Some(&self.model.services[*i])
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        Some(&self.model.workloads[*self.workload_by_ip.get(&ip)?])
+    }
+
+    /// Endpoints of `service` for its `port`: mesh workloads are reached
+    /// over HBONE, others in plain TCP.
+    pub fn endpoints(&self, namespace: &str, name: &str, port: u16) -> Vec<Endpoint> {
+        let Some(&si) = self
+            .service_by_name
+            .get(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return Vec::new();
+        };
+        let svc = &self.model.services[si];
+        let Some(sp) = svc.ports.iter().find(|p| p.port == port) else {
+            return Vec::new();
+        };
+        self.endpoints[si]
+            .iter()
+            .map(|&i| {
+                let w = &self.model.workloads[i];
+                self.endpoint_of(w, sp.target())
+            })
+            .collect()
+    }
+
+    /// A workload addressed directly (`ip:port` not a service VIP).
+    pub fn workload_endpoint(&self, addr: SocketAddr) -> Option<Endpoint> {
+        let w = self.workload_by_ip(addr.ip())?;
+        Some(self.endpoint_of(w, addr.port()))
+    }
+
+    fn endpoint_of(&self, w: &Workload, port: u16) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::new(w.ips[0], port),
+            identity: self.model.is_captured(w).then(|| self.model.identity_of(w)),
+            workload: w.name.clone(),
+            namespace: w.namespace.clone(),
+        }
+    }
+}
+
+/// The current compiled model; readers take an `Arc` and keep it for a
+/// request, so a swap never disturbs one in flight.
+#[derive(Clone)]
+pub struct WaypointState {
+    current: Arc<RwLock<Arc<Compiled>>>,
+    version_tx: Arc<watch::Sender<u64>>,
+}
+
+impl Default for WaypointState {
+    fn default() -> Self {
+        Self {
+            current: Arc::new(RwLock::new(Arc::new(Compiled::new(
+                MeshModel::default(),
+                0,
+            )))),
+            version_tx: Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+impl WaypointState {
+    pub fn load(&self) -> Arc<Compiled> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn store(&self, model: MeshModel, version: u64) {
+        let compiled = Arc::new(Compiled::new(model, version));
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = compiled;
+        self.version_tx.send_replace(version);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version_tx.subscribe()
+    }
+}
