@@ -45,7 +45,7 @@ pub struct Mesh {
     /// ztunnels reading the model file themselves.
     controller: Option<ControllerRun>,
     /// Running waypoints: their pod and spawn name.
-    pub(crate) waypoints: Vec<(Pod, String)>,
+    pub(crate) waypoints: Vec<(Pod, String, u32)>,
 }
 
 struct ControllerRun {

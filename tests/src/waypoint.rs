@@ -63,6 +63,18 @@ impl Mesh {
     /// Deploys waypoint `name` in `namespace` on `node`: a Gateway in the
     /// model and a pod running `weft-waypoint`; waits until it serves.
     pub fn add_waypoint(&mut self, node: usize, namespace: &str, name: &str) -> Result<Pod> {
+        self.add_waypoint_with_env(node, namespace, name, &[("WEFT_LOG", "info,weft_waypoint=debug")])
+    }
+
+    /// `add_waypoint` with extra environment for the process (log filter,
+    /// `WEFT_ACCESS_LOG=false` for benchmarks).
+    pub fn add_waypoint_with_env(
+        &mut self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Pod> {
         self.model.waypoints.push(Waypoint {
             name: name.into(),
             namespace: namespace.into(),
@@ -108,13 +120,13 @@ impl Mesh {
             &node_name,
         ])
         .args(self.controller_args(&node_name)?)
-        .env("WEFT_LOG", "info,weft_waypoint=debug");
+        .envs(env.iter().copied());
         let spawn = format!("waypoint-{namespace}-{name}");
-        self.cluster.spawn(&spawn, cmd)?;
+        let pid = self.cluster.spawn(&spawn, cmd)?;
         self.cluster
             .wait_for_log(&spawn, "waypoint ready", Duration::from_secs(30))
             .with_context(|| format!("waypoint did not start:\n{}", self.cluster.log(&spawn)))?;
-        self.waypoints.push((pod.clone(), spawn));
+        self.waypoints.push((pod.clone(), spawn, pid));
         self.wait_waypoints_applied()?;
         Ok(pod)
     }
@@ -137,11 +149,19 @@ impl Mesh {
         self.write_model()
     }
 
+    /// The waypoint process's pid.
+    pub fn waypoint_pid(&self, name: &str) -> Option<u32> {
+        self.waypoints
+            .iter()
+            .find(|(p, _, _)| p.name == format!("{name}-waypoint"))
+            .map(|(_, _, pid)| *pid)
+    }
+
     pub fn waypoint_log(&self, name: &str) -> String {
         self.waypoints
             .iter()
-            .find(|(p, _)| p.name == format!("{name}-waypoint"))
-            .map(|(_, spawn)| self.cluster.log(spawn))
+            .find(|(p, _, _)| p.name == format!("{name}-waypoint"))
+            .map(|(_, spawn, _)| self.cluster.log(spawn))
             .unwrap_or_default()
     }
 
@@ -162,10 +182,10 @@ impl Mesh {
 
     /// The waypoint's Prometheus text.
     pub fn waypoint_metrics(&self, name: &str) -> Result<String> {
-        let (pod, _) = self
+        let (pod, _, _) = self
             .waypoints
             .iter()
-            .find(|(p, _)| p.name == format!("{name}-waypoint"))
+            .find(|(p, _, _)| p.name == format!("{name}-waypoint"))
             .context("no such waypoint")?;
         self.waypoint_get(pod, "http://127.0.0.1:15020/metrics")
     }
@@ -173,7 +193,7 @@ impl Mesh {
     /// Waits until every waypoint serves the model last written.
     pub(crate) fn wait_waypoints_applied(&self) -> Result<()> {
         let want = normalized(serde_json::to_value(&self.model)?);
-        for (pod, _) in &self.waypoints {
+        for (pod, _, _) in &self.waypoints {
             wait_until(Duration::from_secs(10), || {
                 let text = self
                     .waypoint_get(pod, "http://127.0.0.1:15000/config_dump")

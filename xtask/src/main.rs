@@ -29,12 +29,15 @@ enum Cmd {
     /// Bring up a 2-node mesh of network namespaces, drive traffic, show
     /// which connections were mTLS and between which identities, clean up.
     Demo,
-    /// Data-path benchmark: no mesh vs Weft L4 cross-node and same-node
-    /// (iperf3, wrk), with ztunnel CPU and memory; writes bench-results/.
+    /// Data-path benchmarks: no mesh vs Weft L4 cross-node and same-node
+    /// (iperf3, wrk), with ztunnel CPU and memory; then HTTP/1.1 and
+    /// HTTP/2 through the waypoint vs nginx as a reverse proxy vs no mesh
+    /// (wrk, h2load). Writes bench-results/.
     Bench {
-        /// `controller`: the control plane's scale benchmark (10,000 pods,
-        /// 1,000 services, 100 subscribed ztunnels) instead of the data path.
-        #[arg(value_parser = ["controller"])]
+        /// Only one part: `l4` (ztunnel data path), `waypoint` (L7), or
+        /// `controller` (the control plane's scale benchmark: 10,000 pods,
+        /// 1,000 services, 100 subscribed ztunnels).
+        #[arg(value_parser = ["l4", "waypoint", "controller"])]
         target: Option<String>,
         /// Data path: one run of 3 s per workload (under 2 minutes) instead
         /// of 3 of 10 s. Controller: 1,000 pods and 20 ztunnels.
@@ -74,14 +77,12 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Test { args } => setup().and_then(|_| test(&args)),
         Cmd::Demo => setup().and_then(|_| demo()),
-        Cmd::Bench {
-            target: Some(_),
-            quick,
-        } => bench_controller(quick),
-        Cmd::Bench {
-            target: None,
-            quick,
-        } => setup().and_then(|_| bench(quick)),
+        Cmd::Bench { target, quick } => match target.as_deref() {
+            Some("controller") => bench_controller(quick),
+            Some("l4") => setup().and_then(|_| bench(quick, true, false)),
+            Some("waypoint") => setup().and_then(|_| bench(quick, false, true)),
+            _ => setup().and_then(|_| bench(quick, true, true)),
+        },
         Cmd::Chart { check } => chart(check),
     };
     match result {
@@ -287,16 +288,20 @@ fn demo() -> Result<()> {
     run(&mut Command::new(root_dir().join("target/debug/weft-demo")))
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, l4: bool, waypoint: bool) -> Result<()> {
     run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-    let mut cmd = Command::new(root_dir().join("target/release/weft-bench"));
-    cmd.current_dir(root_dir())
-        .arg("--out")
-        .arg(root_dir().join("bench-results"));
-    if quick {
-        cmd.arg("--quick");
+    let parts = [(l4, "weft-bench"), (waypoint, "weft-l7bench")];
+    for (_, bin) in parts.iter().filter(|(on, _)| *on) {
+        let mut cmd = Command::new(root_dir().join("target/release").join(bin));
+        cmd.current_dir(root_dir())
+            .arg("--out")
+            .arg(root_dir().join("bench-results"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        run(&mut cmd)?;
     }
-    run(&mut cmd)
+    Ok(())
 }
 
 fn bench_controller(quick: bool) -> Result<()> {
