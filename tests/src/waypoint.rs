@@ -63,7 +63,12 @@ impl Mesh {
     /// Deploys waypoint `name` in `namespace` on `node`: a Gateway in the
     /// model and a pod running `weft-waypoint`; waits until it serves.
     pub fn add_waypoint(&mut self, node: usize, namespace: &str, name: &str) -> Result<Pod> {
-        self.add_waypoint_with_env(node, namespace, name, &[("WEFT_LOG", "info,weft_waypoint=debug")])
+        self.add_waypoint_with_env(
+            node,
+            namespace,
+            name,
+            &[("WEFT_LOG", "info,weft_waypoint=debug")],
+        )
     }
 
     /// `add_waypoint` with extra environment for the process (log filter,

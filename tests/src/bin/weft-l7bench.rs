@@ -315,7 +315,11 @@ fn pids_in_netns(netns_path: &Path, comm: &str) -> Result<Vec<u32>> {
     let want = format!("net:[{}]", std::fs::metadata(netns_path)?.ino());
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -353,7 +357,10 @@ fn measure(
     pids: &[u32],
 ) -> Result<Sample> {
     let before = waypoint_requests(mesh);
-    let cpu0: f64 = pids.iter().map(|p| tools::cpu_seconds(*p).unwrap_or(0.0)).sum();
+    let cpu0: f64 = pids
+        .iter()
+        .map(|p| tools::cpu_seconds(*p).unwrap_or(0.0))
+        .sum();
     let mut sample = match w.load {
         Load::Wrk { conns, threads } => {
             let url = format!("http://{}/1k.bin", s.h1);
@@ -374,7 +381,10 @@ fn measure(
             h2load(&s.client, &url, conns, streams, secs)?
         }
     };
-    let cpu1: f64 = pids.iter().map(|p| tools::cpu_seconds(*p).unwrap_or(0.0)).sum();
+    let cpu1: f64 = pids
+        .iter()
+        .map(|p| tools::cpu_seconds(*p).unwrap_or(0.0))
+        .sum();
     sample.proxy_cpu_s = cpu1 - cpu0;
     sample.proxy_rss_mib = pids
         .iter()
@@ -489,7 +499,12 @@ fn parse_h2load(text: &str) -> Result<Sample> {
     Ok(s)
 }
 
-fn report(o: &Options, results: &[(&Workload, &Scenario, Vec<Sample>)], runs: usize, secs: u32) -> Result<()> {
+fn report(
+    o: &Options,
+    results: &[(&Workload, &Scenario, Vec<Sample>)],
+    runs: usize,
+    secs: u32,
+) -> Result<()> {
     let med = |v: &[Sample], f: fn(&Sample) -> f64| tools::median(v.iter().map(f));
     let mut table = String::new();
     let _ = writeln!(
@@ -499,7 +514,15 @@ fn report(o: &Options, results: &[(&Workload, &Scenario, Vec<Sample>)], runs: us
     let _ = writeln!(
         table,
         "{:<30} {:<22} {:>10} {:>8} {:>9} {:>9} {:>9} {:>12} {:>9}",
-        "workload", "path", "req/s", "vs none", "p50 us", "p99 us", "mean us", "proxy CPU us/req", "proxy MiB"
+        "workload",
+        "path",
+        "req/s",
+        "vs none",
+        "p50 us",
+        "p99 us",
+        "mean us",
+        "proxy CPU us/req",
+        "proxy MiB"
     );
     let mut json_rows = Vec::new();
     for (w, s, samples) in results {
@@ -527,8 +550,16 @@ fn report(o: &Options, results: &[(&Workload, &Scenario, Vec<Sample>)], runs: us
             med(samples, |x| x.p50_us),
             med(samples, |x| x.p99_us),
             med(samples, |x| x.mean_us),
-            if s.proxy == Proxy::None { f64::NAN } else { cpu_us },
-            if s.proxy == Proxy::None { f64::NAN } else { rss },
+            if s.proxy == Proxy::None {
+                f64::NAN
+            } else {
+                cpu_us
+            },
+            if s.proxy == Proxy::None {
+                f64::NAN
+            } else {
+                rss
+            },
         );
         json_rows.push(json!({
             "workload": w.key, "scenario": s.key,
