@@ -239,17 +239,6 @@ async fn respond(
         return r;
     }
 
-    // Fault injection.
-    let fault = res.fault();
-    if let Some(delay) = fault.delay {
-        tokio::time::sleep(delay).await;
-    }
-    if let Some(status) = fault.abort {
-        ledger.flag = "fault_abort";
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return local_reply(status, ledger.grpc, "fault filter abort\n");
-    }
-
     // Circuit breaker.
     let _permit = match res.start_request() {
         Ok(p) => p,
@@ -344,6 +333,27 @@ async fn respond(
                 tokio::time::sleep(res.backoff(plan.retry.as_ref(), attempt)).await;
             }
             ledger.attempts = attempt + 1;
+            // Fault injection, per attempt: an injected abort is an upstream
+            // failure the retry policy may retry (a delay delays the attempt).
+            let fault = res.fault();
+            if let Some(delay) = fault.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(code) = fault.abort {
+                let outcome = Outcome::Status(code);
+                if replay.is_none() {
+                    // Not sent: the streamed body is still whole.
+                    streaming = Some(body);
+                }
+                let retryable = attempt + 1 < max_attempts
+                    && res.is_retryable(&parts.method, &outcome, plan.retry.as_ref());
+                if retryable {
+                    continue;
+                }
+                ledger.flag = "fault_abort";
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return local_reply(status, ledger.grpc, "fault filter abort\n");
+            }
             let endpoints = match &plan.backend {
                 Backend::Service {
                     namespace,
