@@ -214,11 +214,13 @@ async fn manifests_edit_updates_the_published_model() {
     let dir = folder();
     let (out, mut model) = watch::channel(Arc::new(MeshModel::default()));
     let (st, mut status) = watch::channel(Arc::new(Vec::new()));
+    let (gw, _gateway_api) = watch::channel(Arc::default());
     let task = tokio::spawn(manifests::run(
         dir.path().to_owned(),
         "cluster.local".to_owned(),
         out,
         st,
+        gw,
     ));
     support::wait_for(&mut model, 10, "initial model", |m| m.workloads.len() == 3).await;
 
