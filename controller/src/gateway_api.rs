@@ -189,11 +189,15 @@ pub fn build_waypoints(state: &ClusterState) -> Vec<model::Waypoint> {
 }
 
 /// The waypoint a Service's traffic goes through: its own
-/// `weft.dev/use-waypoint` label, else its namespace's; `none` opts out.
+/// `weft.dev/use-waypoint` label, else its namespace's; `none` opts out. A
+/// waypoint's own Service never goes through a waypoint.
 pub fn service_waypoint(
     service_labels: &BTreeMap<String, String>,
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> Option<String> {
+    if service_labels.contains_key(GATEWAY_NAME_LABEL) {
+        return None;
+    }
     let label = service_labels
         .get(model::USE_WAYPOINT_LABEL)
         .or_else(|| namespace_labels.and_then(|l| l.get(model::USE_WAYPOINT_LABEL)))?;
@@ -1041,7 +1045,7 @@ mod tests {
                 svc("db", "10.96.0.11", "weft.dev/use-waypoint: none"),
                 svc("api", "10.96.0.12", "weft.dev/use-waypoint: elsewhere"),
                 svc("web-v2", "10.96.0.13", ""),
-                svc("wp", "10.96.0.99", "weft.dev/use-waypoint: none"),
+                svc("wp", "10.96.0.99", "gateway.networking.k8s.io/gateway-name: wp"),
             ],
             gateways: vec![
                 obj("metadata: {name: wp, namespace: shop, uid: gw-uid, generation: 2, annotations: {weft.dev/waypoint-replicas: '3'}}\nspec: {gatewayClassName: weft-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}"),
@@ -1110,6 +1114,7 @@ mod tests {
             "inherited from the namespace"
         );
         assert_eq!(wp_of("db"), None, "`none` opts out");
+        assert_eq!(wp_of("wp"), None, "a waypoint does not go through itself");
         // A missing waypoint is kept (fail closed) and reported.
         assert_eq!(wp_of("api").as_deref(), Some("elsewhere"));
         assert!(

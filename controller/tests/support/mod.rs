@@ -456,6 +456,13 @@ impl FakeApi {
                 patch["metadata"]["namespace"] = json!(key.0);
                 let mut cur = self.get(&collection, &key.0, &key.1).unwrap_or(json!({}));
                 merge_patch(&mut cur, &patch);
+                if collection == SERVICES && cur["spec"]["clusterIP"].is_null() {
+                    // The API server allocates a ClusterIP.
+                    let n = self.inner.lock().unwrap().rv % 250 + 1;
+                    let ip = format!("10.96.200.{n}");
+                    cur["spec"]["clusterIP"] = json!(ip);
+                    cur["spec"]["clusterIPs"] = json!([ip]);
+                }
                 self.apply(&collection, cur);
                 respond(
                     200,
