@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use weft_api::MeshModel;
 
 use crate::ca::{Authenticator, BootstrapTokens, CaService, DirRootStore, MeshCa, RootStore};
+use crate::gateway_api::GatewayApiOutput;
 use crate::model_builder::PolicyStatus;
 use crate::xds::{XdsOptions, XdsServer};
 
@@ -73,6 +74,20 @@ pub struct Config {
     pub cert_ttl: Duration,
     #[arg(long, env = "WEFT_LOG_JSON")]
     pub log_json: bool,
+    /// In a cluster: image of the waypoint Deployments the controller runs
+    /// for Gateways of class weft-waypoint (it holds `weft-waypoint`).
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_IMAGE",
+        default_value = "ghcr.io/weft-mesh/weft:latest"
+    )]
+    pub waypoint_image: String,
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    pub waypoint_image_pull_policy: String,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -93,6 +108,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::default()));
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::<PolicyStatus>::new()));
+    let (gateway_tx, gateway_rx) = watch::channel(Arc::new(GatewayApiOutput::default()));
 
     let (ca, auth): (Arc<MeshCa>, Arc<dyn Authenticator>) = match &cfg.manifests {
         Some(dir) => {
@@ -108,9 +124,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let ca = MeshCa::load_or_generate(store, &cfg.trust_domain).await?;
             let dir = dir.clone();
             let td = cfg.trust_domain.clone();
-            let (tx, stx) = (model_tx.clone(), status_tx.clone());
+            let (tx, stx, gtx) = (model_tx.clone(), status_tx.clone(), gateway_tx.clone());
             tokio::spawn(async move {
-                if let Err(e) = crate::manifests::run(dir, td, tx, stx).await {
+                if let Err(e) = crate::manifests::run(dir, td, tx, stx, gtx).await {
                     warn!(component = "manifests", error = %e, "manifest source ended");
                 }
             });
@@ -148,10 +164,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let auth =
                 crate::ca::TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()]);
             let td = cfg.trust_domain.clone();
-            let (tx, stx) = (model_tx.clone(), status_tx.clone());
+            let (tx, stx, gtx) = (model_tx.clone(), status_tx.clone(), gateway_tx.clone());
             let kube = client.clone();
             tokio::spawn(async move {
-                if let Err(e) = crate::kube_source::run(kube, td, tx, stx).await {
+                if let Err(e) = crate::kube_source::run(kube, td, tx, stx, gtx).await {
                     warn!(component = "kube", error = %e, "Kubernetes source ended");
                 }
             });
@@ -170,9 +186,33 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let (is_leader, _elector) = crate::leader::spawn(client.clone(), lease);
             let statuses = status_rx.clone();
             let writer = client.clone();
+            let (leader1, leader2, leader3) = (is_leader.clone(), is_leader.clone(), is_leader);
+            let instance = identity.clone();
             tokio::spawn(async move {
-                if let Err(e) = crate::status::run(writer, statuses, is_leader, identity).await {
+                if let Err(e) = crate::status::run(writer, statuses, leader1, instance).await {
                     warn!(component = "status", error = %e, "status writer ended");
+                }
+            });
+            let (writer, gateway_statuses) = (client.clone(), gateway_rx.clone());
+            tokio::spawn(async move {
+                if let Err(e) =
+                    crate::gateway_status::run(writer, gateway_statuses, leader2, identity).await
+                {
+                    warn!(component = "gateway_status", error = %e, "Gateway status writer ended");
+                }
+            });
+            let deploy = crate::waypoint_deploy::DeployConfig {
+                image: cfg.waypoint_image.clone(),
+                image_pull_policy: cfg.waypoint_image_pull_policy.clone(),
+                controller_url: format!("https://weft-controller.{}.svc:15010", cfg.namespace),
+                trust_domain: cfg.trust_domain.clone(),
+            };
+            let (deployer, desired) = (client.clone(), gateway_rx.clone());
+            tokio::spawn(async move {
+                if let Err(e) =
+                    crate::waypoint_deploy::run(deployer, deploy, desired, leader3).await
+                {
+                    warn!(component = "waypoint_deploy", error = %e, "waypoint deployer ended");
                 }
             });
             info!(
@@ -202,6 +242,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         counters,
         models: model_rx.clone(),
         status: status_rx,
+        gateway_status: gateway_rx,
     });
     for (addr, which) in [
         (cfg.metrics_addr, Which::Metrics),
@@ -254,6 +295,7 @@ struct Endpoints {
     counters: Arc<crate::xds::XdsCounters>,
     models: watch::Receiver<Arc<MeshModel>>,
     status: watch::Receiver<Arc<Vec<PolicyStatus>>>,
+    gateway_status: watch::Receiver<Arc<GatewayApiOutput>>,
 }
 
 #[derive(Clone, Copy)]
@@ -284,16 +326,28 @@ fn respond(e: &Endpoints, which: Which, path: &str) -> http::Response<Full<Bytes
     let (code, body) = match (which, path) {
         (Which::Ready, "/healthz/ready") => (200, "ready\n".to_owned()),
         (Which::Metrics, "/metrics") => (200, metrics_text(e)),
-        (Which::Metrics, "/debug/status") => (
-            200,
-            serde_json::to_string_pretty(&crate::status::status_json(&e.status.borrow()))
-                .unwrap_or_default(),
-        ),
+        (Which::Metrics, "/debug/status") => (200, debug_status(e)),
         _ => (404, "not found\n".to_owned()),
     };
     let mut r = http::Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
     r
+}
+
+/// Policy, Gateway and route status in one tree: namespace, kind, name.
+fn debug_status(e: &Endpoints) -> String {
+    let mut all = crate::status::status_json(&e.status.borrow());
+    let gateway_api = crate::gateway_status::status_json(&e.gateway_status.borrow());
+    if let (Some(all), serde_json::Value::Object(gw)) = (all.as_object_mut(), gateway_api) {
+        for (ns, kinds) in gw {
+            let entry = all.entry(ns).or_insert_with(|| serde_json::json!({}));
+            if let (Some(entry), serde_json::Value::Object(kinds)) = (entry.as_object_mut(), kinds)
+            {
+                entry.extend(kinds);
+            }
+        }
+    }
+    serde_json::to_string_pretty(&all).unwrap_or_default()
 }
 
 fn metrics_text(e: &Endpoints) -> String {

@@ -18,9 +18,12 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::{watch, Notify};
-use weft_api::crd::{AuthorizationPolicy, Gateway, PeerAuthentication};
+use weft_api::crd::{
+    AuthorizationPolicy, GRPCRoute, Gateway, HTTPRoute, PeerAuthentication, TrafficPolicy,
+};
 use weft_api::MeshModel;
 
+use crate::gateway_api::GatewayApiOutput;
 use crate::model_builder::{self, ClusterState, PolicyStatus};
 
 /// Changes arriving within this window are folded into one rebuild.
@@ -39,7 +42,10 @@ struct Stores {
     service_accounts: Store<ServiceAccount>,
     authorization_policies: Store<AuthorizationPolicy>,
     peer_authentications: Store<PeerAuthentication>,
+    traffic_policies: Store<TrafficPolicy>,
     gateways: Store<Gateway>,
+    http_routes: Store<HTTPRoute>,
+    grpc_routes: Store<GRPCRoute>,
 }
 
 impl Stores {
@@ -53,15 +59,19 @@ impl Stores {
             authorization_policies: self.authorization_policies.state(),
             peer_authentications: self.peer_authentications.state(),
             gateways: self.gateways.state(),
+            http_routes: self.http_routes.state(),
+            grpc_routes: self.grpc_routes.state(),
+            traffic_policies: self.traffic_policies.state(),
         }
     }
 }
 
-/// Watches the cluster through `client` and keeps `out` (the mesh model)
-/// and `status` (the `Accepted` condition each policy should carry) up to
+/// Watches the cluster through `client` and keeps `out` (the mesh model),
+/// `status` (the `Accepted` condition each policy should carry) and
+/// `gateway_api` (Gateway and route status, waypoints to deploy) up to
 /// date. The first model is published once every required reflector has
-/// listed its kind (the Gateway watch is optional: without the Gateway API
-/// CRD it is skipped with a warning and retried every 30 s). Watch errors
+/// listed its kind (the Gateway API watches are optional: without the
+/// Gateway API CRDs they are skipped with a warning and retried every 30 s). Watch errors
 /// are logged and retried with kube-rs's default backoff; the function only
 /// returns if a reflector task ends, which does not happen in normal
 /// operation, or when both receivers are gone.
@@ -70,6 +80,7 @@ pub async fn run(
     trust_domain: String,
     out: watch::Sender<Arc<MeshModel>>,
     status: watch::Sender<Arc<Vec<PolicyStatus>>>,
+    gateway_api: watch::Sender<Arc<GatewayApiOutput>>,
 ) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
@@ -89,9 +100,32 @@ pub async fn run(
         service_accounts: reflect!(ServiceAccount),
         authorization_policies: reflect!(AuthorizationPolicy),
         peer_authentications: reflect!(PeerAuthentication),
+        traffic_policies: reflect!(TrafficPolicy),
         gateways: {
             let (store, writer) = reflector::store();
-            tasks.spawn(watch_gateways(client.clone(), writer, changed.clone()));
+            tasks.spawn(watch_optional::<Gateway>(
+                client.clone(),
+                writer,
+                changed.clone(),
+            ));
+            store
+        },
+        http_routes: {
+            let (store, writer) = reflector::store();
+            tasks.spawn(watch_optional::<HTTPRoute>(
+                client.clone(),
+                writer,
+                changed.clone(),
+            ));
+            store
+        },
+        grpc_routes: {
+            let (store, writer) = reflector::store();
+            tasks.spawn(watch_optional::<GRPCRoute>(
+                client.clone(),
+                writer,
+                changed.clone(),
+            ));
             store
         },
     };
@@ -104,8 +138,8 @@ pub async fn run(
             for p in &built.problems {
                 tracing::debug!(component = "kube_source", problem = %p, "cluster state problem");
             }
-            built.publish(&out, &status);
-            if out.is_closed() && status.is_closed() {
+            built.publish(&out, &status, &gateway_api);
+            if out.is_closed() && status.is_closed() && gateway_api.is_closed() {
                 return Ok(());
             }
             changed.notified().await;
@@ -130,6 +164,7 @@ async fn wait_ready(s: &Stores) -> anyhow::Result<()> {
         s.service_accounts.wait_until_ready(),
         s.authorization_policies.wait_until_ready(),
         s.peer_authentications.wait_until_ready(),
+        s.traffic_policies.wait_until_ready(),
     );
     r.map(|_| ())
         .map_err(|e| anyhow::anyhow!("a reflector stopped before its first list: {e}"))
@@ -173,14 +208,20 @@ where
     }
 }
 
-/// Gateway API is optional: while its CRD is missing (the list answers
-/// 404), warn and look again later instead of failing the controller.
-async fn watch_gateways(
+/// Gateway API is optional: while a kind's CRD is missing (the list
+/// answers 404), warn and look again later instead of failing the
+/// controller.
+async fn watch_optional<K>(
     client: Client,
-    writer: reflector::store::Writer<Gateway>,
+    writer: reflector::store::Writer<K>,
     changed: Arc<Notify>,
-) {
-    let api: Api<Gateway> = Api::all(client);
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let kind = K::kind(&());
+    let plural = K::plural(&());
+    let group = K::group(&());
+    let api: Api<K> = Api::all(client);
     let mut warned = false;
     loop {
         match api.list(&ListParams::default().limit(1)).await {
@@ -189,22 +230,20 @@ async fn watch_gateways(
                 if !warned {
                     tracing::warn!(
                         component = "kube_source",
-                        "the Gateway API CRD (gateways.gateway.networking.k8s.io) is not installed; waypoints are unavailable until it is"
+                        kind = %kind,
+                        "the Gateway API CRD {plural}.{group} is not installed; waypoints and routes are unavailable until it is"
                     );
                     warned = true;
                 }
             }
             Err(e) => {
-                tracing::warn!(component = "kube_source", kind = "Gateway", error = %e, "cannot list Gateways; retrying");
+                tracing::warn!(component = "kube_source", kind = %kind, error = %e, "cannot list; retrying");
             }
         }
         tokio::time::sleep(GATEWAY_CRD_RECHECK).await;
     }
     if warned {
-        tracing::info!(
-            component = "kube_source",
-            "Gateway API CRD found; watching Gateways"
-        );
+        tracing::info!(component = "kube_source", kind = %kind, "Gateway API CRD found; watching");
     }
     drive(api, writer, changed).await;
 }

@@ -3,19 +3,25 @@
 //! streamed to ztunnels over gRPC; also the mesh CA.
 //!
 //! - `model_builder`: Kubernetes objects -> `MeshModel` + policy status
-//!   (pure, level-based)
+//!   (pure, level-based); `gateway_api`: its Gateway API / L7 part
+//!   (waypoints, routes, route and Gateway status)
 //! - `kube_source`: reflectors on the API server feeding the builder
 //! - `manifests`: the same builder fed by a watched folder of YAML
-//! - `status`, `leader`: conditions/Events, Lease-based leader election
+//! - `status`, `leader`: conditions/Events, Lease-based leader election;
+//!   `gateway_status`: Gateway and route status; `waypoint_deploy`: the
+//!   waypoints' Deployments (cluster mode, leader only)
 //! - `xds`: the config stream to ztunnels (incremental, ACK/NACK)
 //! - `ca`: the mesh CA (CSR signing, node authorization, root rotation)
 
 pub mod app;
 pub mod ca;
+pub mod gateway_api;
+pub mod gateway_status;
 pub mod kube_source;
 pub mod leader;
 pub mod manifests;
 pub mod model_builder;
 pub mod secret_store;
 pub mod status;
+pub mod waypoint_deploy;
 pub mod xds;

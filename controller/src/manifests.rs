@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use weft_api::MeshModel;
 
+use crate::gateway_api::GatewayApiOutput;
 use crate::model_builder::{self, BuildOutput, ClusterState, PolicyStatus};
 
 /// How often the folder is checked for changes.
@@ -31,13 +32,15 @@ pub fn load(dir: &Path, trust_domain: &str) -> BuildOutput {
     out
 }
 
-/// Watches `dir` and publishes the model (only when it changed) and the
-/// policy status (only when it changed). Runs until both receivers are gone.
+/// Watches `dir` and publishes the model, the policy status and the
+/// Gateway API status (each only when it changed). Runs until every
+/// receiver is gone.
 pub async fn run(
     dir: PathBuf,
     trust_domain: String,
     out: watch::Sender<Arc<MeshModel>>,
     status: watch::Sender<Arc<Vec<PolicyStatus>>>,
+    gateway_api: watch::Sender<Arc<GatewayApiOutput>>,
 ) -> anyhow::Result<()> {
     let mut last_seen: Option<Vec<(PathBuf, Option<SystemTime>, u64)>> = None;
     let mut last_problems: Vec<String> = Vec::new();
@@ -45,7 +48,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if out.is_closed() && status.is_closed() {
+        if out.is_closed() && status.is_closed() && gateway_api.is_closed() {
             return Ok(());
         }
         let seen = fingerprint(&dir);
@@ -60,7 +63,7 @@ pub async fn run(
             }
             last_problems = built.problems.clone();
         }
-        built.publish(&out, &status);
+        built.publish(&out, &status, &gateway_api);
     }
 }
 
@@ -236,10 +239,20 @@ fn add_object(
         ("weft.dev/v1alpha1", "PeerAuthentication") => {
             push(&at, v, &mut state.peer_authentications, problems, true)
         }
+        ("weft.dev/v1alpha1", "TrafficPolicy") => {
+            push(&at, v, &mut state.traffic_policies, problems, true)
+        }
         ("gateway.networking.k8s.io/v1", "Gateway") => push(&at, v, &mut state.gateways, problems, true),
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => push(&at, v, &mut state.http_routes, problems, true),
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => push(&at, v, &mut state.grpc_routes, problems, true),
+        (av, k @ ("Gateway" | "HTTPRoute" | "GRPCRoute")) if av.starts_with("gateway.networking.k8s.io/") => {
+            problems.push(format!(
+                "{at}: {av} {k} is not read; use gateway.networking.k8s.io/v1"
+            ))
+        }
         ("", _) | (_, "") => problems.push(format!("{at}: apiVersion and kind are required")),
         (av, k) if av.starts_with("weft.dev/") => problems.push(format!(
-            "{at}: unknown Weft resource {av} {k} (known: weft.dev/v1alpha1 AuthorizationPolicy, PeerAuthentication)"
+            "{at}: unknown Weft resource {av} {k} (known: weft.dev/v1alpha1 AuthorizationPolicy, PeerAuthentication, TrafficPolicy)"
         )),
         (av, k) => tracing::debug!(component = "manifests", api_version = av, kind = k, at = %at, "kind not used by the mesh; ignored"),
     }

@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use weft_api::crd::{self, Gateway, WorkloadSelector};
 use weft_api::model::{self, Labels, MeshModel};
 
+use crate::gateway_api::{self, GatewayApiOutput};
+
 /// Everything the controller watches, as the API server shows it.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
@@ -29,6 +31,9 @@ pub struct ClusterState {
     pub authorization_policies: Vec<Arc<crd::AuthorizationPolicy>>,
     pub peer_authentications: Vec<Arc<crd::PeerAuthentication>>,
     pub gateways: Vec<Arc<Gateway>>,
+    pub http_routes: Vec<Arc<crd::HTTPRoute>>,
+    pub grpc_routes: Vec<Arc<crd::GRPCRoute>>,
+    pub traffic_policies: Vec<Arc<crd::TrafficPolicy>>,
 }
 
 /// Which custom resource a `PolicyStatus` is about.
@@ -36,6 +41,7 @@ pub struct ClusterState {
 pub enum PolicyKind {
     AuthorizationPolicy,
     PeerAuthentication,
+    TrafficPolicy,
 }
 
 impl fmt::Display for PolicyKind {
@@ -43,6 +49,7 @@ impl fmt::Display for PolicyKind {
         f.write_str(match self {
             PolicyKind::AuthorizationPolicy => "AuthorizationPolicy",
             PolicyKind::PeerAuthentication => "PeerAuthentication",
+            PolicyKind::TrafficPolicy => "TrafficPolicy",
         })
     }
 }
@@ -67,31 +74,49 @@ pub mod reasons {
     pub const L7_FIELDS_FAIL_CLOSED: &str = "L7FieldsFailClosedAtL4";
     pub const UNKNOWN_NAMESPACE: &str = "UnknownNamespace";
     pub const INVALID_IP_BLOCK: &str = "InvalidIpBlock";
+    /// A `targetRefs` entry or TrafficPolicy target names nothing.
+    pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
+    /// The target exists but does not use a waypoint, so nothing enforces
+    /// what only a waypoint can.
+    pub const NO_WAYPOINT: &str = "NoWaypoint";
+    pub const INVALID_KIND: &str = "InvalidKind";
+    pub const INVALID_VALUE: &str = "InvalidValue";
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BuildOutput {
     pub model: MeshModel,
-    /// One entry per AuthorizationPolicy and PeerAuthentication, sorted by
-    /// kind, namespace, name.
+    /// One entry per AuthorizationPolicy, PeerAuthentication and
+    /// TrafficPolicy, sorted by kind, namespace, name.
     pub policy_status: Vec<PolicyStatus>,
+    /// Gateway and route status, and the waypoints to deploy.
+    pub gateway_api: GatewayApiOutput,
     /// Things a user should look at that are not tied to a policy (bad pod
     /// IPs, unresolvable ports, …). Sorted.
     pub problems: Vec<String>,
 }
 
 impl BuildOutput {
-    /// Publishes a build: the model and the status each only when changed.
+    /// Publishes a build: the model and each status only when changed.
     pub fn publish(
         self,
         out: &watch::Sender<Arc<MeshModel>>,
         status: &watch::Sender<Arc<Vec<PolicyStatus>>>,
+        gateway_api: &watch::Sender<Arc<GatewayApiOutput>>,
     ) {
         let BuildOutput {
             model,
             policy_status,
+            gateway_api: gw,
             ..
         } = self;
+        gateway_api.send_if_modified(|cur| {
+            if **cur == gw {
+                return false;
+            }
+            *cur = Arc::new(gw);
+            true
+        });
         let changed = out.send_if_modified(|cur| {
             if **cur == model {
                 return false;
@@ -105,6 +130,9 @@ impl BuildOutput {
                 workloads = m.workloads.len(),
                 services = m.services.len(),
                 policies = m.policies.len(),
+                waypoints = m.waypoints.len(),
+                http_routes = m.http_routes.len(),
+                grpc_routes = m.grpc_routes.len(),
                 "mesh model updated"
             );
         }
@@ -127,14 +155,24 @@ pub fn build(state: &ClusterState, trust_domain: &str) -> BuildOutput {
 
     let workloads = build_workloads(state, &known_ns, &mut problems);
     let services = build_services(state, &mut problems);
+    let waypoints = gateway_api::build_waypoints(state);
 
     let mut policy_status = Vec::new();
-    let policies = build_policies(state, &known_ns, &mut policy_status);
+    let policies = build_policies(state, &known_ns, &services, &waypoints, &mut policy_status);
     let peer_authentications = build_peer_authentications(state, &known_ns, &mut policy_status);
+    let traffic_policies = build_traffic_policies(state, &known_ns, &services, &mut policy_status);
     policy_status
         .sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
 
     check_waypoints(state, &mut problems);
+
+    let inputs = gateway_api::Inputs {
+        state,
+        services: &services,
+        workloads: &workloads,
+    };
+    let (http_routes, grpc_routes, routes) = gateway_api::build_routes(&inputs, &mut problems);
+    let (gateways, deployments) = gateway_api::build_gateways(&inputs, &mut problems);
 
     BuildOutput {
         model: MeshModel {
@@ -144,9 +182,17 @@ pub fn build(state: &ClusterState, trust_domain: &str) -> BuildOutput {
             services,
             policies,
             peer_authentications,
-            ..Default::default()
+            waypoints,
+            http_routes,
+            grpc_routes,
+            traffic_policies,
         },
         policy_status,
+        gateway_api: GatewayApiOutput {
+            gateways,
+            routes,
+            deployments,
+        },
         problems: problems.into_iter().collect(),
     }
 }
@@ -157,7 +203,7 @@ fn ns_name<K: ResourceExt>(obj: &K) -> (String, String) {
 
 /// Sorts objects by (namespace, name); a later duplicate replaces an earlier
 /// one (as a second `kubectl apply` of the same object would).
-fn by_key<K: ResourceExt>(objs: &[Arc<K>]) -> BTreeMap<(String, String), &K> {
+pub(crate) fn by_key<K: ResourceExt>(objs: &[Arc<K>]) -> BTreeMap<(String, String), &K> {
     objs.iter()
         .map(|o| (ns_name(o.as_ref()), o.as_ref()))
         .collect()
@@ -240,6 +286,7 @@ fn build_workloads(
 
 fn build_services(state: &ClusterState, problems: &mut BTreeSet<String>) -> Vec<model::Service> {
     let pods = by_key(&state.pods);
+    let namespaces = by_key(&state.namespaces);
     let mut out = Vec::new();
     for ((ns, name), svc) in by_key(&state.services) {
         let Some(spec) = &svc.spec else { continue };
@@ -332,13 +379,22 @@ fn build_services(state: &ClusterState, problems: &mut BTreeSet<String>) -> Vec<
             };
             ports.push(model::ServicePort { port, target_port });
         }
+        // Set even when the Gateway is missing (reported by
+        // `check_waypoints`): ztunnel then refuses the traffic rather than
+        // let it bypass the waypoint's L7 policy.
+        let waypoint = gateway_api::service_waypoint(
+            svc.labels(),
+            namespaces
+                .get(&(String::new(), ns.clone()))
+                .map(|n| n.labels()),
+        );
         out.push(model::Service {
             name,
             namespace: ns,
             vips,
             ports,
             selector,
-            waypoint: None,
+            waypoint,
         });
     }
     out
@@ -426,6 +482,8 @@ fn valid_ip_block(block: &str) -> bool {
 fn build_policies(
     state: &ClusterState,
     known_ns: &BTreeSet<&str>,
+    services: &[model::Service],
+    waypoints: &[model::Waypoint],
     statuses: &mut Vec<PolicyStatus>,
 ) -> Vec<model::AuthorizationPolicy> {
     const KIND: PolicyKind = PolicyKind::AuthorizationPolicy;
@@ -484,7 +542,7 @@ fn build_policies(
                             ports: t.operation.ports.clone(),
                             methods: t.operation.methods.clone(),
                             paths: t.operation.paths.clone(),
-                            headers: Default::default(),
+                            headers: t.operation.headers.clone(),
                         };
                         has_l7 |= d.has_l7_fields();
                         d
@@ -492,6 +550,50 @@ fn build_policies(
                     .collect(),
             })
             .collect();
+        let targets: Vec<model::PolicyTarget> = p
+            .spec
+            .target_refs
+            .iter()
+            .map(|t| model::PolicyTarget {
+                kind: match t.kind {
+                    crd::PolicyTargetKind::Service => model::ParentKind::Service,
+                    crd::PolicyTargetKind::Gateway => model::ParentKind::Gateway,
+                },
+                name: t.name.clone(),
+            })
+            .collect();
+        let target_problem = targets.iter().find_map(|t| match t.kind {
+            model::ParentKind::Service => {
+                match services.iter().find(|s| s.namespace == ns && s.name == t.name) {
+                    None => Some((
+                        reasons::TARGET_NOT_FOUND,
+                        format!("targetRefs: Service {ns}/{} does not exist", t.name),
+                    )),
+                    Some(s) if s.waypoint.is_none() => Some((
+                        reasons::NO_WAYPOINT,
+                        format!(
+                            "targetRefs: Service {ns}/{} does not use a waypoint, so nothing enforces this policy for it: label it or its namespace {}=<waypoint>",
+                            t.name,
+                            model::USE_WAYPOINT_LABEL
+                        ),
+                    )),
+                    Some(_) => None,
+                }
+            }
+            model::ParentKind::Gateway => (!waypoints
+                .iter()
+                .any(|w| w.namespace == ns && w.name == t.name))
+            .then(|| {
+                (
+                    reasons::TARGET_NOT_FOUND,
+                    format!(
+                        "targetRefs: namespace {ns} has no Gateway {:?} of class {}",
+                        t.name,
+                        crd::WAYPOINT_GATEWAY_CLASS
+                    ),
+                )
+            }),
+        });
         let status = if !invalid_blocks.is_empty() {
             let effect = match action {
                 model::PolicyAction::Allow => "allow nothing",
@@ -507,15 +609,27 @@ fn build_policies(
                     invalid_blocks.join(", ")
                 ),
             )
+        } else if let Some((reason, message)) = target_problem {
+            status_for(KIND, p, false, reason, message)
+        } else if !targets.is_empty() {
+            // The waypoint enforces every field, HTTP ones included.
+            status_for(
+                KIND,
+                p,
+                true,
+                reasons::ACCEPTED,
+                "applied by the waypoint of its targets".to_owned(),
+            )
         } else if has_l7 {
             status_for(
                 KIND,
                 p,
                 true,
                 reasons::L7_FIELDS_FAIL_CLOSED,
-                "rules name HTTP fields (methods, paths) that only a waypoint can enforce; \
-                 without a waypoint ztunnel fails closed on them (an ALLOW rule matches nothing, \
-                 a DENY rule matches on its L4 fields alone): deploy a waypoint for this namespace"
+                "rules name HTTP fields (methods, paths, headers) that only a waypoint can enforce; \
+                 ztunnel fails closed on them (an ALLOW rule matches nothing, a DENY rule matches \
+                 on its L4 fields alone): set targetRefs to the Service or waypoint Gateway so \
+                 the waypoint enforces it"
                     .to_owned(),
             )
         } else {
@@ -528,7 +642,7 @@ fn build_policies(
             selector: selector_labels(&p.spec.selector),
             action,
             rules,
-            targets: Vec::new(),
+            targets,
         });
     }
     out
@@ -579,9 +693,193 @@ fn build_peer_authentications(
     out
 }
 
+fn build_traffic_policies(
+    state: &ClusterState,
+    known_ns: &BTreeSet<&str>,
+    services: &[model::Service],
+    statuses: &mut Vec<PolicyStatus>,
+) -> Vec<model::TrafficPolicy> {
+    const KIND: PolicyKind = PolicyKind::TrafficPolicy;
+    let mut out = Vec::new();
+    for ((ns, name), p) in by_key(&state.traffic_policies) {
+        if !known_ns.contains(ns.as_str()) {
+            statuses.push(unknown_namespace(KIND, p, &ns));
+            continue;
+        }
+        let converted = traffic_policy(&ns, &name, &p.spec);
+        let target = &p.spec.target_ref;
+        let status = match &converted {
+            Err((reason, message)) => status_for(KIND, p, false, reason, message.clone()),
+            Ok(_) => match services
+                .iter()
+                .find(|s| s.namespace == ns && s.name == target.name)
+            {
+                None => status_for(
+                    KIND,
+                    p,
+                    false,
+                    reasons::TARGET_NOT_FOUND,
+                    format!("targetRef: Service {ns}/{} does not exist", target.name),
+                ),
+                Some(s) if s.waypoint.is_none() => status_for(
+                    KIND,
+                    p,
+                    false,
+                    reasons::NO_WAYPOINT,
+                    format!(
+                        "Service {ns}/{} does not use a waypoint, which is what applies this policy: label it or its namespace {}=<waypoint>",
+                        target.name,
+                        model::USE_WAYPOINT_LABEL
+                    ),
+                ),
+                Some(_) => status_for(KIND, p, true, reasons::ACCEPTED, "applied".to_owned()),
+            },
+        };
+        statuses.push(status);
+        if let Ok(tp) = converted {
+            out.push(tp);
+        }
+    }
+    out
+}
+
+/// A TrafficPolicy spec in model form; `Err` is (reason, message).
+fn traffic_policy(
+    ns: &str,
+    name: &str,
+    spec: &crd::TrafficPolicySpec,
+) -> Result<model::TrafficPolicy, (&'static str, String)> {
+    let invalid = |m: String| (reasons::INVALID_VALUE, m);
+    let duration = |field: &str, v: &str| {
+        gateway_api::parse_duration_ms(v).map_err(|e| invalid(format!("{field}: {e}")))
+    };
+    let percent = |field: &str, v: u32| {
+        if v > 100 {
+            Err(invalid(format!("{field}: {v} is not a percentage (0-100)")))
+        } else {
+            Ok(v)
+        }
+    };
+    let t = &spec.target_ref;
+    if !matches!(t.group.as_deref(), None | Some("") | Some("core")) || t.kind != "Service" {
+        return Err((
+            reasons::INVALID_KIND,
+            format!(
+                "targetRef must be a Service, not {}/{}",
+                t.group.as_deref().unwrap_or(""),
+                t.kind
+            ),
+        ));
+    }
+    let retry_budget = match &spec.retry_budget {
+        None => None,
+        Some(b) => {
+            let d = model::RetryBudget::default();
+            Some(model::RetryBudget {
+                percent: percent("retryBudget.percent", b.percent.unwrap_or(d.percent))?,
+                min_retries_per_second: b
+                    .min_retries_per_second
+                    .unwrap_or(d.min_retries_per_second),
+            })
+        }
+    };
+    let outlier_detection = match &spec.outlier_detection {
+        None => None,
+        Some(o) => {
+            let d = model::OutlierDetection::default();
+            Some(model::OutlierDetection {
+                consecutive_5xx: o.consecutive5xx.unwrap_or(d.consecutive_5xx),
+                base_ejection_ms: match &o.base_ejection_time {
+                    None => d.base_ejection_ms,
+                    Some(v) => duration("outlierDetection.baseEjectionTime", v)?,
+                },
+                max_ejection_percent: percent(
+                    "outlierDetection.maxEjectionPercent",
+                    o.max_ejection_percent.unwrap_or(d.max_ejection_percent),
+                )?,
+            })
+        }
+    };
+    let limits = spec.limits.as_ref().map(|l| model::ConnectionLimits {
+        max_connections: l.max_connections,
+        max_pending_requests: l.max_pending_requests,
+        max_requests: l.max_requests,
+    });
+    let fault = match &spec.fault {
+        None => None,
+        Some(f) => Some(model::Fault {
+            delay: match &f.delay {
+                None => None,
+                Some(d) => Some(model::FaultDelay {
+                    percent: percent("fault.delay.percent", d.percent)?,
+                    delay_ms: duration("fault.delay.fixedDelay", &d.fixed_delay)?,
+                }),
+            },
+            abort: match &f.abort {
+                None => None,
+                Some(a) => {
+                    if !(200..=599).contains(&a.http_status) {
+                        return Err(invalid(format!(
+                            "fault.abort.httpStatus: {} is not an HTTP status (200-599)",
+                            a.http_status
+                        )));
+                    }
+                    Some(model::FaultAbort {
+                        percent: percent("fault.abort.percent", a.percent)?,
+                        status: a.http_status,
+                    })
+                }
+            },
+        }),
+    };
+    let rate_limit = match &spec.rate_limit {
+        None => None,
+        Some(r) => {
+            let period_ms = duration("rateLimit.period", &r.period)?;
+            if period_ms == 0 {
+                return Err(invalid("rateLimit.period must be longer than 0".to_owned()));
+            }
+            let key = match &r.key {
+                None => model::RateLimitKey::Global,
+                Some(k) => match (k.type_, &k.header) {
+                    (crd::RateLimitKeyType::Global, _) => model::RateLimitKey::Global,
+                    (crd::RateLimitKeyType::ClientIdentity, _) => {
+                        model::RateLimitKey::ClientIdentity
+                    }
+                    (crd::RateLimitKeyType::Header, Some(h)) if !h.is_empty() => {
+                        model::RateLimitKey::Header(h.clone())
+                    }
+                    (crd::RateLimitKeyType::Header, _) => {
+                        return Err(invalid(
+                            "rateLimit.key: type Header needs the header name in `header`"
+                                .to_owned(),
+                        ))
+                    }
+                },
+            };
+            Some(model::RateLimit {
+                requests: r.requests,
+                period_ms,
+                burst: r.burst,
+                key,
+            })
+        }
+    };
+    Ok(model::TrafficPolicy {
+        name: name.to_owned(),
+        namespace: ns.to_owned(),
+        target: t.name.clone(),
+        retry_budget,
+        outlier_detection,
+        limits,
+        fault,
+        rate_limit,
+    })
+}
+
 /// `weft.dev/use-waypoint` must name a waypoint Gateway of the namespace.
 fn check_waypoints(state: &ClusterState, problems: &mut BTreeSet<String>) {
-    const USE_WAYPOINT: &str = "weft.dev/use-waypoint";
+    const USE_WAYPOINT: &str = model::USE_WAYPOINT_LABEL;
     let waypoints: BTreeSet<(String, String)> = state
         .gateways
         .iter()
@@ -604,10 +902,10 @@ fn check_waypoints(state: &ClusterState, problems: &mut BTreeSet<String>) {
             ("service", ns, name, s.labels().get(USE_WAYPOINT))
         }));
     for (what, ns, name, gw) in users {
-        if let Some(gw) = gw {
+        if let Some(gw) = gw.filter(|g| *g != "none") {
             if !waypoints.contains(&(ns.clone(), gw.clone())) {
                 problems.insert(format!(
-                    "{what} {name}: {USE_WAYPOINT}={gw} but namespace {ns} has no Gateway {gw:?} of class {}",
+                    "{what} {name}: {USE_WAYPOINT}={gw} but namespace {ns} has no Gateway {gw:?} of class {}; its traffic is refused until there is one",
                     crd::WAYPOINT_GATEWAY_CLASS
                 ));
             }

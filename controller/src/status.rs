@@ -1,6 +1,6 @@
 //! Writes what the builder decided about each policy back where users look:
-//! the `Accepted` condition in `status.conditions` of AuthorizationPolicy
-//! and PeerAuthentication (merge patch of the status subresource, only when
+//! the `Accepted` condition in `status.conditions` of AuthorizationPolicy,
+//! PeerAuthentication and TrafficPolicy (merge patch of the status subresource, only when
 //! it changed), plus a Warning Event (events.k8s.io/v1) when a policy is
 //! not accepted. Only the leader writes. In manifest mode there is no API
 //! server: `status_json` gives the same conditions as data for the admin
@@ -18,7 +18,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use weft_api::crd::{AuthorizationPolicy, Condition, PeerAuthentication, PolicyConditions};
+use weft_api::crd::{
+    AuthorizationPolicy, Condition, PeerAuthentication, PolicyConditions, TrafficPolicy,
+};
 
 use crate::model_builder::{PolicyKind, PolicyStatus};
 
@@ -66,7 +68,7 @@ pub fn status_json(statuses: &[PolicyStatus]) -> Value {
     serde_json::to_value(out).unwrap_or(Value::Null)
 }
 
-fn same_condition(a: &Condition, b: &Condition) -> bool {
+pub(crate) fn same_condition(a: &Condition, b: &Condition) -> bool {
     a.status == b.status
         && a.reason == b.reason
         && a.message == b.message
@@ -111,6 +113,9 @@ pub async fn run(
                     }
                     PolicyKind::PeerAuthentication => {
                         write_one::<PeerAuthentication>(&client, &recorder, s, |o| &o.status).await
+                    }
+                    PolicyKind::TrafficPolicy => {
+                        write_one::<TrafficPolicy>(&client, &recorder, s, |o| &o.status).await
                     }
                 };
                 match r {

@@ -13,6 +13,7 @@ use serde_json::json;
 use support::*;
 use tokio::sync::watch;
 use weft_api::MeshModel;
+use weft_controller::gateway_api::GatewayApiOutput;
 use weft_controller::kube_source;
 use weft_controller::model_builder::{reasons, PolicyStatus};
 
@@ -20,6 +21,7 @@ struct Running {
     fake: FakeApi,
     model: watch::Receiver<Arc<MeshModel>>,
     status: watch::Receiver<Arc<Vec<PolicyStatus>>>,
+    gateway_api: watch::Receiver<Arc<GatewayApiOutput>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -32,16 +34,19 @@ impl Drop for Running {
 async fn start(fake: FakeApi) -> Running {
     let (out, model) = watch::channel(Arc::new(MeshModel::default()));
     let (st, status) = watch::channel(Arc::new(Vec::new()));
+    let (gw, gateway_api) = watch::channel(Arc::new(GatewayApiOutput::default()));
     let task = tokio::spawn(kube_source::run(
         fake.client(),
         "cluster.local".to_owned(),
         out,
         st,
+        gw,
     ));
     Running {
         fake,
         model,
         status,
+        gateway_api,
         task,
     }
 }

@@ -214,11 +214,13 @@ async fn manifests_edit_updates_the_published_model() {
     let dir = folder();
     let (out, mut model) = watch::channel(Arc::new(MeshModel::default()));
     let (st, mut status) = watch::channel(Arc::new(Vec::new()));
+    let (gw, _gateway_api) = watch::channel(Arc::default());
     let task = tokio::spawn(manifests::run(
         dir.path().to_owned(),
         "cluster.local".to_owned(),
         out,
         st,
+        gw,
     ));
     support::wait_for(&mut model, 10, "initial model", |m| m.workloads.len() == 3).await;
 
@@ -259,4 +261,129 @@ async fn manifests_edit_updates_the_published_model() {
     })
     .await;
     task.abort();
+}
+
+const L7: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: shop, labels: { weft.dev/dataplane-mode: ambient, weft.dev/use-waypoint: wp } }
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec: { clusterIP: 10.96.0.10, selector: { app: web }, ports: [{ port: 80, targetPort: 8080 }] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: wp, namespace: shop }
+spec: { gatewayClassName: weft-waypoint, listeners: [{ name: mesh, port: 15008, protocol: HBONE }] }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: wp-1, namespace: shop, labels: { gateway.networking.k8s.io/gateway-name: wp } }
+spec: { nodeName: node-1, serviceAccountName: wp, containers: [{ name: waypoint, image: w }] }
+status: { phase: Running, podIPs: [{ ip: 10.0.0.50 }] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: web, namespace: shop }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: web, port: 80 }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }], timeouts: { request: 3s } }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: { name: grpc, namespace: shop }
+spec:
+  parentRefs: [{ group: "", kind: Service, name: web }]
+  rules: [{ matches: [{ method: { service: shop.Cart } }], backendRefs: [{ name: web, port: 80 }] }]
+---
+apiVersion: weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: { name: web, namespace: shop }
+spec: { targetRef: { kind: Service, name: web }, outlierDetection: { baseEjectionTime: 5s } }
+"#;
+
+#[test]
+fn manifests_folder_reads_gateway_api_and_traffic_policies() {
+    let dir = folder_with(&[("l7.yaml", L7)]);
+    let out = manifests::load(dir.path(), "cluster.local");
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    let m = &out.model;
+    assert_eq!(m.waypoints[0].name, "wp");
+    assert_eq!(m.services[0].waypoint.as_deref(), Some("wp"));
+    assert_eq!(
+        m.http_routes[0].rules[0]
+            .timeouts
+            .as_ref()
+            .unwrap()
+            .request_ms,
+        Some(3000)
+    );
+    assert_eq!(m.grpc_routes[0].name, "grpc");
+    assert_eq!(
+        m.traffic_policies[0]
+            .outlier_detection
+            .as_ref()
+            .unwrap()
+            .base_ejection_ms,
+        5000
+    );
+    // The harness writes the waypoint's Pod: the Gateway is Programmed.
+    let gw = &out.gateway_api.gateways[0];
+    assert!(gw.conditions.iter().all(|c| c.status), "{gw:?}");
+    let json = weft_controller::gateway_status::status_json(&out.gateway_api);
+    assert_eq!(
+        json["shop"]["HTTPRoute"]["web"]["parents"][0]["conditions"][0]["reason"],
+        "Accepted"
+    );
+    assert_eq!(
+        json["shop"]["HTTPRoute"]["web"]["parents"][0]["controllerName"],
+        "weft.dev/waypoint-controller"
+    );
+    assert_eq!(
+        json["shop"]["Gateway"]["wp"]["conditions"][1]["reason"],
+        "Programmed"
+    );
+}
+
+#[test]
+fn manifests_malformed_route_names_its_file() {
+    let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: broken, namespace: shop }\nspec: { rules: [{ backendRefs: [{ port: 80 }] }] }\n---\napiVersion: weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: { name: tp, namespace: shop }\nspec: { outlierDetection: {} }\n---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: HTTPRoute\nmetadata: { name: old, namespace: shop }\nspec: {}\n";
+    let dir = folder_with(&[("l7.yaml", L7), ("routes/bad.yaml", bad)]);
+    let out = manifests::load(dir.path(), "cluster.local");
+    let mine: Vec<&String> = out
+        .problems
+        .iter()
+        .filter(|p| p.starts_with("routes/bad.yaml"))
+        .collect();
+    assert_eq!(mine.len(), 3, "{:?}", out.problems);
+    assert!(
+        mine[0].contains("document 0 (HTTPRoute \"broken\")")
+            && mine[0].contains("HTTPRoute schema"),
+        "{}",
+        mine[0]
+    );
+    assert!(
+        mine[1].contains("TrafficPolicy") && mine[1].contains("targetRef"),
+        "{}",
+        mine[1]
+    );
+    assert!(
+        mine[2].contains("use gateway.networking.k8s.io/v1"),
+        "{}",
+        mine[2]
+    );
+    // The good file still applies.
+    assert_eq!(out.model.http_routes.len(), 1);
+}
+
+fn folder_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
 }

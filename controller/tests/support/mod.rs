@@ -12,7 +12,8 @@
 //!   does, which forces the client to relist;
 //! - `GET`, `PUT` (optimistic concurrency on `metadata.resourceVersion`,
 //!   409 on conflict), `POST` (409 when it exists), `PATCH` (JSON merge
-//!   patch) of single objects and of their `/status` subresource;
+//!   patch; server-side apply, `application/apply-patch+yaml`, creates or
+//!   merges) of single objects and of their `/status` subresource;
 //! - 404 with a `Status` for collections it was not told about (an absent
 //!   CRD).
 //!
@@ -43,11 +44,15 @@ pub const ENDPOINT_SLICES: &str = "apis/discovery.k8s.io/v1/endpointslices";
 pub const AUTHZ: &str = "apis/weft.dev/v1alpha1/authorizationpolicies";
 pub const PEER_AUTHN: &str = "apis/weft.dev/v1alpha1/peerauthentications";
 pub const GATEWAYS: &str = "apis/gateway.networking.k8s.io/v1/gateways";
+pub const HTTP_ROUTES: &str = "apis/gateway.networking.k8s.io/v1/httproutes";
+pub const GRPC_ROUTES: &str = "apis/gateway.networking.k8s.io/v1/grpcroutes";
+pub const TRAFFIC_POLICIES: &str = "apis/weft.dev/v1alpha1/trafficpolicies";
+pub const DEPLOYMENTS: &str = "apis/apps/v1/deployments";
 pub const LEASES: &str = "apis/coordination.k8s.io/v1/leases";
 pub const EVENTS: &str = "apis/events.k8s.io/v1/events";
 
-/// Everything `kube_source` watches, except Gateways (whose CRD is absent
-/// unless a test adds the collection).
+/// Everything `kube_source` needs, without the optional Gateway API kinds
+/// (whose CRDs are absent unless a test adds the collections).
 pub const WATCHED: &[&str] = &[
     NAMESPACES,
     PODS,
@@ -56,7 +61,11 @@ pub const WATCHED: &[&str] = &[
     ENDPOINT_SLICES,
     AUTHZ,
     PEER_AUTHN,
+    TRAFFIC_POLICIES,
 ];
+
+/// The Gateway API kinds `kube_source` watches when their CRDs exist.
+pub const GATEWAY_API: &[&str] = &[GATEWAYS, HTTP_ROUTES, GRPC_ROUTES];
 
 type Key = (String, String); // (namespace or "", name)
 
@@ -65,6 +74,7 @@ pub struct Recorded {
     pub method: String,
     pub path: String,
     pub query: String,
+    pub content_type: String,
     pub body: Option<Value>,
 }
 
@@ -278,6 +288,12 @@ impl FakeApi {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or("").to_owned();
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
         let body = req
             .into_body()
             .collect()
@@ -293,6 +309,7 @@ impl FakeApi {
             method: method.to_string(),
             path: path.clone(),
             query: query.clone(),
+            content_type: content_type.clone(),
             body: body.clone(),
         });
 
@@ -415,6 +432,38 @@ impl FakeApi {
                     );
                 }
                 self.apply(&collection, obj);
+                respond(
+                    200,
+                    self.get(&collection, &key.0, &key.1).unwrap_or_default(),
+                )
+            }
+            (Method::PATCH, Some(key)) if content_type == "application/apply-patch+yaml" => {
+                // Server-side apply: creates, or merges into what is there
+                // (the fake does not track field managers).
+                let Some(mut patch) = body else {
+                    return respond(400, status(400, "BadRequest", "no body"));
+                };
+                if !params.contains_key("fieldManager") {
+                    return respond(
+                        400,
+                        status(
+                            400,
+                            "BadRequest",
+                            "fieldManager is required for apply patch",
+                        ),
+                    );
+                }
+                patch["metadata"]["namespace"] = json!(key.0);
+                let mut cur = self.get(&collection, &key.0, &key.1).unwrap_or(json!({}));
+                merge_patch(&mut cur, &patch);
+                if collection == SERVICES && cur["spec"]["clusterIP"].is_null() {
+                    // The API server allocates a ClusterIP.
+                    let n = self.inner.lock().unwrap().rv % 250 + 1;
+                    let ip = format!("10.96.200.{n}");
+                    cur["spec"]["clusterIP"] = json!(ip);
+                    cur["spec"]["clusterIPs"] = json!([ip]);
+                }
+                self.apply(&collection, cur);
                 respond(
                     200,
                     self.get(&collection, &key.0, &key.1).unwrap_or_default(),
@@ -574,6 +623,35 @@ pub fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: Value) -> Value {
         "metadata": {"name": name, "namespace": ns, "labels": labels},
         "spec": {"nodeName": node, "serviceAccountName": name, "containers": [{"name": "app", "image": "app"}]},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+pub fn service(ns: &str, name: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "selector": {"app": name},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    })
+}
+
+pub fn waypoint_gateway(ns: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"gatewayClassName": "weft-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    })
+}
+
+pub fn http_route(ns: &str, name: &str, parent: &str, backend: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": parent, "port": 80}],
+            "rules": [{"backendRefs": [{"name": backend, "port": 80}]}],
+        },
     })
 }
 

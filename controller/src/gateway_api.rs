@@ -1,0 +1,1458 @@
+//! Gateway API (`Gateway`, `HTTPRoute`, `GRPCRoute`) and the `weft.dev`
+//! TrafficPolicy in, the L7 part of the mesh model out, with the status
+//! Gateway API says their controller owes them and the waypoint
+//! Deployments to run. Pure, like the rest of `model_builder`: equal inputs
+//! give equal outputs, sorted by namespace/name.
+//!
+//! A route rule the waypoint could not apply faithfully (a bad duration, an
+//! unknown filter) is dropped and reported, never half applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use weft_api::crd;
+use weft_api::model::{self, GATEWAY_NAME_LABEL};
+
+use crate::model_builder::{by_key, ClusterState};
+
+/// `controllerName` in route status: Gateway API's name for who wrote it.
+pub const CONTROLLER_NAME: &str = "weft.dev/waypoint-controller";
+/// Annotation on a waypoint Gateway: replicas of its Deployment.
+pub const REPLICAS_ANNOTATION: &str = "weft.dev/waypoint-replicas";
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// Condition types and reasons from the Gateway API spec.
+pub mod reasons {
+    pub const ACCEPTED: &str = "Accepted";
+    pub const PROGRAMMED: &str = "Programmed";
+    pub const RESOLVED_REFS: &str = "ResolvedRefs";
+    pub const PARTIALLY_INVALID: &str = "PartiallyInvalid";
+    pub const PENDING: &str = "Pending";
+    pub const NO_RESOURCES: &str = "NoResources";
+    pub const NO_MATCHING_PARENT: &str = "NoMatchingParent";
+    pub const NOT_ALLOWED_BY_LISTENERS: &str = "NotAllowedByListeners";
+    pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
+    pub const BACKEND_NOT_FOUND: &str = "BackendNotFound";
+    pub const INVALID_KIND: &str = "InvalidKind";
+    pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
+}
+
+/// One condition as the builder decides it (`lastTransitionTime` is the
+/// writer's business).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cond {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Cond {
+    fn new(type_: &str, status: bool, reason: &str, message: impl Into<String>) -> Self {
+        Cond {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RouteKind {
+    HTTPRoute,
+    GRPCRoute,
+}
+
+impl std::fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RouteKind::HTTPRoute => "HTTPRoute",
+            RouteKind::GRPCRoute => "GRPCRoute",
+        })
+    }
+}
+
+/// `status.parents` entries this controller owns on one route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStatus {
+    pub kind: RouteKind,
+    pub namespace: String,
+    pub name: String,
+    pub observed_generation: Option<i64>,
+    pub parents: Vec<RouteParentStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteParentStatus {
+    pub parent_ref: crd::ParentReference,
+    pub conditions: Vec<Cond>,
+}
+
+/// Status of one waypoint Gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    pub namespace: String,
+    pub name: String,
+    pub observed_generation: Option<i64>,
+    pub conditions: Vec<Cond>,
+    /// ClusterIPs of the waypoint's Service.
+    pub addresses: Vec<String>,
+}
+
+/// A waypoint the leader deploys (cluster mode only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaypointDeployment {
+    pub namespace: String,
+    pub name: String,
+    /// The Gateway's UID: owner of what is deployed, so deletion cascades.
+    pub uid: String,
+    pub replicas: i32,
+}
+
+/// Everything Gateway-API-shaped the builder decides besides the model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayApiOutput {
+    pub gateways: Vec<GatewayStatus>,
+    pub routes: Vec<RouteStatus>,
+    pub deployments: Vec<WaypointDeployment>,
+}
+
+/// Parses a Gateway API duration (`^([0-9]{1,5}(h|m|s|ms)){1,4}$`, e.g.
+/// `10s`, `500ms`, `1h30m`) into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!("{s:?} is not a Gateway API duration (up to four parts like 1h, 30m, 10s, 500ms)")
+    };
+    let mut rest = s;
+    let mut total = 0u64;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return Err(bad());
+        };
+        rest = &rest[len..];
+        total += n * unit_ms;
+        parts += 1;
+        if parts > 4 {
+            return Err(bad());
+        }
+    }
+    if parts == 0 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+fn parse_opt_duration(s: &Option<String>) -> Result<Option<u64>, String> {
+    s.as_deref().map(parse_duration_ms).transpose()
+}
+
+fn is_waypoint(g: &crd::Gateway) -> bool {
+    g.spec.gateway_class_name == crd::WAYPOINT_GATEWAY_CLASS
+}
+
+/// Waypoint Gateways as model waypoints. The waypoint Deployment runs as a
+/// ServiceAccount named after the Gateway.
+pub fn build_waypoints(state: &ClusterState) -> Vec<model::Waypoint> {
+    by_key(&state.gateways)
+        .into_iter()
+        .filter(|(_, g)| is_waypoint(g))
+        .map(|((namespace, name), _)| model::Waypoint {
+            service_account: name.clone(),
+            name,
+            namespace,
+        })
+        .collect()
+}
+
+/// The waypoint a Service's traffic goes through: its own
+/// `weft.dev/use-waypoint` label, else its namespace's; `none` opts out. A
+/// waypoint's own Service never goes through a waypoint.
+pub fn service_waypoint(
+    service_labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Option<String> {
+    if service_labels.contains_key(GATEWAY_NAME_LABEL) {
+        return None;
+    }
+    let label = service_labels
+        .get(model::USE_WAYPOINT_LABEL)
+        .or_else(|| namespace_labels.and_then(|l| l.get(model::USE_WAYPOINT_LABEL)))?;
+    if label == "none" || label.is_empty() {
+        None
+    } else {
+        Some(label.clone())
+    }
+}
+
+/// What the builder already knows that route conversion needs.
+pub struct Inputs<'a> {
+    pub state: &'a ClusterState,
+    pub services: &'a [model::Service],
+    pub workloads: &'a [model::Workload],
+}
+
+impl Inputs<'_> {
+    fn service(&self, ns: &str, name: &str) -> Option<&model::Service> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
+    }
+
+    fn gateway(&self, ns: &str, name: &str) -> Option<&crd::Gateway> {
+        self.state
+            .gateways
+            .iter()
+            .map(AsRef::as_ref)
+            .find(|g| g.namespace().as_deref() == Some(ns) && g.name_any() == name)
+    }
+}
+
+enum ParentOutcome {
+    /// Not a parent this controller manages: no status entry.
+    NotOurs,
+    Accepted(model::ParentRef),
+    Rejected(&'static str, String),
+}
+
+fn resolve_parent(
+    inputs: &Inputs,
+    kind: RouteKind,
+    route_ns: &str,
+    p: &crd::ParentReference,
+) -> ParentOutcome {
+    let group = p.group.as_deref().unwrap_or(GATEWAY_GROUP);
+    let pkind = p.kind.as_deref().unwrap_or("Gateway");
+    let ns = p.namespace.clone().unwrap_or_else(|| route_ns.to_owned());
+    let port = match p.port.map(u16::try_from) {
+        None => None,
+        Some(Ok(port)) if port != 0 => Some(port),
+        Some(_) => {
+            return ParentOutcome::Rejected(
+                reasons::NO_MATCHING_PARENT,
+                format!("parentRef port {:?} is not a port number", p.port),
+            )
+        }
+    };
+    match (group, pkind) {
+        ("" | "core", "Service") => {
+            let Some(svc) = inputs.service(&ns, &p.name) else {
+                return ParentOutcome::Rejected(
+                    reasons::NO_MATCHING_PARENT,
+                    format!("Service {ns}/{} does not exist", p.name),
+                );
+            };
+            if svc.waypoint.is_none() {
+                return ParentOutcome::Rejected(
+                    reasons::NO_MATCHING_PARENT,
+                    format!(
+                        "Service {ns}/{} does not use a waypoint: label it or its namespace {}=<waypoint Gateway name>",
+                        p.name,
+                        model::USE_WAYPOINT_LABEL
+                    ),
+                );
+            }
+            if let Some(port) = port {
+                if !svc.ports.iter().any(|sp| sp.port == port) {
+                    return ParentOutcome::Rejected(
+                        reasons::NO_MATCHING_PARENT,
+                        format!("Service {ns}/{} has no port {port}", p.name),
+                    );
+                }
+            }
+            ParentOutcome::Accepted(model::ParentRef {
+                kind: model::ParentKind::Service,
+                namespace: if ns == route_ns { String::new() } else { ns },
+                name: p.name.clone(),
+                port,
+            })
+        }
+        (GATEWAY_GROUP, "Gateway") => {
+            let Some(gw) = inputs.gateway(&ns, &p.name).filter(|g| is_waypoint(g)) else {
+                // Absent, or another controller's Gateway: its status is not ours to write.
+                return ParentOutcome::NotOurs;
+            };
+            let listeners: Vec<&crd::GatewayListener> = gw
+                .spec
+                .listeners
+                .iter()
+                .filter(|l| p.section_name.as_ref().is_none_or(|s| *s == l.name))
+                .filter(|l| p.port.is_none_or(|port| port == l.port))
+                .collect();
+            if listeners.is_empty() && !gw.spec.listeners.is_empty() {
+                return ParentOutcome::Rejected(
+                    reasons::NO_MATCHING_PARENT,
+                    format!(
+                        "Gateway {ns}/{} has no listener matching sectionName {:?} and port {:?}",
+                        p.name, p.section_name, p.port
+                    ),
+                );
+            }
+            let allows = |l: &crd::GatewayListener| {
+                let from = l
+                    .allowed_routes
+                    .as_ref()
+                    .and_then(|a| a.namespaces.as_ref())
+                    .and_then(|n| n.from.as_deref())
+                    .unwrap_or("Same");
+                let ns_ok = from == "All" || ns == route_ns;
+                let kinds = l
+                    .allowed_routes
+                    .as_ref()
+                    .map(|a| a.kinds.as_slice())
+                    .unwrap_or_default();
+                let kind_ok = if kinds.is_empty() {
+                    matches!(l.protocol.as_str(), "HTTP" | "HTTPS" | "HBONE")
+                } else {
+                    kinds.iter().any(|k| k.kind == kind.to_string())
+                };
+                ns_ok && kind_ok
+            };
+            let allowed = if gw.spec.listeners.is_empty() {
+                ns == route_ns
+            } else {
+                listeners.iter().any(|l| allows(l))
+            };
+            if !allowed {
+                return ParentOutcome::Rejected(
+                    reasons::NOT_ALLOWED_BY_LISTENERS,
+                    format!(
+                        "no listener of Gateway {ns}/{} allows a {kind} from namespace {route_ns}",
+                        p.name
+                    ),
+                );
+            }
+            ParentOutcome::Accepted(model::ParentRef {
+                kind: model::ParentKind::Gateway,
+                namespace: if ns == route_ns { String::new() } else { ns },
+                name: p.name.clone(),
+                port,
+            })
+        }
+        _ => ParentOutcome::NotOurs,
+    }
+}
+
+/// Why a backend reference is not (fully) resolved.
+struct RefIssue {
+    reason: &'static str,
+    message: String,
+}
+
+/// A backend as the model carries it. `Err` drops it; `Ok` with an issue
+/// keeps it (a Service that does not exist yet: the waypoint answers 500
+/// for its share, as the spec asks).
+fn resolve_backend(
+    inputs: &Inputs,
+    route_ns: &str,
+    b: &crd::BackendObjectReference,
+    issues: &mut Vec<RefIssue>,
+) -> Option<model::BackendRef> {
+    let group = b.group.as_deref().unwrap_or("");
+    let kind = b.kind.as_deref().unwrap_or("Service");
+    if !matches!(group, "" | "core") || kind != "Service" {
+        issues.push(RefIssue {
+            reason: reasons::INVALID_KIND,
+            message: format!(
+                "backendRef {:?} is a {group}/{kind}: only Services are supported",
+                b.name
+            ),
+        });
+        return None;
+    }
+    let ns = b.namespace.clone().unwrap_or_else(|| route_ns.to_owned());
+    if ns != route_ns {
+        issues.push(RefIssue {
+            reason: reasons::REF_NOT_PERMITTED,
+            message: format!(
+                "backendRef {ns}/{}: backends in another namespace need a ReferenceGrant, which weft does not support yet",
+                b.name
+            ),
+        });
+        return None;
+    }
+    let Some(port) = b
+        .port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+    else {
+        issues.push(RefIssue {
+            reason: reasons::BACKEND_NOT_FOUND,
+            message: format!("backendRef {:?} needs a port (1-65535)", b.name),
+        });
+        return None;
+    };
+    if inputs.service(&ns, &b.name).is_none() {
+        issues.push(RefIssue {
+            reason: reasons::BACKEND_NOT_FOUND,
+            message: format!("backend Service {ns}/{} does not exist", b.name),
+        });
+    }
+    Some(model::BackendRef {
+        name: b.name.clone(),
+        namespace: String::new(),
+        port,
+    })
+}
+
+fn match_type(t: &Option<String>) -> Result<model::MatchType, String> {
+    match t.as_deref() {
+        None | Some("Exact") => Ok(model::MatchType::Exact),
+        Some("RegularExpression") => Ok(model::MatchType::RegularExpression),
+        Some(other) => Err(format!("match type {other:?} is not supported")),
+    }
+}
+
+fn header_matches(h: &[crd::HTTPHeaderMatch]) -> Result<Vec<model::HeaderMatch>, String> {
+    h.iter()
+        .map(|h| {
+            Ok(model::HeaderMatch {
+                kind: match_type(&h.type_)?,
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+        })
+        .collect()
+}
+
+fn header_modifier(
+    m: &Option<crd::HTTPHeaderFilter>,
+    what: &str,
+) -> Result<model::HeaderModifier, String> {
+    let m = m
+        .as_ref()
+        .ok_or_else(|| format!("filter {what} without its {what} field"))?;
+    let pairs = |v: &[crd::HTTPHeader]| {
+        v.iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect()
+    };
+    Ok(model::HeaderModifier {
+        set: pairs(&m.set),
+        add: pairs(&m.add),
+        remove: m.remove.clone(),
+    })
+}
+
+fn path_modifier(p: &Option<crd::HTTPPathModifier>) -> Result<Option<model::PathModifier>, String> {
+    let Some(p) = p else { return Ok(None) };
+    match (
+        p.type_.as_str(),
+        &p.replace_full_path,
+        &p.replace_prefix_match,
+    ) {
+        ("ReplaceFullPath", Some(v), _) => {
+            Ok(Some(model::PathModifier::ReplaceFullPath(v.clone())))
+        }
+        ("ReplacePrefixMatch", _, Some(v)) => {
+            Ok(Some(model::PathModifier::ReplacePrefixMatch(v.clone())))
+        }
+        (t, _, _) => Err(format!(
+            "path modifier {t:?} needs its value (replaceFullPath or replacePrefixMatch)"
+        )),
+    }
+}
+
+fn filter(
+    inputs: &Inputs,
+    route_ns: &str,
+    kind: RouteKind,
+    f: &crd::HTTPRouteFilter,
+    issues: &mut Vec<RefIssue>,
+) -> Result<Option<model::HttpFilter>, String> {
+    let grpc = kind == RouteKind::GRPCRoute;
+    Ok(Some(match f.type_.as_str() {
+        "RequestHeaderModifier" => model::HttpFilter::RequestHeaderModifier(header_modifier(
+            &f.request_header_modifier,
+            "requestHeaderModifier",
+        )?),
+        "ResponseHeaderModifier" => model::HttpFilter::ResponseHeaderModifier(header_modifier(
+            &f.response_header_modifier,
+            "responseHeaderModifier",
+        )?),
+        "RequestRedirect" if !grpc => {
+            let r = f
+                .request_redirect
+                .as_ref()
+                .ok_or("filter RequestRedirect without its requestRedirect field")?;
+            let port = r
+                .port
+                .map(|p| u16::try_from(p).map_err(|_| format!("redirect port {p} is out of range")))
+                .transpose()?;
+            let status_code = match r.status_code {
+                None => None,
+                Some(c @ (301 | 302)) => Some(c as u16),
+                Some(c) => {
+                    return Err(format!(
+                        "redirect statusCode {c} is not supported (301 or 302)"
+                    ))
+                }
+            };
+            model::HttpFilter::RequestRedirect(model::RequestRedirect {
+                scheme: r.scheme.clone(),
+                hostname: r.hostname.clone(),
+                path: path_modifier(&r.path)?,
+                port,
+                status_code,
+            })
+        }
+        "URLRewrite" if !grpc => {
+            let r = f
+                .url_rewrite
+                .as_ref()
+                .ok_or("filter URLRewrite without its urlRewrite field")?;
+            model::HttpFilter::UrlRewrite(model::UrlRewrite {
+                hostname: r.hostname.clone(),
+                path: path_modifier(&r.path)?,
+            })
+        }
+        "RequestMirror" => {
+            let m = f
+                .request_mirror
+                .as_ref()
+                .ok_or("filter RequestMirror without its requestMirror field")?;
+            let percent = match (&m.fraction, m.percent) {
+                (Some(fr), _) => {
+                    let den = fr.denominator.unwrap_or(100);
+                    if den <= 0 || fr.numerator < 0 || fr.numerator > den {
+                        return Err(format!(
+                            "mirror fraction {}/{den} is not between 0 and 1",
+                            fr.numerator
+                        ));
+                    }
+                    Some((i64::from(fr.numerator) * 100 / i64::from(den)) as u32)
+                }
+                (None, Some(p)) if (0..=100).contains(&p) => Some(p as u32),
+                (None, Some(p)) => return Err(format!("mirror percent {p} is not 0-100")),
+                (None, None) => None,
+            };
+            let Some(backend) = resolve_backend(inputs, route_ns, &m.backend_ref, issues) else {
+                return Ok(None); // reported in ResolvedRefs; mirroring is skipped
+            };
+            model::HttpFilter::RequestMirror(model::RequestMirror { backend, percent })
+        }
+        other => {
+            return Err(format!(
+                "filter type {other:?} is not supported on a {kind} by weft"
+            ))
+        }
+    }))
+}
+
+fn filters(
+    inputs: &Inputs,
+    route_ns: &str,
+    kind: RouteKind,
+    fs: &[crd::HTTPRouteFilter],
+    issues: &mut Vec<RefIssue>,
+) -> Result<Vec<model::HttpFilter>, String> {
+    let mut out = Vec::new();
+    for f in fs {
+        out.extend(filter(inputs, route_ns, kind, f, issues)?);
+    }
+    Ok(out)
+}
+
+fn backends(
+    inputs: &Inputs,
+    route_ns: &str,
+    kind: RouteKind,
+    refs: &[crd::HTTPBackendRef],
+    issues: &mut Vec<RefIssue>,
+) -> Result<Vec<model::HttpBackend>, String> {
+    let mut out = Vec::new();
+    for b in refs {
+        let weight = match b.weight {
+            None => 1,
+            Some(w) if w >= 0 => w as u32,
+            Some(w) => {
+                return Err(format!(
+                    "backendRef {:?} weight {w} is negative",
+                    b.backend.name
+                ))
+            }
+        };
+        let filters = filters(inputs, route_ns, kind, &b.filters, issues)?;
+        if let Some(backend) = resolve_backend(inputs, route_ns, &b.backend, issues) {
+            out.push(model::HttpBackend {
+                backend,
+                weight,
+                filters,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn http_rule(
+    inputs: &Inputs,
+    route_ns: &str,
+    r: &crd::HTTPRouteRule,
+    issues: &mut Vec<RefIssue>,
+) -> Result<model::HttpRouteRule, String> {
+    const KIND: RouteKind = RouteKind::HTTPRoute;
+    let mut matches = Vec::new();
+    for m in &r.matches {
+        let path = match &m.path {
+            None => None,
+            Some(p) => {
+                let value = p.value.clone().unwrap_or_else(|| "/".to_owned());
+                Some(match p.type_.as_deref().unwrap_or("PathPrefix") {
+                    "Exact" => model::PathMatch::Exact(value),
+                    "PathPrefix" => model::PathMatch::PathPrefix(value),
+                    "RegularExpression" => model::PathMatch::RegularExpression(value),
+                    other => return Err(format!("path match type {other:?} is not supported")),
+                })
+            }
+        };
+        matches.push(model::HttpRouteMatch {
+            path,
+            headers: header_matches(&m.headers)?,
+            query_params: header_matches(&m.query_params)?
+                .into_iter()
+                .map(|h| model::QueryParamMatch {
+                    kind: h.kind,
+                    name: h.name,
+                    value: h.value,
+                })
+                .collect(),
+            method: m.method.as_ref().map(|m| m.to_ascii_uppercase()),
+        });
+    }
+    let timeouts = match &r.timeouts {
+        None => None,
+        Some(t) => {
+            // `0s` disables a timeout, which the model says by leaving it out.
+            let request_ms = parse_opt_duration(&t.request)
+                .map_err(|e| format!("timeouts.request: {e}"))?
+                .filter(|ms| *ms != 0);
+            let backend_request_ms = parse_opt_duration(&t.backend_request)
+                .map_err(|e| format!("timeouts.backendRequest: {e}"))?
+                .filter(|ms| *ms != 0);
+            if let (Some(req), Some(be)) = (request_ms, backend_request_ms) {
+                if be > req {
+                    return Err(format!(
+                        "timeouts.backendRequest ({be}ms) is longer than timeouts.request ({req}ms)"
+                    ));
+                }
+            }
+            Some(model::Timeouts {
+                request_ms,
+                backend_request_ms,
+            })
+        }
+    };
+    let retry = match &r.retry {
+        None => None,
+        Some(rt) => {
+            let codes = rt
+                .codes
+                .iter()
+                .map(|c| match u16::try_from(*c) {
+                    Ok(c) if (400..=599).contains(&c) => Ok(c),
+                    _ => Err(format!(
+                        "retry code {c} is not an HTTP error status (400-599)"
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let attempts = match rt.attempts {
+                None => 1,
+                Some(a) if a >= 0 => a as u32,
+                Some(a) => return Err(format!("retry attempts {a} is negative")),
+            };
+            Some(model::Retry {
+                codes,
+                attempts,
+                backoff_ms: parse_opt_duration(&rt.backoff)
+                    .map_err(|e| format!("retry.backoff: {e}"))?,
+                non_idempotent: false,
+            })
+        }
+    };
+    Ok(model::HttpRouteRule {
+        name: r.name.clone(),
+        matches,
+        filters: filters(inputs, route_ns, KIND, &r.filters, issues)?,
+        backends: backends(inputs, route_ns, KIND, &r.backend_refs, issues)?,
+        timeouts,
+        retry,
+    })
+}
+
+fn grpc_rule(
+    inputs: &Inputs,
+    route_ns: &str,
+    r: &crd::GRPCRouteRule,
+    issues: &mut Vec<RefIssue>,
+) -> Result<model::GrpcRouteRule, String> {
+    const KIND: RouteKind = RouteKind::GRPCRoute;
+    let mut matches = Vec::new();
+    for m in &r.matches {
+        let method = match &m.method {
+            None => None,
+            Some(mm) => {
+                let (service, method) = (
+                    mm.service.clone().unwrap_or_default(),
+                    mm.method.clone().unwrap_or_default(),
+                );
+                if service.is_empty() && method.is_empty() {
+                    return Err("a gRPC method match needs a service or a method".to_owned());
+                }
+                Some(model::GrpcMethodMatch {
+                    kind: match_type(&mm.type_)?,
+                    service,
+                    method,
+                })
+            }
+        };
+        matches.push(model::GrpcRouteMatch {
+            method,
+            headers: header_matches(&m.headers)?,
+        });
+    }
+    Ok(model::GrpcRouteRule {
+        name: r.name.clone(),
+        matches,
+        filters: filters(inputs, route_ns, KIND, &r.filters, issues)?,
+        backends: backends(inputs, route_ns, KIND, &r.backend_refs, issues)?,
+    })
+}
+
+/// The route-level pieces common to both kinds.
+struct Converted<R> {
+    parents: Vec<model::ParentRef>,
+    rules: Vec<R>,
+    status: Option<RouteStatus>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn convert_route<K: ResourceExt, S, R>(
+    inputs: &Inputs,
+    kind: RouteKind,
+    obj: &K,
+    parent_refs: &[crd::ParentReference],
+    spec_rules: &[S],
+    rule: impl Fn(&Inputs, &str, &S, &mut Vec<RefIssue>) -> Result<R, String>,
+    problems: &mut BTreeSet<String>,
+) -> Converted<R> {
+    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+    let mut issues = Vec::new();
+    let mut rules = Vec::new();
+    let mut invalid = Vec::new();
+    for (i, r) in spec_rules.iter().enumerate() {
+        match rule(inputs, &ns, r, &mut issues) {
+            Ok(r) => rules.push(r),
+            Err(e) => {
+                problems.insert(format!(
+                    "{kind} {ns}/{name} rule {i}: {e}; the rule is ignored"
+                ));
+                invalid.push(format!("rule {i}: {e}"));
+            }
+        }
+    }
+    for i in &issues {
+        problems.insert(format!("{kind} {ns}/{name}: {}", i.message));
+    }
+    let all_invalid = !spec_rules.is_empty() && rules.is_empty();
+    let mut parents = Vec::new();
+    let mut statuses = Vec::new();
+    for p in parent_refs {
+        let accepted = match resolve_parent(inputs, kind, &ns, p) {
+            ParentOutcome::NotOurs => continue,
+            ParentOutcome::Rejected(reason, message) => {
+                problems.insert(format!("{kind} {ns}/{name}: {message}"));
+                Cond::new(reasons::ACCEPTED, false, reason, message)
+            }
+            ParentOutcome::Accepted(_) if all_invalid => Cond::new(
+                reasons::ACCEPTED,
+                false,
+                reasons::UNSUPPORTED_VALUE,
+                format!("every rule is invalid: {}", invalid.join("; ")),
+            ),
+            ParentOutcome::Accepted(parent) => {
+                if !parents.contains(&parent) {
+                    parents.push(parent);
+                }
+                Cond::new(
+                    reasons::ACCEPTED,
+                    true,
+                    reasons::ACCEPTED,
+                    "attached to the waypoint",
+                )
+            }
+        };
+        let resolved = match issues.first() {
+            None => Cond::new(
+                reasons::RESOLVED_REFS,
+                true,
+                reasons::RESOLVED_REFS,
+                "all references resolved",
+            ),
+            Some(first) => Cond::new(
+                reasons::RESOLVED_REFS,
+                false,
+                first.reason,
+                issues
+                    .iter()
+                    .map(|i| i.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        };
+        let mut conditions = vec![accepted, resolved];
+        if !invalid.is_empty() && !all_invalid {
+            conditions.push(Cond::new(
+                reasons::PARTIALLY_INVALID,
+                true,
+                reasons::UNSUPPORTED_VALUE,
+                format!("ignored: {}", invalid.join("; ")),
+            ));
+        }
+        statuses.push(RouteParentStatus {
+            parent_ref: p.clone(),
+            conditions,
+        });
+    }
+    Converted {
+        parents,
+        rules,
+        status: (!statuses.is_empty()).then(|| RouteStatus {
+            kind,
+            namespace: ns,
+            name,
+            observed_generation: obj.meta().generation,
+            parents: statuses,
+        }),
+    }
+}
+
+fn created<K: ResourceExt>(obj: &K) -> String {
+    obj.meta()
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default()
+}
+
+/// HTTPRoutes and GRPCRoutes with at least one accepted parent, as model
+/// routes, and the status of every route with a parent this controller
+/// manages.
+pub fn build_routes(
+    inputs: &Inputs,
+    problems: &mut BTreeSet<String>,
+) -> (
+    Vec<model::HttpRoute>,
+    Vec<model::GrpcRoute>,
+    Vec<RouteStatus>,
+) {
+    let mut statuses = Vec::new();
+    let mut http = Vec::new();
+    for ((namespace, name), r) in by_key(&inputs.state.http_routes) {
+        let c = convert_route(
+            inputs,
+            RouteKind::HTTPRoute,
+            r,
+            &r.spec.parent_refs,
+            &r.spec.rules,
+            http_rule,
+            problems,
+        );
+        statuses.extend(c.status);
+        if !c.parents.is_empty() {
+            http.push(model::HttpRoute {
+                created: created(r),
+                name,
+                namespace,
+                parents: c.parents,
+                hostnames: r.spec.hostnames.clone(),
+                rules: c.rules,
+            });
+        }
+    }
+    let mut grpc = Vec::new();
+    for ((namespace, name), r) in by_key(&inputs.state.grpc_routes) {
+        let c = convert_route(
+            inputs,
+            RouteKind::GRPCRoute,
+            r,
+            &r.spec.parent_refs,
+            &r.spec.rules,
+            grpc_rule,
+            problems,
+        );
+        statuses.extend(c.status);
+        if !c.parents.is_empty() {
+            grpc.push(model::GrpcRoute {
+                created: created(r),
+                name,
+                namespace,
+                parents: c.parents,
+                hostnames: r.spec.hostnames.clone(),
+                rules: c.rules,
+            });
+        }
+    }
+    (http, grpc, statuses)
+}
+
+/// Status of each waypoint Gateway and what to deploy for it.
+pub fn build_gateways(
+    inputs: &Inputs,
+    problems: &mut BTreeSet<String>,
+) -> (Vec<GatewayStatus>, Vec<WaypointDeployment>) {
+    let mut statuses = Vec::new();
+    let mut deployments = Vec::new();
+    for ((ns, name), g) in by_key(&inputs.state.gateways) {
+        if !is_waypoint(g) {
+            continue;
+        }
+        let is_ours =
+            |labels: &BTreeMap<String, String>| labels.get(GATEWAY_NAME_LABEL) == Some(&name);
+        let pods: Vec<_> = inputs
+            .state
+            .pods
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && is_ours(p.labels()))
+            .collect();
+        // Ready: in the model (scheduled, running, with an IP) and not
+        // reported unready by the kubelet.
+        let ready = pods.iter().any(|p| {
+            let in_model = inputs
+                .workloads
+                .iter()
+                .any(|w| w.namespace == ns && w.name == p.name_any());
+            let kubelet_ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+                .is_none_or(|c| c.status == "True");
+            in_model && kubelet_ready
+        });
+        let programmed = if ready {
+            Cond::new(
+                reasons::PROGRAMMED,
+                true,
+                reasons::PROGRAMMED,
+                "a waypoint pod is ready",
+            )
+        } else if pods.is_empty() {
+            Cond::new(
+                reasons::PROGRAMMED,
+                false,
+                reasons::NO_RESOURCES,
+                format!("no waypoint pod (label {GATEWAY_NAME_LABEL}={name}) exists yet"),
+            )
+        } else {
+            Cond::new(
+                reasons::PROGRAMMED,
+                false,
+                reasons::PENDING,
+                "waiting for a waypoint pod to become ready",
+            )
+        };
+        let addresses = inputs
+            .service(&ns, &name)
+            .map(|s| s.vips.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        statuses.push(GatewayStatus {
+            namespace: ns.clone(),
+            name: name.clone(),
+            observed_generation: g.meta().generation,
+            conditions: vec![
+                Cond::new(
+                    reasons::ACCEPTED,
+                    true,
+                    reasons::ACCEPTED,
+                    "waypoint of the mesh",
+                ),
+                programmed,
+            ],
+            addresses,
+        });
+        let replicas = match g.annotations().get(REPLICAS_ANNOTATION) {
+            None => 1,
+            Some(v) => match v.trim().parse::<i32>() {
+                Ok(n) if n >= 0 => n,
+                _ => {
+                    problems.insert(format!(
+                        "Gateway {ns}/{name}: annotation {REPLICAS_ANNOTATION}={v:?} is not a replica count; using 1"
+                    ));
+                    1
+                }
+            },
+        };
+        if let Some(uid) = g.uid() {
+            deployments.push(WaypointDeployment {
+                namespace: ns,
+                name,
+                uid,
+                replicas,
+            });
+        }
+    }
+    (statuses, deployments)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model_builder::{build, reasons as policy_reasons, PolicyKind};
+
+    fn obj<T: serde::de::DeserializeOwned>(yaml: &str) -> Arc<T> {
+        Arc::new(serde_yaml::from_str(yaml).unwrap())
+    }
+
+    fn svc(name: &str, ip: &str, labels: &str) -> Arc<k8s_openapi::api::core::v1::Service> {
+        obj(&format!(
+            "metadata: {{name: {name}, namespace: shop, labels: {{{labels}}}}}\nspec: {{clusterIP: {ip}, selector: {{app: {name}}}, ports: [{{port: 80, targetPort: 8080}}]}}"
+        ))
+    }
+
+    /// Namespace `shop` sends its traffic through waypoint `wp`.
+    fn state() -> ClusterState {
+        ClusterState {
+            namespaces: vec![obj(
+                "metadata: {name: shop, labels: {weft.dev/dataplane-mode: ambient, weft.dev/use-waypoint: wp}}",
+            )],
+            services: vec![
+                svc("web", "10.96.0.10", ""),
+                svc("db", "10.96.0.11", "weft.dev/use-waypoint: none"),
+                svc("api", "10.96.0.12", "weft.dev/use-waypoint: elsewhere"),
+                svc("web-v2", "10.96.0.13", ""),
+                svc("wp", "10.96.0.99", "gateway.networking.k8s.io/gateway-name: wp"),
+            ],
+            gateways: vec![
+                obj("metadata: {name: wp, namespace: shop, uid: gw-uid, generation: 2, annotations: {weft.dev/waypoint-replicas: '3'}}\nspec: {gatewayClassName: weft-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}"),
+                obj("metadata: {name: edge, namespace: shop, uid: e}\nspec: {gatewayClassName: other, listeners: []}"),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn route(yaml_rules: &str, parent: &str) -> Arc<crd::HTTPRoute> {
+        obj(&format!(
+            "metadata: {{name: r, namespace: shop, generation: 4, creationTimestamp: '2024-05-01T10:00:00Z'}}\nspec:\n  parentRefs: [{parent}]\n  rules:\n{yaml_rules}"
+        ))
+    }
+
+    fn cond<'a>(p: &'a RouteParentStatus, type_: &str) -> Option<&'a Cond> {
+        p.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    #[test]
+    fn durations_follow_the_gateway_api_format() {
+        assert_eq!(parse_duration_ms("10s"), Ok(10_000));
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("1h30m"), Ok(5_400_000));
+        assert_eq!(parse_duration_ms("1h1m1s1ms"), Ok(3_661_001));
+        assert_eq!(parse_duration_ms("0s"), Ok(0));
+        for bad in [
+            "",
+            "10",
+            "s",
+            "1.5s",
+            "123456s",
+            "1h1m1s1ms1h",
+            "10 s",
+            "-1s",
+            "1d",
+        ] {
+            let e = parse_duration_ms(bad).unwrap_err();
+            assert!(e.contains("Gateway API duration"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn waypoints_and_use_waypoint_inheritance() {
+        let out = build(&state(), "cluster.local");
+        let m = &out.model;
+        assert_eq!(
+            m.waypoints,
+            [model::Waypoint {
+                name: "wp".into(),
+                namespace: "shop".into(),
+                service_account: "wp".into(),
+            }]
+        );
+        let wp_of = |n: &str| {
+            m.services
+                .iter()
+                .find(|s| s.name == n)
+                .unwrap()
+                .waypoint
+                .clone()
+        };
+        assert_eq!(
+            wp_of("web").as_deref(),
+            Some("wp"),
+            "inherited from the namespace"
+        );
+        assert_eq!(wp_of("db"), None, "`none` opts out");
+        assert_eq!(wp_of("wp"), None, "a waypoint does not go through itself");
+        // A missing waypoint is kept (fail closed) and reported.
+        assert_eq!(wp_of("api").as_deref(), Some("elsewhere"));
+        assert!(
+            out.problems
+                .iter()
+                .any(|p| p.contains("service api") && p.contains("no Gateway \"elsewhere\"")),
+            "{:?}",
+            out.problems
+        );
+        assert!(!out.problems.iter().any(|p| p.contains("service db")));
+    }
+
+    #[test]
+    fn http_route_converts_with_durations_filters_and_status() {
+        let mut st = state();
+        st.http_routes = vec![route(
+            r#"
+    - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-v, value: "2"}], method: get}]
+      filters:
+        - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}], remove: [c]}}
+        - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}
+      backendRefs: [{name: web-v2, port: 80, weight: 90}, {name: ghost, port: 80, weight: 10}]
+      timeouts: {request: 10s, backendRequest: 500ms}
+      retry: {codes: [503], attempts: 2, backoff: 100ms}
+    - backendRefs: [{name: web, port: 80}]
+      timeouts: {request: 10 seconds}
+    - backendRefs: [{group: example.com, kind: Bucket, name: b}]
+"#,
+            "{group: '', kind: Service, name: web, port: 80}",
+        )];
+        let out = build(&st, "cluster.local");
+        let r = &out.model.http_routes[0];
+        assert_eq!(r.created, "2024-05-01T10:00:00Z");
+        assert_eq!(
+            r.parents,
+            [model::ParentRef {
+                kind: model::ParentKind::Service,
+                namespace: String::new(),
+                name: "web".into(),
+                port: Some(80),
+            }]
+        );
+        assert_eq!(r.rules.len(), 2, "the rule with a bad duration is dropped");
+        let rule = &r.rules[0];
+        assert_eq!(
+            rule.matches[0].path,
+            Some(model::PathMatch::PathPrefix("/api".into()))
+        );
+        assert_eq!(rule.matches[0].method.as_deref(), Some("GET"));
+        assert_eq!(
+            rule.timeouts,
+            Some(model::Timeouts {
+                request_ms: Some(10_000),
+                backend_request_ms: Some(500)
+            })
+        );
+        let retry = rule.retry.as_ref().unwrap();
+        assert_eq!(
+            (retry.codes.as_slice(), retry.attempts, retry.backoff_ms),
+            (&[503u16][..], 2, Some(100))
+        );
+        assert_eq!(rule.filters.len(), 2);
+        assert!(matches!(
+            &rule.filters[1],
+            model::HttpFilter::UrlRewrite(model::UrlRewrite { path: Some(model::PathModifier::ReplacePrefixMatch(p)), .. }) if p == "/v2"
+        ));
+        // A missing backend stays (its share answers 500); a non-Service is dropped.
+        let names: Vec<(&str, u32)> = rule
+            .backends
+            .iter()
+            .map(|b| (b.backend.name.as_str(), b.weight))
+            .collect();
+        assert_eq!(names, [("web-v2", 90), ("ghost", 10)]);
+        assert!(r.rules[1].backends.is_empty());
+
+        let status = &out.gateway_api.routes[0];
+        assert_eq!(
+            (status.kind, status.observed_generation),
+            (RouteKind::HTTPRoute, Some(4))
+        );
+        let p = &status.parents[0];
+        let accepted = cond(p, reasons::ACCEPTED).unwrap();
+        assert!(accepted.status);
+        let resolved = cond(p, reasons::RESOLVED_REFS).unwrap();
+        assert!(!resolved.status);
+        assert_eq!(resolved.reason, reasons::BACKEND_NOT_FOUND);
+        assert!(resolved.message.contains("shop/ghost") && resolved.message.contains("Bucket"));
+        let partial = cond(p, reasons::PARTIALLY_INVALID).unwrap();
+        assert!(partial.message.contains("rule 1") && partial.message.contains("timeouts.request"));
+        assert!(out
+            .problems
+            .iter()
+            .any(|p| p.contains("HTTPRoute shop/r rule 1")));
+    }
+
+    #[test]
+    fn route_parents_without_a_waypoint_are_not_matched() {
+        let mut st = state();
+        st.http_routes = vec![
+            route("    - backendRefs: [{name: db, port: 80}]\n", "{kind: Service, group: '', name: db}"),
+            obj("metadata: {name: ghost-parent, namespace: shop}\nspec: {parentRefs: [{kind: Service, group: '', name: nope}], rules: []}"),
+            obj("metadata: {name: other-gw, namespace: shop}\nspec: {parentRefs: [{name: edge}], rules: []}"),
+            obj("metadata: {name: to-wp, namespace: shop}\nspec: {parentRefs: [{name: wp}], rules: [{backendRefs: [{kind: Pod, name: p}]}]}"),
+            obj("metadata: {name: far, namespace: other}\nspec: {parentRefs: [{name: wp, namespace: shop}], rules: []}"),
+        ];
+        let out = build(&st, "cluster.local");
+        let names: Vec<&str> = out
+            .model
+            .http_routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, ["to-wp"]);
+        let by_name = |n: &str| out.gateway_api.routes.iter().find(|r| r.name == n);
+        let accepted = |n: &str| {
+            cond(&by_name(n).unwrap().parents[0], reasons::ACCEPTED)
+                .unwrap()
+                .clone()
+        };
+        let a = accepted("r");
+        assert_eq!(
+            (a.status, a.reason.as_str()),
+            (false, reasons::NO_MATCHING_PARENT)
+        );
+        assert!(a.message.contains("does not use a waypoint"));
+        assert!(accepted("ghost-parent").message.contains("does not exist"));
+        assert!(
+            by_name("other-gw").is_none(),
+            "another class's Gateway: not our status to write"
+        );
+        assert_eq!(accepted("far").reason, reasons::NOT_ALLOWED_BY_LISTENERS);
+        let resolved = cond(
+            &by_name("to-wp").unwrap().parents[0],
+            reasons::RESOLVED_REFS,
+        )
+        .unwrap();
+        assert_eq!(resolved.reason, reasons::INVALID_KIND);
+        assert_eq!(
+            out.model.http_routes[0].parents[0].kind,
+            model::ParentKind::Gateway
+        );
+    }
+
+    #[test]
+    fn grpc_route_converts() {
+        let mut st = state();
+        st.grpc_routes = vec![obj(r#"
+metadata: {name: g, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules:
+    - matches: [{method: {service: shop.Cart, method: Add}, headers: [{type: RegularExpression, name: x, value: "a.*"}]}]
+      filters: [{type: RequestMirror, requestMirror: {backendRef: {name: web-v2, port: 80}, fraction: {numerator: 1, denominator: 4}}}]
+      backendRefs: [{name: web, port: 80}]
+    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]
+"#)];
+        let out = build(&st, "cluster.local");
+        let g = &out.model.grpc_routes[0];
+        assert_eq!(g.rules.len(), 1, "redirects are not gRPC");
+        let m = g.rules[0].matches[0].method.as_ref().unwrap();
+        assert_eq!(
+            (m.service.as_str(), m.method.as_str()),
+            ("shop.Cart", "Add")
+        );
+        assert_eq!(
+            g.rules[0].matches[0].headers[0].kind,
+            model::MatchType::RegularExpression
+        );
+        assert!(matches!(
+            &g.rules[0].filters[0],
+            model::HttpFilter::RequestMirror(model::RequestMirror { percent: Some(25), backend }) if backend.name == "web-v2"
+        ));
+        assert_eq!(out.gateway_api.routes[0].kind, RouteKind::GRPCRoute);
+    }
+
+    #[test]
+    fn traffic_policy_converts_and_bad_ones_are_rejected() {
+        let mut st = state();
+        st.traffic_policies = vec![
+            obj(r#"
+metadata: {name: resilient, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: web}
+  retryBudget: {percent: 30}
+  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 10s}
+  limits: {maxRequests: 100}
+  fault: {delay: {percent: 10, fixedDelay: 250ms}, abort: {percent: 5, httpStatus: 503}}
+  rateLimit: {requests: 100, period: 1s, key: {type: Header, header: x-user}}
+"#),
+            obj("metadata: {name: bad, namespace: shop}\nspec: {targetRef: {kind: Service, name: web}, rateLimit: {requests: 1, period: 1sec}}"),
+            obj("metadata: {name: nowp, namespace: shop}\nspec: {targetRef: {kind: Service, name: db}}"),
+        ];
+        let out = build(&st, "cluster.local");
+        let tp: Vec<&model::TrafficPolicy> = out.model.traffic_policies.iter().collect();
+        assert_eq!(tp.len(), 2);
+        let r = tp.iter().find(|t| t.name == "resilient").unwrap();
+        assert_eq!(r.target, "web");
+        assert_eq!(r.retry_budget.as_ref().unwrap().percent, 30);
+        assert_eq!(r.retry_budget.as_ref().unwrap().min_retries_per_second, 10);
+        let od = r.outlier_detection.as_ref().unwrap();
+        assert_eq!(
+            (
+                od.consecutive_5xx,
+                od.base_ejection_ms,
+                od.max_ejection_percent
+            ),
+            (3, 10_000, 50)
+        );
+        assert_eq!(
+            r.fault.as_ref().unwrap().delay.as_ref().unwrap().delay_ms,
+            250
+        );
+        let rl = r.rate_limit.as_ref().unwrap();
+        assert_eq!(
+            (rl.period_ms, &rl.key),
+            (1000, &model::RateLimitKey::Header("x-user".into()))
+        );
+        let status: Vec<(&str, bool, &str)> = out
+            .policy_status
+            .iter()
+            .filter(|s| s.kind == PolicyKind::TrafficPolicy)
+            .map(|s| (s.name.as_str(), s.accepted, s.reason.as_str()))
+            .collect();
+        assert_eq!(
+            status,
+            [
+                ("bad", false, policy_reasons::INVALID_VALUE),
+                ("nowp", false, policy_reasons::NO_WAYPOINT),
+                ("resilient", true, policy_reasons::ACCEPTED),
+            ]
+        );
+    }
+
+    #[test]
+    fn targeted_authorization_policy_is_enforced_by_the_waypoint() {
+        let mut st = state();
+        st.authorization_policies = vec![
+            obj("metadata: {name: l7, namespace: shop}\nspec: {targetRefs: [{kind: Service, name: web}, {kind: Gateway, name: wp}], rules: [{to: [{operation: {methods: [GET], headers: {x-team: [blue]}}}]}]}"),
+            obj("metadata: {name: untargeted, namespace: shop}\nspec: {rules: [{to: [{operation: {paths: [/a]}}]}]}"),
+            obj("metadata: {name: bypassed, namespace: shop}\nspec: {targetRefs: [{kind: Service, name: db}]}"),
+        ];
+        let out = build(&st, "cluster.local");
+        let status: Vec<(&str, bool, &str)> = out
+            .policy_status
+            .iter()
+            .map(|s| (s.name.as_str(), s.accepted, s.reason.as_str()))
+            .collect();
+        assert_eq!(
+            status,
+            [
+                ("bypassed", false, policy_reasons::NO_WAYPOINT),
+                ("l7", true, policy_reasons::ACCEPTED),
+                ("untargeted", true, policy_reasons::L7_FIELDS_FAIL_CLOSED),
+            ]
+        );
+        let l7 = out.model.policies.iter().find(|p| p.name == "l7").unwrap();
+        assert_eq!(
+            l7.targets,
+            [
+                model::PolicyTarget {
+                    kind: model::ParentKind::Service,
+                    name: "web".into()
+                },
+                model::PolicyTarget {
+                    kind: model::ParentKind::Gateway,
+                    name: "wp".into()
+                },
+            ]
+        );
+        assert_eq!(l7.rules[0].to[0].headers["x-team"], ["blue"]);
+    }
+
+    #[test]
+    fn gateway_status_follows_waypoint_pods_and_deployments_follow_gateways() {
+        let mut st = state();
+        let out = build(&st, "cluster.local");
+        let g = &out.gateway_api.gateways;
+        assert_eq!(g.len(), 1, "only waypoint Gateways");
+        assert_eq!(g[0].observed_generation, Some(2));
+        assert!(g[0].conditions[0].status);
+        assert_eq!(
+            (
+                g[0].conditions[1].status,
+                g[0].conditions[1].reason.as_str()
+            ),
+            (false, reasons::NO_RESOURCES)
+        );
+        assert_eq!(g[0].addresses, ["10.96.0.99"]);
+        assert_eq!(
+            out.gateway_api.deployments,
+            [WaypointDeployment {
+                namespace: "shop".into(),
+                name: "wp".into(),
+                uid: "gw-uid".into(),
+                replicas: 3,
+            }]
+        );
+
+        st.pods = vec![obj(
+            "metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}\nspec: {nodeName: n1, serviceAccountName: wp, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.50, conditions: [{type: Ready, status: 'False'}]}",
+        )];
+        let out = build(&st, "cluster.local");
+        assert_eq!(
+            out.gateway_api.gateways[0].conditions[1].reason,
+            reasons::PENDING
+        );
+        Arc::make_mut(&mut st.pods[0])
+            .status
+            .as_mut()
+            .unwrap()
+            .conditions = None;
+        let out = build(&st, "cluster.local");
+        let programmed = &out.gateway_api.gateways[0].conditions[1];
+        assert_eq!(
+            (programmed.status, programmed.reason.as_str()),
+            (true, reasons::PROGRAMMED)
+        );
+    }
+
+    #[test]
+    fn l7_output_is_deterministic() {
+        let mut a = state();
+        a.http_routes = vec![
+            obj("metadata: {name: b, namespace: shop}\nspec: {parentRefs: [{kind: Service, group: '', name: web}]}"),
+            obj("metadata: {name: a, namespace: shop}\nspec: {parentRefs: [{kind: Service, group: '', name: web}]}"),
+        ];
+        let mut b = a.clone();
+        b.http_routes.reverse();
+        b.gateways.reverse();
+        b.services.reverse();
+        assert_eq!(build(&a, "td"), build(&b, "td"));
+        let built = build(&a, "td");
+        let names: Vec<&str> = built
+            .model
+            .http_routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+}

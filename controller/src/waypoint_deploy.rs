@@ -1,0 +1,241 @@
+//! Runs the waypoints (cluster mode, leader only): for each Gateway of
+//! class `weft-waypoint`, a ServiceAccount, a Deployment and a ClusterIP
+//! Service on 15008, all named after the Gateway and owned by it (deleting
+//! the Gateway deletes them). Written by server-side apply with field
+//! manager `weft-controller`, so a re-apply of the same body is a no-op on
+//! the API server and fields others set are left alone. Replicas come from
+//! the Gateway's `weft.dev/waypoint-replicas` annotation (default 1).
+//!
+//! In embedded (manifests) mode nothing is deployed: whoever writes the
+//! manifests runs the waypoint processes and writes their Pods.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use weft_api::model::GATEWAY_NAME_LABEL;
+use weft_api::ports;
+
+use crate::gateway_api::{GatewayApiOutput, WaypointDeployment};
+use crate::status::{CONTROLLER_NAME, RETRY};
+
+/// What every waypoint Deployment shares.
+#[derive(Clone, Debug)]
+pub struct DeployConfig {
+    /// Image holding `weft-waypoint`.
+    pub image: String,
+    pub image_pull_policy: String,
+    /// The controller's config stream and CA, as waypoints reach it.
+    pub controller_url: String,
+    pub trust_domain: String,
+}
+
+const HBONE_PORT: u16 = ports::HBONE;
+const METRICS_PORT: u16 = ports::METRICS;
+const READINESS_PORT: u16 = ports::READINESS;
+
+fn labels(name: &str) -> Value {
+    json!({
+        GATEWAY_NAME_LABEL: name,
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/component": "waypoint",
+        "app.kubernetes.io/managed-by": CONTROLLER_NAME,
+    })
+}
+
+fn metadata(w: &WaypointDeployment) -> Value {
+    json!({
+        "name": w.name,
+        "namespace": w.namespace,
+        "labels": labels(&w.name),
+        "ownerReferences": [{
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "name": w.name,
+            "uid": w.uid,
+            "controller": true,
+            "blockOwnerDeletion": true,
+        }],
+    })
+}
+
+/// The ServiceAccount the waypoint runs as (its SPIFFE identity).
+pub fn service_account(w: &WaypointDeployment) -> Value {
+    json!({ "apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(w) })
+}
+
+/// The waypoint's Deployment.
+pub fn deployment(w: &WaypointDeployment, cfg: &DeployConfig) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(w),
+        "spec": {
+            "replicas": w.replicas,
+            "selector": { "matchLabels": { GATEWAY_NAME_LABEL: w.name } },
+            "template": {
+                "metadata": {
+                    "labels": {
+                        GATEWAY_NAME_LABEL: w.name,
+                        "app.kubernetes.io/name": w.name,
+                        "app.kubernetes.io/component": "waypoint",
+                        // The waypoint speaks HBONE itself; ztunnel must
+                        // not capture it.
+                        weft_api::DATAPLANE_MODE_LABEL: weft_api::DATAPLANE_MODE_NONE,
+                    },
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": METRICS_PORT.to_string(),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": w.name,
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": { "type": "RuntimeDefault" },
+                    },
+                    "containers": [{
+                        "name": "waypoint",
+                        "image": cfg.image,
+                        "imagePullPolicy": cfg.image_pull_policy,
+                        "command": ["weft-waypoint"],
+                        "args": [
+                            "run",
+                            "--controller", cfg.controller_url,
+                            "--gateway-name", w.name,
+                            "--trust-domain", cfg.trust_domain,
+                        ],
+                        "env": [
+                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+                            { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+                            { "name": "WEFT_CA_TOKEN_FILE", "value": "/var/run/secrets/tokens/weft-ca/token" },
+                        ],
+                        "ports": [
+                            { "name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP" },
+                            { "name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP" },
+                            { "name": "http-ready", "containerPort": READINESS_PORT, "protocol": "TCP" },
+                        ],
+                        "readinessProbe": {
+                            "httpGet": { "path": "/healthz/ready", "port": READINESS_PORT },
+                            "periodSeconds": 5,
+                            "failureThreshold": 3,
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": { "drop": ["ALL"] },
+                        },
+                        "volumeMounts": [
+                            { "name": "weft-ca-token", "mountPath": "/var/run/secrets/tokens/weft-ca", "readOnly": true },
+                            { "name": "tmp", "mountPath": "/tmp" },
+                        ],
+                    }],
+                    "volumes": [
+                        { "name": "weft-ca-token", "projected": { "sources": [
+                            { "serviceAccountToken": { "audience": "weft-ca", "expirationSeconds": 43200, "path": "token" } },
+                        ] } },
+                        { "name": "tmp", "emptyDir": {} },
+                    ],
+                },
+            },
+        },
+    })
+}
+
+/// The ClusterIP Service clients' ztunnels send HBONE to.
+pub fn service(w: &WaypointDeployment) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(w),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": { GATEWAY_NAME_LABEL: w.name },
+            "ports": [{ "name": "hbone", "port": HBONE_PORT, "targetPort": HBONE_PORT, "protocol": "TCP" }],
+        },
+    })
+}
+
+async fn apply_one(
+    client: &Client,
+    w: &WaypointDeployment,
+    cfg: &DeployConfig,
+) -> Result<(), kube::Error> {
+    let pp = PatchParams::apply(CONTROLLER_NAME).force();
+    let ns = &w.namespace;
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .patch(&w.name, &pp, &Patch::Apply(&service_account(w)))
+        .await?;
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .patch(&w.name, &pp, &Patch::Apply(&deployment(w, cfg)))
+        .await?;
+    Api::<Service>::namespaced(client.clone(), ns)
+        .patch(&w.name, &pp, &Patch::Apply(&service(w)))
+        .await?;
+    Ok(())
+}
+
+/// Applies the waypoints of each build while `is_leader` is true (each
+/// only when its desired state changed since it was last applied; a new
+/// leader applies them all once). Failures are retried every
+/// `status::RETRY`. Returns when `desired`'s sender is gone.
+pub async fn run(
+    client: Client,
+    cfg: DeployConfig,
+    mut desired: watch::Receiver<Arc<GatewayApiOutput>>,
+    mut is_leader: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut applied: BTreeMap<(String, String), WaypointDeployment> = BTreeMap::new();
+    loop {
+        let leader = *is_leader.borrow_and_update();
+        let mut failed = false;
+        if leader {
+            let current = desired.borrow_and_update().clone();
+            applied.retain(|k, _| {
+                current
+                    .deployments
+                    .iter()
+                    .any(|d| (&d.namespace, &d.name) == (&k.0, &k.1))
+            });
+            for w in &current.deployments {
+                let key = (w.namespace.clone(), w.name.clone());
+                if applied.get(&key) == Some(w) {
+                    continue;
+                }
+                match apply_one(&client, w, &cfg).await {
+                    Ok(()) => {
+                        tracing::info!(component = "waypoint_deploy", namespace = %w.namespace, name = %w.name, replicas = w.replicas, "waypoint applied");
+                        applied.insert(key, w.clone());
+                    }
+                    Err(e) => {
+                        failed = true;
+                        tracing::warn!(component = "waypoint_deploy", namespace = %w.namespace, name = %w.name, error = %e, "cannot apply waypoint; will retry");
+                    }
+                }
+            }
+        } else {
+            applied.clear();
+        }
+        let retry = async {
+            if failed {
+                tokio::time::sleep(RETRY).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            r = desired.changed() => if r.is_err() { return Ok(()) },
+            r = is_leader.changed() => if r.is_err() { return Ok(()) },
+            _ = retry => {}
+        }
+    }
+}
