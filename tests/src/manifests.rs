@@ -377,9 +377,11 @@ pub fn traffic_policy(tp: &weft_api::model::TrafficPolicy) -> Value {
         }
         match &r.key {
             weft_api::model::RateLimitKey::Global => {}
-            weft_api::model::RateLimitKey::Header(h) => rv["key"] = json!({ "header": h }),
+            weft_api::model::RateLimitKey::Header(h) => {
+                rv["key"] = json!({ "type": "Header", "header": h })
+            }
             weft_api::model::RateLimitKey::ClientIdentity => {
-                rv["key"] = json!({ "clientIdentity": true })
+                rv["key"] = json!({ "type": "ClientIdentity" })
             }
         }
         spec["rateLimit"] = rv;

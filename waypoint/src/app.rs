@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::state::WaypointState;
-use crate::telemetry::AccessLog;
+use crate::telemetry::{AccessLog, SpanExporter};
 use crate::upstream::Upstream;
 
 struct Sink {
@@ -126,6 +126,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         AccessLog::disabled()
     };
+    let spans = match &cfg.otlp_endpoint {
+        Some(ep) => SpanExporter::otlp_http(ep, format!("{}.{}", cfg.name, cfg.namespace))
+            .map_err(anyhow::Error::msg)?,
+        None => SpanExporter::disabled(),
+    };
     let upstream = Upstream::new(certs.clone(), me.clone());
     let proxy = Proxy::new(
         state.clone(),
@@ -136,6 +141,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.namespace.clone(),
         cfg.name.clone(),
         access_log,
+        spans,
     );
     let ops = Arc::new(OpsCtx {
         metrics: metrics.clone(),

@@ -26,7 +26,7 @@ use crate::plan::{self, Backend, Plan, Verdict};
 use crate::proxy::{counted, set_header, ConnCtx, Proxy};
 use crate::resilience_registry::Outcome;
 use crate::state::Compiled;
-use crate::telemetry::{AccessRecord, TraceContext};
+use crate::telemetry::{AccessRecord, SpanRecord, TraceContext};
 use crate::upstream::{Body, Endpoint, Proto, UpstreamError};
 
 /// Request bodies up to this size are buffered so they can be retried and
@@ -718,6 +718,33 @@ fn finish(
             .load(std::sync::atomic::Ordering::Relaxed);
         m.request_bytes.get_or_create(&svc).observe(received as f64);
         m.response_bytes.get_or_create(&svc).observe(sent as f64);
+        if proxy.spans.enabled() {
+            let end = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            proxy.spans.export(SpanRecord {
+                trace: ledger.trace.clone(),
+                name: format!("{} {}", ledger.method, service),
+                start_unix_ns: end.saturating_sub(elapsed.as_nanos() as u64),
+                end_unix_ns: end,
+                status_code: code,
+                attributes: vec![
+                    ("http.request.method", ledger.method.to_string()),
+                    ("url.path", ledger.path.clone()),
+                    ("weft.source_principal", labels.source_principal.clone()),
+                    ("weft.route", ledger.route.clone()),
+                    (
+                        "server.address",
+                        ledger
+                            .upstream
+                            .as_ref()
+                            .map(|e| e.addr.to_string())
+                            .unwrap_or_default(),
+                    ),
+                ],
+            });
+        }
         if proxy.access_log.enabled() {
             proxy.access_log.log(AccessRecord {
                 start_unix_ms: ledger.start_unix_ms,

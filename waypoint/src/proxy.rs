@@ -29,7 +29,7 @@ use crate::forward::{self, Downstream, Target};
 use crate::metrics::Metrics;
 use crate::resilience_registry::Registry as ResilienceRegistry;
 use crate::state::WaypointState;
-use crate::telemetry::AccessLog;
+use crate::telemetry::{AccessLog, SpanExporter};
 use crate::upstream::{Proto, Upstream};
 
 /// How long a new tunnel may stay silent before it is taken for a
@@ -51,6 +51,7 @@ pub struct Proxy {
     pub name: String,
     pub namespace: String,
     pub access_log: AccessLog,
+    pub spans: SpanExporter,
     pub h2: H2Settings,
     tls_cache: Mutex<Option<(std::time::SystemTime, Arc<rustls::ServerConfig>)>>,
     conn_ids: AtomicU64,
@@ -67,6 +68,7 @@ impl Proxy {
         namespace: String,
         name: String,
         access_log: AccessLog,
+        spans: SpanExporter,
     ) -> Arc<Self> {
         Arc::new(Self {
             state,
@@ -78,6 +80,7 @@ impl Proxy {
             name,
             namespace,
             access_log,
+            spans,
             h2: H2Settings::default(),
             tls_cache: Mutex::new(None),
             conn_ids: AtomicU64::new(1),

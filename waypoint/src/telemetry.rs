@@ -233,3 +233,227 @@ mod tests {
         }
     }
 }
+
+/// One finished server span of the waypoint, for OTLP export.
+#[derive(Clone, Debug)]
+pub struct SpanRecord {
+    pub trace: TraceContext,
+    pub name: String,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub status_code: u16,
+    pub attributes: Vec<(&'static str, String)>,
+}
+
+/// Exports spans over OTLP/HTTP (JSON encoding, `POST <endpoint>/v1/traces`)
+/// in batches from a background task. Export never blocks a request: when
+/// the queue is full, spans are dropped and counted.
+#[derive(Clone)]
+pub struct SpanExporter {
+    tx: Option<mpsc::Sender<SpanRecord>>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SpanExporter {
+    pub fn disabled() -> Self {
+        Self {
+            tx: None,
+            dropped: Arc::default(),
+        }
+    }
+
+    /// Starts the export task (call inside a Tokio runtime). `endpoint` is
+    /// the collector's base URL, e.g. `http://otel-collector:4318`.
+    pub fn otlp_http(endpoint: &str, service_name: String) -> Result<Self, String> {
+        let uri: http::Uri = format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| format!("OTLP endpoint {endpoint:?}: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!(
+                "OTLP endpoint {endpoint:?}: only http:// is supported (OTLP/HTTP JSON)"
+            ));
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(export_loop(uri, service_name, rx));
+        Ok(Self {
+            tx: Some(tx),
+            dropped: Arc::default(),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn export(&self, span: SpanRecord) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(span).is_err() {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+const EXPORT_BATCH: usize = 512;
+
+async fn export_loop(uri: http::Uri, service: String, mut rx: mpsc::Receiver<SpanRecord>) {
+    let mut batch = Vec::with_capacity(EXPORT_BATCH);
+    loop {
+        let first = match rx.recv().await {
+            Some(s) => s,
+            None => return,
+        };
+        batch.push(first);
+        // Gather what else arrives within a second, up to a batch.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while batch.len() < EXPORT_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                _ => break,
+            }
+        }
+        let body = otlp_json(&service, &batch);
+        batch.clear();
+        if let Err(e) = post_json(&uri, body).await {
+            tracing::warn!(component = "otlp", endpoint = %uri, error = %e, "span export failed; spans dropped");
+        }
+    }
+}
+
+/// The OTLP/JSON `ExportTraceServiceRequest` for `spans`.
+pub fn otlp_json(service: &str, spans: &[SpanRecord]) -> serde_json::Value {
+    let attr = |k: &str, v: &str| serde_json::json!({ "key": k, "value": { "stringValue": v } });
+    let spans: Vec<serde_json::Value> = spans
+        .iter()
+        .map(|s| {
+            let mut attrs: Vec<serde_json::Value> =
+                s.attributes.iter().map(|(k, v)| attr(k, v)).collect();
+            attrs.push(serde_json::json!({
+                "key": "http.response.status_code",
+                "value": { "intValue": s.status_code.to_string() },
+            }));
+            let mut span = serde_json::json!({
+                "traceId": s.trace.trace_id_hex(),
+                "spanId": s.trace.span_id_hex(),
+                "name": s.name,
+                "kind": 2,
+                "startTimeUnixNano": s.start_unix_ns.to_string(),
+                "endTimeUnixNano": s.end_unix_ns.to_string(),
+                "attributes": attrs,
+                "status": { "code": if s.status_code >= 500 { 2 } else { 0 } },
+            });
+            if let Some(p) = s.trace.parent_span_id {
+                span["parentSpanId"] = serde_json::json!(hex(&p));
+            }
+            span
+        })
+        .collect();
+    serde_json::json!({
+        "resourceSpans": [{
+            "resource": { "attributes": [attr("service.name", service)] },
+            "scopeSpans": [{ "scope": { "name": "weft-waypoint" }, "spans": spans }],
+        }]
+    })
+}
+
+async fn post_json(uri: &http::Uri, body: serde_json::Value) -> Result<(), String> {
+    use http_body_util::{BodyExt, Full};
+    let host = uri.host().ok_or("no host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::post(uri.path())
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), send.send_request(req))
+        .await
+        .map_err(|_| "export timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    if !status.is_success() {
+        return Err(format!("collector answered {status}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod otlp_tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    /// A collector stand-in (an external component): a real HTTP server
+    /// that records what the exporter POSTs.
+    #[tokio::test]
+    async fn exports_spans_as_otlp_json_over_http() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (got_tx, mut got_rx) = mpsc::channel::<(String, serde_json::Value)>(4);
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let got_tx = got_tx.clone();
+                async move {
+                    use http_body_util::BodyExt;
+                    let path = req.uri().path().to_owned();
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    got_tx.send((path, v)).await.unwrap();
+                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"{}"),
+                    )))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+        let exp = SpanExporter::otlp_http(&format!("http://{addr}"), "wp.shop".into()).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        exp.export(SpanRecord {
+            trace: TraceContext::from_headers(&h),
+            name: "GET web.shop".into(),
+            start_unix_ns: 1,
+            end_unix_ns: 2,
+            status_code: 200,
+            attributes: vec![("http.request.method", "GET".into())],
+        });
+        let (path, v) = tokio::time::timeout(std::time::Duration::from_secs(5), got_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(path, "/v1/traces");
+        let span = &v["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
+        assert_eq!(span["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(span["parentSpanId"], "00f067aa0ba902b7");
+        assert_eq!(span["name"], "GET web.shop");
+        assert_eq!(
+            v["resourceSpans"][0]["resource"]["attributes"][0]["value"]["stringValue"],
+            "wp.shop"
+        );
+    }
+
+    #[test]
+    fn only_plain_http_endpoints() {
+        assert!(SpanExporter::otlp_http("https://x:4318", "s".into()).is_err());
+    }
+}
