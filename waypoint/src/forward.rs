@@ -16,6 +16,7 @@ use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tracing::{debug, info};
 
 use crate::body;
@@ -261,7 +262,18 @@ async fn respond(
         }
     };
 
+    // Protocol upgrades (WebSocket, ...) on HTTP/1.1: the headers go
+    // through and a 101 joins both connections. `h2c` is not one of them:
+    // RFC 9113 deprecates it, and the request is answered in HTTP/1.1.
+    let upgrade = upgrade_of(parts, ctx.proto);
+    let downstream_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     prepare_upstream_head(parts, ctx, &plan, ledger, &proxy.me);
+    if let Some(u) = &upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, u.clone());
+    }
 
     // Buffer small bodies so they can be retried and mirrored.
     let sized = http_body::Body::size_hint(&incoming).exact();
@@ -458,6 +470,23 @@ async fn respond(
         },
         None => attempts.await,
     };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        match (downstream_upgrade, upgrade) {
+            (Some(down), Some(u)) => {
+                let up = hyper::upgrade::on(&mut response);
+                tokio::spawn(join_upgraded(down, up));
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                response.headers_mut().insert(header::UPGRADE, u);
+                return response;
+            }
+            _ => {
+                ledger.flag = "bad_upgrade";
+                return local_reply(StatusCode::BAD_GATEWAY, ledger.grpc, "upstream switched protocols unasked\n");
+            }
+        }
+    }
     strip_hop_by_hop(response.headers_mut());
     for m in &plan.response_headers {
         plan::apply_header_modifier(m, response.headers_mut());
@@ -488,6 +517,37 @@ impl AttemptError {
             AttemptError::Upstream(UpstreamError::Reset(_)) => "upstream_reset",
             AttemptError::Timeout => "upstream_timeout",
         }
+    }
+}
+
+/// The `Upgrade` a request asks for, if it is one we carry (HTTP/1.1,
+/// `Connection: upgrade`, not `h2c`).
+fn upgrade_of(parts: &Parts, proto: Proto) -> Option<HeaderValue> {
+    if proto != Proto::Http1 {
+        return None;
+    }
+    let wants = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let u = parts.headers.get(header::UPGRADE)?;
+    (wants && !u.as_bytes().eq_ignore_ascii_case(b"h2c")).then(|| u.clone())
+}
+
+/// Copies bytes between the two upgraded connections until both close.
+async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(down, up) {
+        Ok((d, u)) => {
+            let mut d = TokioIo::new(d);
+            let mut u = TokioIo::new(u);
+            if let Err(e) = weft_hbone::copy_bidirectional(&mut d, &mut u).await {
+                debug!(component = "waypoint", error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => debug!(component = "waypoint", error = %e, "upgrade failed"),
     }
 }
 

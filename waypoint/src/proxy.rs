@@ -322,6 +322,7 @@ where
                 .max_buf_size(MAX_HEADER_BYTES.max(8192))
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades()
                 .await
         }
         Proto::Http2 => {

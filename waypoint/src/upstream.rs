@@ -159,7 +159,9 @@ impl Upstream {
                     .await
                     .map_err(|e| UpstreamError::Connect(ep.addr, e.to_string()))?;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    // With upgrades: a 101 hands the connection to the
+                    // tunnel (WebSocket and the like).
+                    if let Err(e) = conn.with_upgrades().await {
                         debug!(component = "upstream", error = %e, "HTTP/1.1 upstream connection ended");
                     }
                 });
