@@ -21,7 +21,8 @@ struct Running {
     fake: FakeApi,
     model: watch::Receiver<Arc<MeshModel>>,
     status: watch::Receiver<Arc<Vec<PolicyStatus>>>,
-    gateway_api: watch::Receiver<Arc<GatewayApiOutput>>,
+    /// Kept open so the source keeps publishing Gateway API status.
+    _gateway_api: watch::Receiver<Arc<GatewayApiOutput>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -34,7 +35,7 @@ impl Drop for Running {
 async fn start(fake: FakeApi) -> Running {
     let (out, model) = watch::channel(Arc::new(MeshModel::default()));
     let (st, status) = watch::channel(Arc::new(Vec::new()));
-    let (gw, gateway_api) = watch::channel(Arc::new(GatewayApiOutput::default()));
+    let (gw, _gateway_api) = watch::channel(Arc::new(GatewayApiOutput::default()));
     let task = tokio::spawn(kube_source::run(
         fake.client(),
         "cluster.local".to_owned(),
@@ -46,7 +47,7 @@ async fn start(fake: FakeApi) -> Running {
         fake,
         model,
         status,
-        gateway_api,
+        _gateway_api,
         task,
     }
 }

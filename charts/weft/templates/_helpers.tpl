@@ -8,6 +8,14 @@ release per cluster.
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{- define "weft.waypointImage" -}}
+{{- if .Values.waypoint.image.repository -}}
+{{ .Values.waypoint.image.repository }}:{{ .Values.waypoint.image.tag | default .Chart.AppVersion }}
+{{- else -}}
+{{ include "weft.image" . }}
+{{- end }}
+{{- end }}
+
 {{- define "weft.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 app.kubernetes.io/part-of: weft
