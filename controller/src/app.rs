@@ -206,6 +206,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 image_pull_policy: cfg.waypoint_image_pull_policy.clone(),
                 controller_url: format!("https://weft-controller.{}.svc:15010", cfg.namespace),
                 trust_domain: cfg.trust_domain.clone(),
+                trust: ca.subscribe_bundle(),
             };
             let (deployer, desired) = (client.clone(), gateway_rx.clone());
             tokio::spawn(async move {

@@ -33,7 +33,13 @@ pub struct DeployConfig {
     /// The controller's config stream and CA, as waypoints reach it.
     pub controller_url: String,
     pub trust_domain: String,
+    /// The mesh roots: published in each waypoint namespace (ConfigMap
+    /// `weft-ca-root-cert`) so the waypoint can verify the controller.
+    pub trust: watch::Receiver<weft_hbone::TrustBundle>,
 }
+
+/// ConfigMap (in each waypoint's namespace) holding the mesh root.
+pub const ROOT_CONFIGMAP: &str = "weft-ca-root-cert";
 
 const HBONE_PORT: u16 = ports::HBONE;
 const METRICS_PORT: u16 = ports::METRICS;
@@ -108,16 +114,16 @@ pub fn deployment(w: &WaypointDeployment, cfg: &DeployConfig) -> Value {
                         "image": cfg.image,
                         "imagePullPolicy": cfg.image_pull_policy,
                         "command": ["weft-waypoint"],
-                        "args": [
-                            "run",
-                            "--controller", cfg.controller_url,
-                            "--gateway-name", w.name,
-                            "--trust-domain", cfg.trust_domain,
-                        ],
                         "env": [
-                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
-                            { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+                            { "name": "WEFT_WAYPOINT_NAME", "value": w.name },
+                            { "name": "WEFT_WAYPOINT_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+                            { "name": "WEFT_WAYPOINT_SERVICE_ACCOUNT", "valueFrom": { "fieldRef": { "fieldPath": "spec.serviceAccountName" } } },
+                            { "name": "WEFT_NODE_NAME", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } },
+                            { "name": "WEFT_POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                            { "name": "WEFT_CONTROLLER", "value": cfg.controller_url },
+                            { "name": "WEFT_CONTROLLER_CA_FILE", "value": "/etc/weft/ca/root-cert.pem" },
                             { "name": "WEFT_CA_TOKEN_FILE", "value": "/var/run/secrets/tokens/weft-ca/token" },
+                            { "name": "WEFT_LOG_JSON", "value": "true" },
                         ],
                         "ports": [
                             { "name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP" },
@@ -136,6 +142,7 @@ pub fn deployment(w: &WaypointDeployment, cfg: &DeployConfig) -> Value {
                         },
                         "volumeMounts": [
                             { "name": "weft-ca-token", "mountPath": "/var/run/secrets/tokens/weft-ca", "readOnly": true },
+                            { "name": "weft-ca-root", "mountPath": "/etc/weft/ca", "readOnly": true },
                             { "name": "tmp", "mountPath": "/tmp" },
                         ],
                     }],
@@ -143,6 +150,7 @@ pub fn deployment(w: &WaypointDeployment, cfg: &DeployConfig) -> Value {
                         { "name": "weft-ca-token", "projected": { "sources": [
                             { "serviceAccountToken": { "audience": "weft-ca", "expirationSeconds": 43200, "path": "token" } },
                         ] } },
+                        { "name": "weft-ca-root", "configMap": { "name": ROOT_CONFIGMAP } },
                         { "name": "tmp", "emptyDir": {} },
                     ],
                 },
@@ -165,6 +173,20 @@ pub fn service(w: &WaypointDeployment) -> Value {
     })
 }
 
+/// The mesh root, for the waypoint to verify the controller with.
+pub fn root_config_map(namespace: &str, pem: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": ROOT_CONFIGMAP,
+            "namespace": namespace,
+            "labels": { "app.kubernetes.io/managed-by": CONTROLLER_NAME },
+        },
+        "data": { "root-cert.pem": pem },
+    })
+}
+
 async fn apply_one(
     client: &Client,
     w: &WaypointDeployment,
@@ -172,6 +194,14 @@ async fn apply_one(
 ) -> Result<(), kube::Error> {
     let pp = PatchParams::apply(CONTROLLER_NAME).force();
     let ns = &w.namespace;
+    let pem = cfg.trust.borrow().to_pem();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+        .patch(
+            ROOT_CONFIGMAP,
+            &pp,
+            &Patch::Apply(&root_config_map(ns, &pem)),
+        )
+        .await?;
     Api::<ServiceAccount>::namespaced(client.clone(), ns)
         .patch(&w.name, &pp, &Patch::Apply(&service_account(w)))
         .await?;
@@ -190,7 +220,7 @@ async fn apply_one(
 /// `status::RETRY`. Returns when `desired`'s sender is gone.
 pub async fn run(
     client: Client,
-    cfg: DeployConfig,
+    mut cfg: DeployConfig,
     mut desired: watch::Receiver<Arc<GatewayApiOutput>>,
     mut is_leader: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -235,6 +265,10 @@ pub async fn run(
         tokio::select! {
             r = desired.changed() => if r.is_err() { return Ok(()) },
             r = is_leader.changed() => if r.is_err() { return Ok(()) },
+            // New roots (rotation): re-apply everything, ConfigMaps included.
+            r = cfg.trust.changed() => {
+                if r.is_ok() { applied.clear(); }
+            }
             _ = retry => {}
         }
     }

@@ -37,7 +37,7 @@ impl Drop for Running {
 async fn start() -> Running {
     let mut colls = WATCHED.to_vec();
     colls.extend(GATEWAY_API);
-    colls.extend([EVENTS, DEPLOYMENTS]);
+    colls.extend([EVENTS, DEPLOYMENTS, "api/v1/configmaps"]);
     let fake = FakeApi::start(&colls).await;
     fake.apply(
         NAMESPACES,
@@ -260,11 +260,14 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
     gw["metadata"]["annotations"] = json!({"weft.dev/waypoint-replicas": "2"});
     r.fake.apply(GATEWAYS, gw);
     let uid = r.fake.get(GATEWAYS, "shop", "wp").unwrap()["metadata"]["uid"].clone();
+    let root = weft_hbone::LocalCa::generate("cluster.local").unwrap();
+    let (_trust_tx, trust_rx) = watch::channel(root.trust_bundle());
     let cfg = DeployConfig {
         image: "example.com/weft:test".into(),
         image_pull_policy: "IfNotPresent".into(),
         controller_url: "https://weft-controller.weft-system.svc:15010".into(),
         trust_domain: "cluster.local".into(),
+        trust: trust_rx,
     };
     let (_lead_tx, lead_rx) = watch::channel(true);
     r.tasks.push(tokio::spawn(waypoint_deploy::run(
@@ -276,6 +279,9 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
     let fake = r.fake.clone();
     eventually("deployment applied", || {
         fake.get(DEPLOYMENTS, "shop", "wp").is_some()
+            && fake
+                .get("api/v1/configmaps", "shop", "weft-ca-root-cert")
+                .is_some()
     })
     .await;
     let applies: Vec<Recorded> = fake
@@ -287,12 +293,22 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
     assert_eq!(
         paths,
         [
+            "/api/v1/namespaces/shop/configmaps/weft-ca-root-cert",
             "/api/v1/namespaces/shop/serviceaccounts/wp",
             "/apis/apps/v1/namespaces/shop/deployments/wp",
             "/api/v1/namespaces/shop/services/wp",
         ]
     );
-    for q in &applies {
+    let root = applies[0].body.as_ref().unwrap();
+    assert!(
+        root["data"]["root-cert.pem"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE"),
+        "{root}"
+    );
+    let applies = &applies[1..];
+    for q in applies {
         assert!(
             q.query.contains("fieldManager=weft-controller"),
             "{}",
@@ -314,10 +330,10 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
     assert_eq!(pod["spec"]["serviceAccountName"], "wp");
     let c = &pod["spec"]["containers"][0];
     assert_eq!(c["image"], "example.com/weft:test");
-    assert!(c["args"]
+    assert!(c["env"]
         .as_array()
         .unwrap()
-        .contains(&json!("https://weft-controller.weft-system.svc:15010")));
+        .contains(&json!({"name": "WEFT_CONTROLLER", "value": "https://weft-controller.weft-system.svc:15010"})));
     let ports: Vec<i64> = c["ports"]
         .as_array()
         .unwrap()

@@ -271,7 +271,9 @@ async fn respond(
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     prepare_upstream_head(parts, ctx, &plan, ledger, &proxy.me);
     if let Some(u) = &upgrade {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, u.clone());
     }
 
@@ -483,7 +485,11 @@ async fn respond(
             }
             _ => {
                 ledger.flag = "bad_upgrade";
-                return local_reply(StatusCode::BAD_GATEWAY, ledger.grpc, "upstream switched protocols unasked\n");
+                return local_reply(
+                    StatusCode::BAD_GATEWAY,
+                    ledger.grpc,
+                    "upstream switched protocols unasked\n",
+                );
             }
         }
     }

@@ -404,19 +404,20 @@ mod otlp_tests {
         let (got_tx, mut got_rx) = mpsc::channel::<(String, serde_json::Value)>(4);
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let got_tx = got_tx.clone();
-                async move {
-                    use http_body_util::BodyExt;
-                    let path = req.uri().path().to_owned();
-                    let body = req.into_body().collect().await.unwrap().to_bytes();
-                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                    got_tx.send((path, v)).await.unwrap();
-                    Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"{}"),
-                    )))
-                }
-            });
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let got_tx = got_tx.clone();
+                    async move {
+                        use http_body_util::BodyExt;
+                        let path = req.uri().path().to_owned();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        got_tx.send((path, v)).await.unwrap();
+                        Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"{}"),
+                        )))
+                    }
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                 .await;
