@@ -243,7 +243,7 @@ async fn respond(
     // Circuit breaker.
     let _permit = match res.start_request() {
         Ok(p) => p,
-        Err(()) => {
+        Err(_) => {
             proxy
                 .metrics
                 .overflows
@@ -405,7 +405,16 @@ async fn respond(
                 Err(AttemptError::Upstream(UpstreamError::Reset(_))) => Outcome::Reset,
                 Err(AttemptError::Timeout) => Outcome::Timeout,
             };
-            res.record(&ep, &outcome);
+            if res.record(&ep, &outcome) {
+                proxy
+                    .metrics
+                    .ejections
+                    .get_or_create(&ServiceOnly {
+                        destination_service: plan.backend.label(),
+                    })
+                    .inc();
+                info!(component = "outlier", endpoint = %ep.addr, service = %plan.backend.label(), "endpoint ejected after consecutive failures");
+            }
             let retryable = attempt + 1 < max_attempts
                 && (replay.is_some() || matches!(outcome, Outcome::ConnectFailed))
                 && res.is_retryable(&parts.method, &outcome, plan.retry.as_ref());

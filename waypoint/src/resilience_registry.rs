@@ -1,92 +1,155 @@
 //! Per-service resilience state, kept across model versions (an ejected
 //! endpoint stays ejected, a rate-limit bucket keeps its tokens) and
-//! rebuilt only when the service's TrafficPolicy changes.
+//! rebuilt only where the service's TrafficPolicy changed. The proxy asks
+//! for a [`ServiceState`] per request and calls its small API; the building
+//! blocks live in `resilience`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
-use weft_api::model::Retry;
+use weft_api::model::{Retry, TrafficPolicy};
 
+pub use crate::resilience::Outcome;
+use crate::resilience::{
+    rate_limit_key, FaultAction, InFlightGuard, Overflow, RequestPermit, RetryPolicy,
+    ServiceResilience,
+};
 use crate::state::Compiled;
 use crate::upstream::Endpoint;
 
-/// How one attempt ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    ConnectFailed,
-    Reset,
-    Timeout,
-    Status(u16),
+/// One service's resilience, as a request sees it.
+pub struct ServiceState {
+    inner: Arc<ServiceResilience>,
+    rate_key: Option<weft_api::model::RateLimitKey>,
 }
 
-pub struct FaultAction {
-    pub delay: Option<Duration>,
-    pub abort: Option<u16>,
-}
-
-#[derive(Default)]
-pub struct ServiceResilience {
-    rr: AtomicUsize,
-}
-
-impl ServiceResilience {
-    pub fn rate_limit(&self, _headers: &HeaderMap, _identity: &str) -> Result<(), Duration> {
-        Ok(())
+impl ServiceState {
+    /// The local rate limit: `Err(retry after)` past the budget.
+    pub fn rate_limit(&self, headers: &HeaderMap, identity: &str) -> Result<(), Duration> {
+        let (Some(limiter), Some(key)) = (&self.inner.limiter, &self.rate_key) else {
+            return Ok(());
+        };
+        let k = rate_limit_key(key, headers, Some(identity));
+        limiter
+            .check(&k, Instant::now())
+            .map_err(|r| Duration::from_secs(r.header_secs()))
     }
+
     pub fn fault(&self) -> FaultAction {
-        FaultAction {
-            delay: None,
-            abort: None,
-        }
+        self.inner.fault.action(&mut rand::thread_rng())
     }
-    pub fn start_request(&self) -> Result<(), ()> {
-        Ok(())
+
+    /// A slot under the service's concurrent-request limit; counts the
+    /// request toward the retry budget.
+    pub fn start_request(&self) -> Result<RequestPermit, Overflow> {
+        let permit = self.inner.limits.try_start_request()?;
+        self.inner.budget.record_request(Instant::now());
+        Ok(permit)
     }
+
     pub fn try_retry(&self) -> bool {
-        true
+        self.inner.budget.try_retry(Instant::now())
     }
-    pub fn backoff(&self, _retry: Option<&Retry>, _attempt: u32) -> Duration {
-        Duration::from_millis(25)
+
+    pub fn backoff(&self, retry: Option<&Retry>, attempt: u32) -> Duration {
+        RetryPolicy::from_config(retry).backoff(attempt, &mut rand::thread_rng())
     }
-    pub fn pick(&self, eps: &[Endpoint]) -> Option<(Endpoint, ())> {
-        if eps.is_empty() {
-            return None;
-        }
-        Some((
-            eps[self.rr.fetch_add(1, Ordering::Relaxed) % eps.len()].clone(),
-            (),
-        ))
+
+    /// Least-request (power of two choices) among the endpoints not
+    /// ejected; the guard counts the request in flight until dropped.
+    pub fn pick(&self, endpoints: &[Endpoint]) -> Option<(Endpoint, InFlightGuard)> {
+        let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
+        let (addr, guard) = self
+            .inner
+            .balancer
+            .pick(&addrs, &self.inner.detector, Instant::now())?;
+        let ep = endpoints.iter().find(|e| e.addr == addr)?.clone();
+        Some((ep, guard))
     }
-    pub fn record(&self, _ep: &Endpoint, _o: &Outcome) {}
-    pub fn is_retryable(&self, _m: &Method, o: &Outcome, retry: Option<&Retry>) -> bool {
-        retry.is_some() && matches!(o, Outcome::ConnectFailed | Outcome::Status(500..=504))
+
+    /// Feeds outlier detection; returns whether this ejected the endpoint.
+    pub fn record(&self, ep: &Endpoint, outcome: &Outcome) -> bool {
+        let before = self.inner.detector.ejections_total();
+        self.inner
+            .detector
+            .record(ep.addr, !outcome.is_endpoint_failure(), Instant::now());
+        self.inner.detector.ejections_total() > before
     }
+
+    pub fn is_retryable(&self, method: &Method, outcome: &Outcome, retry: Option<&Retry>) -> bool {
+        RetryPolicy::from_config(retry).is_retryable(method, outcome)
+    }
+}
+
+struct Entry {
+    state: Arc<ServiceResilience>,
+    /// Model version whose endpoints `state` was told about.
+    version: u64,
 }
 
 #[derive(Default)]
 pub struct Registry {
-    services: Mutex<HashMap<(String, String), Arc<ServiceResilience>>>,
-    default: Arc<ServiceResilience>,
+    services: Mutex<HashMap<(String, String), Entry>>,
 }
 
 impl Registry {
-    pub fn for_service(
-        &self,
-        _snap: &Compiled,
-        namespace: &str,
-        name: &str,
-    ) -> Arc<ServiceResilience> {
+    /// The resilience state of `namespace/name` under `snap`'s model.
+    pub fn for_service(&self, snap: &Compiled, namespace: &str, name: &str) -> ServiceState {
+        let policy: Option<&TrafficPolicy> = snap
+            .model
+            .traffic_policies
+            .iter()
+            .find(|p| p.namespace == namespace && p.target == name);
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let entry = services
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_insert_with(|| Entry {
+                state: Arc::new(ServiceResilience::new(policy, now)),
+                version: u64::MAX,
+            });
+        let fresh = entry.state.refresh(policy, now);
+        let rebuilt = !Arc::ptr_eq(&fresh, &entry.state);
+        if rebuilt || entry.version != snap.version {
+            let addrs: Vec<SocketAddr> = snap
+                .model
+                .services
+                .iter()
+                .find(|s| s.namespace == namespace && s.name == name)
+                .map(|s| {
+                    s.ports
+                        .iter()
+                        .flat_map(|p| snap.endpoints(namespace, name, p.port))
+                        .map(|e| e.addr)
+                        .collect()
+                })
+                .unwrap_or_default();
+            fresh.set_endpoints(&addrs);
+            entry.state = fresh;
+            entry.version = snap.version;
+        }
+        ServiceState {
+            inner: entry.state.clone(),
+            rate_key: policy.and_then(|p| p.rate_limit.as_ref()).map(|r| r.key.clone()),
+        }
+    }
+
+    /// Workload-addressed traffic: no TrafficPolicy applies.
+    pub fn default_service(&self) -> ServiceState {
+        ServiceState {
+            inner: Arc::new(ServiceResilience::new(None, Instant::now())),
+            rate_key: None,
+        }
+    }
+
+    /// Forgets services that left the model.
+    pub fn retain(&self, snap: &Compiled) {
         self.services
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry((namespace.to_owned(), name.to_owned()))
-            .or_default()
-            .clone()
-    }
-    pub fn default_service(&self) -> Arc<ServiceResilience> {
-        self.default.clone()
+            .retain(|(ns, name), _| snap.service(ns, name).is_some());
     }
 }
