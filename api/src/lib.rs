@@ -9,6 +9,7 @@ pub mod crd;
 pub mod identity;
 pub mod l7;
 pub mod model;
+pub mod policy;
 pub mod ports;
 pub mod proto;
 
