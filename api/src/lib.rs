@@ -10,6 +10,7 @@ pub mod duration;
 pub mod identity;
 pub mod l7;
 pub mod model;
+pub mod policy;
 pub mod ports;
 pub mod proto;
 

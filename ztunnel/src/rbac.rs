@@ -3,12 +3,16 @@
 //! is allowed; with ALLOW policies one must match. A rule that names HTTP
 //! fields cannot be enforced at L4: in an ALLOW policy it matches nothing, in
 //! a DENY policy it matches everything its L4 fields match (fail closed both
-//! ways).
+//! ways). The matching itself is `weft_api::policy`, shared with the
+//! waypoint; this picks the policies that apply to a local workload.
 
 use std::net::IpAddr;
 
-use weft_api::model::{AuthorizationPolicy, PolicyAction, Rule, Workload};
+use weft_api::model::Workload;
+use weft_api::policy::{self, Request};
 use weft_api::Identity;
+
+pub use weft_api::policy::{cidr_contains, Decision};
 
 use crate::state::Snapshot;
 
@@ -21,106 +25,18 @@ pub struct Connection<'a> {
     pub dst_port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Allow,
-    /// Denied by the named policy (`namespace/name`), or by the absence of a
-    /// matching ALLOW (`None`).
-    Deny {
-        policy: Option<String>,
-    },
-}
-
+/// Policies with `targets` belong to the waypoint and are skipped here.
 pub fn evaluate(snap: &Snapshot, dst: &Workload, conn: &Connection<'_>) -> Decision {
-    let mut any_allow = false;
-    let mut allowed = false;
-    for p in snap.policies_for(dst) {
-        match p.action {
-            PolicyAction::Deny => {
-                if p.rules.iter().any(|r| rule_matches(r, conn, true)) {
-                    return Decision::Deny {
-                        policy: Some(policy_name(p)),
-                    };
-                }
-            }
-            PolicyAction::Allow => {
-                any_allow = true;
-                if !allowed && p.rules.iter().any(|r| rule_matches(r, conn, false)) {
-                    allowed = true;
-                }
-            }
-        }
-    }
-    if any_allow && !allowed {
-        return Decision::Deny { policy: None };
-    }
-    Decision::Allow
-}
-
-fn policy_name(p: &AuthorizationPolicy) -> String {
-    format!("{}/{}", p.namespace, p.name)
-}
-
-/// `l7_matches`: how a rule's HTTP-only fields count at L4 (true for DENY,
-/// false for ALLOW: fail closed).
-fn rule_matches(rule: &Rule, conn: &Connection<'_>, l7_matches: bool) -> bool {
-    let from_ok = rule.from.is_empty()
-        || rule.from.iter().any(|s| {
-            (s.principals.is_empty()
-                || s.principals
-                    .iter()
-                    .any(|p| p == "*" || conn.src_identity.is_some_and(|id| id.to_string() == *p)))
-                && (s.namespaces.is_empty()
-                    || s.namespaces.iter().any(|n| {
-                        n == "*" || conn.src_identity.is_some_and(|id| id.namespace == *n)
-                    }))
-                && (s.ip_blocks.is_empty()
-                    || s.ip_blocks.iter().any(|b| cidr_contains(b, conn.src_ip)))
-        });
-    let to_ok = rule.to.is_empty()
-        || rule.to.iter().any(|d| {
-            (d.ports.is_empty() || d.ports.contains(&conn.dst_port))
-                && (!d.has_l7_fields() || l7_matches)
-        });
-    from_ok && to_ok
-}
-
-/// `10.0.0.0/8`, `fd00::/8` or a bare address. A malformed block matches
-/// nothing.
-pub fn cidr_contains(block: &str, ip: IpAddr) -> bool {
-    let (addr, len) = match block.split_once('/') {
-        Some((a, l)) => match l.parse::<u8>() {
-            Ok(l) => (a, Some(l)),
-            Err(_) => return false,
-        },
-        None => (block, None),
+    let req = Request {
+        src_ip: conn.src_ip,
+        src_identity: conn.src_identity,
+        dst_port: conn.dst_port,
+        http: None,
     };
-    let Ok(net) = addr.parse::<IpAddr>() else {
-        return false;
-    };
-    match (net, ip) {
-        (IpAddr::V4(n), IpAddr::V4(i)) => {
-            let len = len.unwrap_or(32);
-            if len > 32 {
-                return false;
-            }
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            u32::from(n) & mask == u32::from(i) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(i)) => {
-            let len = len.unwrap_or(128);
-            if len > 128 {
-                return false;
-            }
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
-            u128::from(n) & mask == u128::from(i) & mask
-        }
-        _ => false,
-    }
+    policy::evaluate(
+        snap.policies_for(dst).filter(|p| p.targets.is_empty()),
+        &req,
+    )
 }
 
 #[cfg(test)]
@@ -193,6 +109,18 @@ policies:
         assert_eq!(
             evaluate(&s, w, &conn(None, "10.0.0.1", 80)),
             Decision::Deny { policy: None }
+        );
+    }
+
+    #[test]
+    fn waypoint_targeted_policies_are_not_enforced_here() {
+        let s = snap(
+            "  - { name: at-waypoint, namespace: shop, action: DENY, rules: [{}], targets: [{ kind: Service, name: db }] }",
+        );
+        let w = &s.model.workloads[0];
+        assert_eq!(
+            evaluate(&s, w, &conn(None, "10.0.0.1", 5432)),
+            Decision::Allow
         );
     }
 

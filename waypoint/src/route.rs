@@ -1,1 +1,0 @@
-//! Gateway API routing (filled in next).
