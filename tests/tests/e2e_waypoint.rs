@@ -74,16 +74,16 @@ fn curl(mesh: &Mesh, pod: &Pod, args: &[&str]) -> (bool, String, String) {
 /// "<status> <x-app-name>".
 fn many(mesh: &Mesh, pod: &Pod, url: &str, n: usize, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<&str> = vec![
-        "-o",
-        "/dev/null",
         "-w",
         "%{http_code} %header{x-app-name}\\n",
         "--max-time",
         "120",
     ];
     args.extend_from_slice(extra);
-    let urls: Vec<&str> = std::iter::repeat_n(url, n).collect();
-    args.extend(urls.iter().copied());
+    // Each URL needs its own -o.
+    for _ in 0..n {
+        args.extend(["-o", "/dev/null", url]);
+    }
     let (ok, out, err) = curl(mesh, pod, &args);
     assert!(ok, "curl failed: {err}");
     out.lines().map(str::to_owned).collect()
@@ -435,12 +435,16 @@ fn e2e_waypoint_http_semantics_and_bad_input() {
         &mesh,
         &client,
         &[
-            "-o",
-            "/dev/null",
             "-w",
             "%{num_connects}\\n",
+            "-o",
+            "/dev/null",
             &url("/who"),
+            "-o",
+            "/dev/null",
             &url("/who"),
+            "-o",
+            "/dev/null",
             &url("/who"),
         ],
     );
@@ -535,7 +539,8 @@ fn e2e_waypoint_http_semantics_and_bad_input() {
     // Cancellation: the client gives up; the app sees its request cancelled.
     let (ok, _, _) = curl(&mesh, &client, &["--max-time", "1", &url("/slow?ms=8000")]);
     assert!(!ok, "the client timed out");
-    let app_stats = format!("http://{}:8080/stats", pods[0].ip);
+    // From inside the app pod, on loopback (not captured).
+    let app_stats = "http://127.0.0.1:8080/stats".to_owned();
     weft_e2e::mesh::wait_until(Duration::from_secs(10), || {
         let out = pods[0]
             .command("curl")

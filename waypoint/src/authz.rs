@@ -32,6 +32,8 @@ pub struct AuthzRequest<'a> {
     pub src_identity: Option<&'a Identity>,
     /// The service port.
     pub port: u16,
+    /// Empty for a connection that is not HTTP: rules naming HTTP fields
+    /// then fail closed, as at L4.
     pub method: &'a str,
     /// The request path; a query string, if left on, is ignored.
     pub path: &'a str,
@@ -89,7 +91,7 @@ impl Authorizer {
             src_ip: req.src_ip,
             src_identity: req.src_identity,
             dst_port: req.port,
-            http: Some(HttpAttrs {
+            http: (!req.method.is_empty()).then_some(HttpAttrs {
                 method: req.method,
                 path,
                 headers: &headers,

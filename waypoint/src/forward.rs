@@ -102,6 +102,32 @@ fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// Counts a request the client abandoned before its response headers (the
+/// handler future is dropped): `weft_requests_total` with response code 0.
+struct CancelledGuard {
+    proxy: Option<Arc<Proxy>>,
+    service: String,
+}
+
+impl Drop for CancelledGuard {
+    fn drop(&mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            proxy.metrics.active_requests.dec();
+            proxy
+                .metrics
+                .cancelled
+                .get_or_create(&ServiceOnly {
+                    destination_service: std::mem::take(&mut self.service),
+                })
+                .inc();
+            debug!(
+                component = "waypoint",
+                "request cancelled by the client before its response"
+            );
+        }
+    }
+}
+
 /// What one request accumulated for its metrics and log line.
 struct Ledger {
     start: Instant,
@@ -124,6 +150,10 @@ pub async fn handle(proxy: Arc<Proxy>, d: Downstream, req: Request<Incoming>) ->
     let ctx = d.ctx;
     let snap = proxy.state.load();
     proxy.metrics.active_requests.inc();
+    let mut cancelled = CancelledGuard {
+        proxy: Some(proxy.clone()),
+        service: ctx.target.service_label(),
+    };
     let (mut parts, incoming) = req.into_parts();
     let trace = TraceContext::from_headers(&parts.headers);
     let mut ledger = Ledger {
@@ -155,6 +185,7 @@ pub async fn handle(proxy: Arc<Proxy>, d: Downstream, req: Request<Incoming>) ->
         request_bytes: Arc::default(),
     };
     let response = respond(&proxy, &snap, &ctx, &mut parts, incoming, &mut ledger).await;
+    cancelled.proxy = None;
     proxy.metrics.active_requests.dec();
     finish(&proxy, &ctx, ledger, response)
 }
@@ -308,17 +339,8 @@ async fn respond(
     };
 
     if let Some(b) = &replay {
-        for (mirror, percent) in &plan.mirrors {
-            if rand::random::<u32>() % 100 < *percent {
-                spawn_mirror(
-                    proxy.clone(),
-                    snap.clone(),
-                    ctx,
-                    parts,
-                    b.clone(),
-                    mirror.clone(),
-                );
-            }
+        for mirror in plan.mirrors() {
+            spawn_mirror(proxy.clone(), snap.clone(), ctx, parts, b.clone(), mirror);
         }
     }
 
@@ -420,7 +442,6 @@ async fn respond(
                 && res.is_retryable(&parts.method, &outcome, plan.retry.as_ref());
             match result {
                 Ok(resp) => {
-                    let resp = resp.map(body::boxed);
                     if retryable {
                         last = Some(resp);
                         continue;
@@ -503,9 +524,7 @@ async fn respond(
         }
     }
     strip_hop_by_hop(response.headers_mut());
-    for m in &plan.response_headers {
-        plan::apply_header_modifier(m, response.headers_mut());
-    }
+    plan.apply_response_headers(response.headers_mut());
     response
 }
 
@@ -602,9 +621,7 @@ fn prepare_upstream_head(
     me: &weft_api::Identity,
 ) {
     strip_hop_by_hop(&mut parts.headers);
-    for m in &plan.request_headers {
-        plan::apply_header_modifier(m, &mut parts.headers);
-    }
+    plan.apply_request_headers(&mut parts.headers);
     if let Some(authority) = &plan.rewrite_authority {
         if let Ok(v) = HeaderValue::from_str(authority) {
             parts.headers.insert(header::HOST, v);

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub retries: Family<ServiceOnly, Counter>,
     pub rate_limited: Family<ServiceOnly, Counter>,
     pub overflows: Family<ServiceOnly, Counter>,
+    pub cancelled: Family<ServiceOnly, Counter>,
     pub ejections: Family<ServiceOnly, Counter>,
     pub failures: Family<ReasonLabels, Counter>,
     pub handshake_failures: Family<ReasonLabels, Counter>,
@@ -93,6 +94,7 @@ impl Metrics {
             retries: Family::default(),
             rate_limited: Family::default(),
             overflows: Family::default(),
+            cancelled: Family::default(),
             ejections: Family::default(),
             failures: Family::default(),
             handshake_failures: Family::default(),
@@ -133,6 +135,11 @@ impl Metrics {
             "circuit_breaker_overflows",
             "Requests answered 503 because a limit was reached",
             m.overflows.clone(),
+        );
+        registry.register(
+            "requests_cancelled",
+            "Requests the client abandoned before the response headers",
+            m.cancelled.clone(),
         );
         registry.register(
             "outlier_ejections",

@@ -62,10 +62,10 @@ impl ServiceState {
     /// ejected; the guard counts the request in flight until dropped.
     pub fn pick(&self, endpoints: &[Endpoint]) -> Option<(Endpoint, InFlightGuard)> {
         let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();
-        let (addr, guard) = self
-            .inner
-            .balancer
-            .pick(&addrs, &self.inner.detector, Instant::now())?;
+        let (addr, guard) =
+            self.inner
+                .balancer
+                .pick(&addrs, &self.inner.detector, Instant::now())?;
         let ep = endpoints.iter().find(|e| e.addr == addr)?.clone();
         Some((ep, guard))
     }
@@ -133,7 +133,9 @@ impl Registry {
         }
         ServiceState {
             inner: entry.state.clone(),
-            rate_key: policy.and_then(|p| p.rate_limit.as_ref()).map(|r| r.key.clone()),
+            rate_key: policy
+                .and_then(|p| p.rate_limit.as_ref())
+                .map(|r| r.key.clone()),
         }
     }
 

@@ -71,7 +71,7 @@ pub struct Upstream {
     me: Identity,
     h2: H2Settings,
     hbone: Pool<HboneKey>,
-    h1_idle: Mutex<HashMap<Endpoint, Vec<http1::SendRequest<Body>>>>,
+    h1_idle: Mutex<HashMap<Endpoint, Vec<H1Conn>>>,
     h2_conns: Mutex<HashMap<Endpoint, http2::SendRequest<Body>>>,
 }
 
@@ -137,10 +137,13 @@ impl Upstream {
         proto: Proto,
         req: Request<Body>,
         tunnel_headers: &HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Body>, UpstreamError> {
         match proto {
             Proto::Http1 => self.send_h1(ep, req, tunnel_headers).await,
-            Proto::Http2 => self.send_h2(ep, req, tunnel_headers).await,
+            Proto::Http2 => self
+                .send_h2(ep, req, tunnel_headers)
+                .await
+                .map(|r| r.map(crate::body::boxed)),
         }
     }
 
@@ -149,26 +152,33 @@ impl Upstream {
         ep: &Endpoint,
         req: Request<Body>,
         tunnel_headers: &HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = match self.idle_h1(ep) {
-            Some(s) => s,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let mut conn = match self.idle_h1(ep) {
+            Some(c) => c,
             None => {
                 let io = self.open_stream(ep, tunnel_headers.clone()).await?;
                 let (sender, conn) = http1::Builder::new()
                     .handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| UpstreamError::Connect(ep.addr, e.to_string()))?;
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
                     // With upgrades: a 101 hands the connection to the
                     // tunnel (WebSocket and the like).
                     if let Err(e) = conn.with_upgrades().await {
                         debug!(component = "upstream", error = %e, "HTTP/1.1 upstream connection ended");
                     }
                 });
-                sender
+                H1Conn {
+                    sender,
+                    abort: task.abort_handle(),
+                }
             }
         };
-        let res = sender.send_request(req).await;
+        // HTTP/1.1 cannot cancel one request: if the client goes away before
+        // the exchange ends, the upstream connection is closed so the app
+        // sees the cancellation (and the connection is not reused mid-way).
+        let guard = AbortOnDrop(Some(conn.abort.clone()));
+        let res = conn.sender.send_request(req).await;
         match res {
             Ok(resp) => {
                 // Back to the pool: reusable once this response's body is
@@ -176,20 +186,32 @@ impl Upstream {
                 let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
                 let list = idle.entry(ep.clone()).or_default();
                 if list.len() < MAX_IDLE_H1 {
-                    list.push(sender);
+                    list.push(conn);
                 }
-                Ok(resp)
+                Ok(resp.map(|b| {
+                    if http_body::Body::is_end_stream(&b) {
+                        guard.disarm();
+                        return crate::body::boxed(b);
+                    }
+                    crate::body::boxed(GuardedBody { inner: b, guard })
+                }))
             }
-            Err(e) if e.is_canceled() => Err(UpstreamError::Connect(ep.addr, e.to_string())),
-            Err(e) => Err(UpstreamError::Reset(e.to_string())),
+            Err(e) if e.is_canceled() => {
+                guard.disarm();
+                Err(UpstreamError::Connect(ep.addr, e.to_string()))
+            }
+            Err(e) => {
+                guard.disarm();
+                Err(UpstreamError::Reset(e.to_string()))
+            }
         }
     }
 
-    fn idle_h1(&self, ep: &Endpoint) -> Option<http1::SendRequest<Body>> {
+    fn idle_h1(&self, ep: &Endpoint) -> Option<H1Conn> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(ep)?;
-        list.retain(|s| !s.is_closed());
-        let i = list.iter().rposition(|s| s.is_ready())?;
+        list.retain(|c| !c.sender.is_closed());
+        let i = list.iter().rposition(|c| c.sender.is_ready())?;
         Some(list.swap_remove(i))
     }
 
@@ -257,3 +279,58 @@ impl Upstream {
 /// A bidirectional byte stream (tunnel or TCP).
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// A pooled HTTP/1.1 client connection and its driver task.
+struct H1Conn {
+    sender: http1::SendRequest<Body>,
+    abort: tokio::task::AbortHandle,
+}
+
+/// Aborts the connection task when dropped while armed.
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.abort();
+        }
+    }
+}
+
+/// A response body that closes its HTTP/1.1 connection if dropped before
+/// its end.
+struct GuardedBody {
+    inner: Incoming,
+    guard: AbortOnDrop,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            this.guard.0 = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
