@@ -312,12 +312,14 @@ http_routes:
             .unwrap_err();
         assert!(err.contains("workload shop/a"), "{err}");
         assert_eq!(c.to_model(), m);
-        let mut bad_route = Resources::default();
-        bad_route.http_routes = vec![proto::L7Resource {
-            namespace: "shop".into(),
-            name: "r".into(),
-            json: "{\"name\": 3}".into(),
-        }];
+        let bad_route = Resources {
+            http_routes: vec![proto::L7Resource {
+                namespace: "shop".into(),
+                name: "r".into(),
+                json: "{\"name\": 3}".into(),
+            }],
+            ..Default::default()
+        };
         let err = c
             .apply(&ConfigUpdate {
                 full: false,
