@@ -47,6 +47,7 @@ pub const GATEWAYS: &str = "apis/gateway.networking.k8s.io/v1/gateways";
 pub const HTTP_ROUTES: &str = "apis/gateway.networking.k8s.io/v1/httproutes";
 pub const GRPC_ROUTES: &str = "apis/gateway.networking.k8s.io/v1/grpcroutes";
 pub const TRAFFIC_POLICIES: &str = "apis/weft.dev/v1alpha1/trafficpolicies";
+pub const TOKEN_REVIEWS: &str = "apis/authentication.k8s.io/v1/tokenreviews";
 pub const DEPLOYMENTS: &str = "apis/apps/v1/deployments";
 pub const LEASES: &str = "apis/coordination.k8s.io/v1/leases";
 pub const EVENTS: &str = "apis/events.k8s.io/v1/events";
@@ -89,6 +90,8 @@ struct Inner {
     /// Bumped by `expire_watches`: open watches answer 410 and close.
     epoch: u64,
     requests: Vec<Recorded>,
+    /// TokenReview answers: token -> (audiences, `status.user`).
+    tokens: BTreeMap<String, (Vec<String>, Value)>,
 }
 
 #[derive(Clone)]
@@ -134,6 +137,44 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 }
 
 impl FakeApi {
+    /// Makes TokenReview authenticate `token` for `audiences` as `user` (a
+    /// TokenReview `status.user`: username, uid, groups, extra), as the API
+    /// server does for a bound ServiceAccount token.
+    pub fn add_token(&self, token: &str, audiences: &[&str], user: Value) {
+        self.inner.lock().unwrap().tokens.insert(
+            token.to_owned(),
+            (audiences.iter().map(|a| (*a).to_owned()).collect(), user),
+        );
+    }
+
+    /// A TokenReview: authenticated when the token is known and, if the
+    /// review names audiences, one of them is the token's (the API server's
+    /// rule); otherwise `authenticated: false` with an error, answered 201
+    /// like the real server.
+    fn token_review(&self, body: Option<Value>) -> Response<BoxBody<Bytes, Infallible>> {
+        let Some(mut review) = body else {
+            return respond(400, status(400, "BadRequest", "no body"));
+        };
+        let token = review["spec"]["token"].as_str().unwrap_or("").to_owned();
+        let asked: Vec<String> = review["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let known = self.inner.lock().unwrap().tokens.get(&token).cloned();
+        review["status"] = match known {
+            Some((auds, user)) if asked.is_empty() || asked.iter().any(|a| auds.contains(a)) => {
+                json!({ "authenticated": true, "user": user, "audiences": auds })
+            }
+            Some(_) => json!({ "authenticated": false, "error": "token audiences do not match" }),
+            None => json!({ "authenticated": false, "error": "invalid bearer token" }),
+        };
+        respond(201, review)
+    }
+
     /// Starts the server with these (empty) collections.
     pub async fn start(collections: &[&str]) -> FakeApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -331,6 +372,9 @@ impl FakeApi {
             _ => return respond(404, status(404, "NotFound", "no such path")),
         };
         let collection = format!("{prefix}/{plural}");
+        if collection == TOKEN_REVIEWS && method == Method::POST {
+            return self.token_review(body);
+        }
         if !self
             .inner
             .lock()
