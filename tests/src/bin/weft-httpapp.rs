@@ -371,7 +371,7 @@ async fn h2_flood(args: &[String]) -> Result<()> {
             }
         }
         // Let the connection task write and read between streams.
-        if opened % 64 == 0 {
+        if opened.is_multiple_of(64) {
             tokio::task::yield_now().await;
         }
     }
