@@ -320,8 +320,15 @@ impl http_body::Body for GuardedBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(None) = polled {
-            this.guard.0 = None;
+        // Disarm at the end, whether it is seen as `None` or (what the
+        // server does when the length is known) as `is_end_stream` after
+        // the last frame.
+        match &polled {
+            std::task::Poll::Ready(None) => this.guard.0 = None,
+            std::task::Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+                this.guard.0 = None
+            }
+            _ => {}
         }
         polled
     }
