@@ -287,6 +287,36 @@ impl MeshModel {
     }
 }
 
+impl MeshModel {
+    /// The endpoint workloads of every service (indexes into `workloads`,
+    /// one list per entry of `services`): the workloads with an address
+    /// that the service selects. Services select within their namespace
+    /// only, so this costs services x pods of their namespace.
+    pub fn service_endpoints(&self) -> Vec<Vec<usize>> {
+        let mut by_namespace: std::collections::HashMap<&str, Vec<usize>> =
+            std::collections::HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if !w.ips.is_empty() {
+                by_namespace.entry(&w.namespace).or_default().push(i);
+            }
+        }
+        self.services
+            .iter()
+            .map(|s| {
+                by_namespace
+                    .get(s.namespace.as_str())
+                    .map(|ws| {
+                        ws.iter()
+                            .copied()
+                            .filter(|&i| s.selects(&self.workloads[i]))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
 impl Service {
     pub fn selects(&self, w: &Workload) -> bool {
         w.namespace == self.namespace

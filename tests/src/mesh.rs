@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use weft_api::model::{Namespace, Service, ServicePort, Workload};
+use weft_api::model::{Namespace, Workload};
 use weft_api::MeshModel;
 
 use crate::cluster::{invoke_cni, Cluster, Pod};
@@ -421,25 +421,7 @@ impl Mesh {
         app: &str,
         ports: &[(u16, u16)],
     ) -> Result<Ipv4Addr> {
-        let vip = self.next_vip();
-        let mut selector = BTreeMap::new();
-        selector.insert("app".to_owned(), app.to_owned());
-        self.model.services.push(Service {
-            name: name.into(),
-            namespace: namespace.into(),
-            vips: vec![IpAddr::V4(vip)],
-            ports: ports
-                .iter()
-                .map(|&(port, target)| ServicePort {
-                    port,
-                    target_port: Some(target),
-                })
-                .collect(),
-            selector,
-            waypoint: None,
-        });
-        self.write_model()?;
-        Ok(vip)
+        self.add_service_selecting(namespace, name, &[("app", app)], ports)
     }
 
     pub(crate) fn next_vip(&mut self) -> Ipv4Addr {

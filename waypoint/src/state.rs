@@ -28,36 +28,20 @@ pub struct Compiled {
 impl Compiled {
     pub fn new(model: MeshModel, version: u64) -> Self {
         let mut workload_by_ip = HashMap::new();
-        let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
         for (i, w) in model.workloads.iter().enumerate() {
             for ip in &w.ips {
                 workload_by_ip.insert(*ip, i);
             }
-            if !w.ips.is_empty() {
-                by_namespace.entry(&w.namespace).or_default().push(i);
-            }
         }
         let mut service_by_vip = HashMap::new();
         let mut service_by_name = HashMap::new();
-        let mut endpoints = Vec::with_capacity(model.services.len());
         for (si, s) in model.services.iter().enumerate() {
             for vip in &s.vips {
                 service_by_vip.insert(*vip, si);
             }
             service_by_name.insert((s.namespace.clone(), s.name.clone()), si);
-            endpoints.push(
-                by_namespace
-                    .get(s.namespace.as_str())
-                    .map(|ws| {
-                        ws.iter()
-                            .copied()
-                            .filter(|&i| s.selects(&model.workloads[i]))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            );
         }
-        drop(by_namespace);
+        let endpoints = model.service_endpoints();
         let routes = Routes::build(&model);
         let authz = Policies::build(&model);
         Self {

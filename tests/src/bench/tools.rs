@@ -197,9 +197,9 @@ pub fn iperf(pod: &Pod, server: Ipv4Addr, secs: u32, omit: u32, streams: u32) ->
     })
 }
 
-/// The pid of the `weft-ztunnel` process whose network namespace is the one
-/// at `netns_path` (a node's `/run/netns/<name>`).
-pub fn ztunnel_pid(netns_path: &Path) -> Result<u32> {
+/// Processes named `comm` whose network namespace is the one at
+/// `netns_path` (a node's or pod's `/run/netns/<name>`).
+pub fn pids_in_netns(netns_path: &Path, comm: &str) -> Result<Vec<u32>> {
     let want = std::fs::metadata(netns_path)
         .with_context(|| format!("stat {}", netns_path.display()))?
         .ino();
@@ -213,8 +213,8 @@ pub fn ztunnel_pid(netns_path: &Path) -> Result<u32> {
         else {
             continue;
         };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() != "weft-ztunnel" {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if name.trim() != comm {
             continue;
         }
         let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap_or_default();
@@ -222,7 +222,13 @@ pub fn ztunnel_pid(netns_path: &Path) -> Result<u32> {
             found.push(pid);
         }
     }
-    match found.as_slice() {
+    Ok(found)
+}
+
+/// The pid of the `weft-ztunnel` process in the network namespace at
+/// `netns_path`.
+pub fn ztunnel_pid(netns_path: &Path) -> Result<u32> {
+    match pids_in_netns(netns_path, "weft-ztunnel")?.as_slice() {
         [pid] => Ok(*pid),
         [] => bail!("no weft-ztunnel process runs in {}", netns_path.display()),
         many => bail!(

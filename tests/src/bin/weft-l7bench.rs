@@ -175,7 +175,10 @@ fn bench(o: &Options) -> Result<()> {
     let waypoint_pid = mesh
         .waypoint_pid(WAYPOINT)
         .context("waypoint pid unknown")?;
-    let proxy_pids = pids_in_netns(&proxy_pod.netns_path, "nginx")?;
+    let proxy_pids = tools::pids_in_netns(&proxy_pod.netns_path, "nginx")?;
+    if proxy_pids.is_empty() {
+        bail!("no nginx process in {}", proxy_pod.key());
+    }
 
     let scenarios = [
         Scenario {
@@ -310,39 +313,6 @@ fn nginx(mesh: &mut Mesh, pod: &Pod, servers: &str) -> Result<()> {
             std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default()
         )
     })
-}
-
-/// Processes named `comm` in the network namespace at `netns_path`.
-fn pids_in_netns(netns_path: &Path, comm: &str) -> Result<Vec<u32>> {
-    use std::os::unix::fs::MetadataExt;
-    let want = format!("net:[{}]", std::fs::metadata(netns_path)?.ino());
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .unwrap_or_default()
-            .trim()
-            != comm
-        {
-            continue;
-        }
-        if std::fs::read_link(format!("/proc/{pid}/ns/net"))
-            .map(|l| l.to_string_lossy() == want)
-            .unwrap_or(false)
-        {
-            pids.push(pid);
-        }
-    }
-    if pids.is_empty() {
-        bail!("no {comm} process in {}", netns_path.display());
-    }
-    Ok(pids)
 }
 
 fn waypoint_requests(mesh: &Mesh) -> f64 {

@@ -77,24 +77,12 @@ impl Snapshot {
             }
         }
         let mut service_by_vip = HashMap::new();
-        let mut endpoints = Vec::with_capacity(model.services.len());
         for (si, s) in model.services.iter().enumerate() {
             for vip in &s.vips {
                 service_by_vip.insert(*vip, si);
             }
-            endpoints.push(
-                by_namespace
-                    .get(s.namespace.as_str())
-                    .map(|ws| {
-                        ws.iter()
-                            .copied()
-                            .filter(|&i| s.selects(&model.workloads[i]))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            );
         }
-        drop(by_namespace);
+        let endpoints = model.service_endpoints();
         let mut waypoint_pods: HashMap<(String, String), Vec<usize>> = HashMap::new();
         for (i, w) in model.workloads.iter().enumerate() {
             if let Some(gw) = w.labels.get(GATEWAY_NAME_LABEL) {
