@@ -162,7 +162,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 MeshCa::load_or_generate(store, &cfg.trust_domain).await?
             };
             let auth =
-                crate::ca::TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()]);
+                crate::ca::TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()])
+                    .with_node_agents([format!("{}/weft-ztunnel", cfg.namespace).as_str()]);
             let td = cfg.trust_domain.clone();
             let (tx, stx, gtx) = (model_tx.clone(), status_tx.clone(), gateway_tx.clone());
             let kube = client.clone();

@@ -637,9 +637,50 @@ impl From<AuthError> for Status {
 }
 
 /// Maps a bearer token to the node it was issued for.
+/// Who presented a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The node the token is bound to.
+    pub node: String,
+    /// `Some((namespace, service account))`: a workload's own token (a
+    /// waypoint's, say), which may obtain only its own identity. `None`: a
+    /// node agent (the node's ztunnel), which may obtain the identities of
+    /// the node's pods.
+    pub workload: Option<(String, String)>,
+}
+
 #[tonic::async_trait]
 pub trait Authenticator: Send + Sync + 'static {
     async fn node_of(&self, token: &str) -> Result<String, AuthError>;
+
+    /// The caller behind `token`; by default a node agent of `node_of`.
+    async fn caller_of(&self, token: &str) -> Result<Caller, AuthError> {
+        Ok(Caller {
+            node: self.node_of(token).await?,
+            workload: None,
+        })
+    }
+}
+
+/// Whether `caller` may obtain a certificate for `id` under `model`: a
+/// node agent for any workload on its node, a workload only for itself
+/// (and only while it runs on the node its token is bound to).
+pub fn authorize(model: &MeshModel, caller: &Caller, id: &Identity) -> Result<(), String> {
+    if let Some((ns, sa)) = &caller.workload {
+        let own = Identity::new(&model.trust_domain, ns, sa);
+        if &own != id {
+            return Err(format!(
+                "a workload token ({ns}/{sa}) may only obtain its own identity {own}, not {id}"
+            ));
+        }
+    }
+    if !node_runs_identity(model, &caller.node, id) {
+        return Err(format!(
+            "node {} runs no workload with identity {id}; a ztunnel only gets identities of pods scheduled on its node",
+            caller.node
+        ));
+    }
+    Ok(())
 }
 
 /// The node of the request's `authorization: Bearer <token>`.
@@ -647,6 +688,14 @@ pub async fn authenticate(
     auth: &dyn Authenticator,
     metadata: &MetadataMap,
 ) -> Result<String, Status> {
+    Ok(authenticate_caller(auth, metadata).await?.node)
+}
+
+/// The caller behind the request's `authorization: Bearer <token>`.
+pub async fn authenticate_caller(
+    auth: &dyn Authenticator,
+    metadata: &MetadataMap,
+) -> Result<Caller, Status> {
     let value = metadata
         .get("authorization")
         .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?
@@ -655,7 +704,7 @@ pub async fn authenticate(
     let token = weft_api::proto::token_of_bearer(value).ok_or_else(|| {
         Status::unauthenticated("authorization metadata must be `Bearer <token>`")
     })?;
-    Ok(auth.node_of(token).await?)
+    Ok(auth.caller_of(token).await?)
 }
 
 /// Embedded mode: fixed bootstrap tokens, one per node.
@@ -725,18 +774,40 @@ impl Authenticator for BootstrapTokens {
 pub struct TokenReviewAuthenticator {
     client: kube::Client,
     audiences: Vec<String>,
+    /// Usernames (`system:serviceaccount:<ns>:<sa>`) of node agents: the
+    /// ztunnels, which get their node's pods' identities. Any other
+    /// ServiceAccount gets only its own.
+    node_agents: Vec<String>,
 }
 
 impl TokenReviewAuthenticator {
-    /// `audiences` empty means the API server's default audience.
+    /// `audiences` empty means the API server's default audience. With no
+    /// node agents set, every caller is a node agent.
     pub fn new(client: kube::Client, audiences: Vec<String>) -> Self {
-        Self { client, audiences }
+        Self {
+            client,
+            audiences,
+            node_agents: Vec::new(),
+        }
+    }
+
+    /// The ServiceAccounts (`namespace/name`) that act for their node.
+    pub fn with_node_agents<'a>(mut self, agents: impl IntoIterator<Item = &'a str>) -> Self {
+        self.node_agents = agents
+            .into_iter()
+            .map(|a| format!("system:serviceaccount:{}", a.replacen('/', ":", 1)))
+            .collect();
+        self
     }
 }
 
 #[tonic::async_trait]
 impl Authenticator for TokenReviewAuthenticator {
     async fn node_of(&self, token: &str) -> Result<String, AuthError> {
+        Ok(self.caller_of(token).await?.node)
+    }
+
+    async fn caller_of(&self, token: &str) -> Result<Caller, AuthError> {
         use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -757,16 +828,32 @@ impl Authenticator for TokenReviewAuthenticator {
                 status.error.unwrap_or_else(|| "not authenticated".into())
             )));
         }
-        status
-            .user
-            .and_then(|u| u.extra)
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let node = user
+            .extra
             .and_then(|mut extra| extra.remove(NODE_NAME_EXTRA))
             .and_then(|v| v.into_iter().next())
             .ok_or_else(|| {
                 AuthError::Rejected(format!(
-                    "token is not bound to a pod on a node (no {NODE_NAME_EXTRA}); use the ztunnel's projected ServiceAccount token"
+                    "token is not bound to a pod on a node (no {NODE_NAME_EXTRA}); use the pod's projected ServiceAccount token"
                 ))
-            })
+            })?;
+        if self.node_agents.is_empty() || self.node_agents.contains(&username) {
+            return Ok(Caller {
+                node,
+                workload: None,
+            });
+        }
+        let workload = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+            .map(|(ns, sa)| (ns.to_owned(), sa.to_owned()))
+            .ok_or_else(|| AuthError::Rejected(format!("{username:?} is not a ServiceAccount")))?;
+        Ok(Caller {
+            node,
+            workload: Some(workload),
+        })
     }
 }
 
@@ -808,7 +895,7 @@ impl Ca for CaService {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
-        let node = authenticate(self.auth.as_ref(), request.metadata())
+        let caller = authenticate_caller(self.auth.as_ref(), request.metadata())
             .await
             .inspect_err(|s| {
                 warn!(
@@ -820,13 +907,10 @@ impl Ca for CaService {
         let req = request.into_inner();
         let csr =
             Csr::from_pem(&req.csr_pem).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let allowed = node_runs_identity(&self.models.borrow(), &node, &csr.identity);
-        if !allowed {
-            warn!(component = "ca", node = %node, identity = %csr.identity, "certificate request refused: no such workload on the node");
-            return Err(Status::permission_denied(format!(
-                "node {node} runs no workload with identity {}; a ztunnel only gets identities of pods scheduled on its node",
-                csr.identity
-            )));
+        let node = caller.node.clone();
+        if let Err(why) = authorize(&self.models.borrow(), &caller, &csr.identity) {
+            warn!(component = "ca", node = %node, identity = %csr.identity, reason = %why, "certificate request refused");
+            return Err(Status::permission_denied(why));
         }
         let issued = self
             .ca
@@ -846,6 +930,37 @@ impl Ca for CaService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workload_tokens_get_only_their_own_identity() {
+        let m = MeshModel::from_yaml(
+            r#"
+workloads:
+  - { name: wp-0, namespace: shop, service_account: wp, node: n1, ips: [10.0.0.9] }
+  - { name: web, namespace: shop, service_account: web, node: n1, ips: [10.0.0.2] }
+"#,
+        )
+        .unwrap();
+        let id = |sa: &str| Identity::new("cluster.local", "shop", sa);
+        let agent = Caller {
+            node: "n1".into(),
+            workload: None,
+        };
+        let waypoint = Caller {
+            node: "n1".into(),
+            workload: Some(("shop".into(), "wp".into())),
+        };
+        assert!(authorize(&m, &agent, &id("web")).is_ok());
+        assert!(authorize(&m, &agent, &id("wp")).is_ok());
+        assert!(authorize(&m, &waypoint, &id("wp")).is_ok());
+        let err = authorize(&m, &waypoint, &id("web")).unwrap_err();
+        assert!(err.contains("only obtain its own identity"), "{err}");
+        let elsewhere = Caller {
+            node: "n2".into(),
+            workload: Some(("shop".into(), "wp".into())),
+        };
+        assert!(authorize(&m, &elsewhere, &id("wp")).is_err());
+    }
 
     #[test]
     fn bootstrap_tokens_parse() {

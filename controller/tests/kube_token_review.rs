@@ -76,3 +76,20 @@ async fn kube_token_review_unreachable_api_server_is_unavailable_not_rejected() 
         other => panic!("expected Unavailable, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn kube_token_review_tells_node_agents_from_workloads() {
+    let fake = FakeApi::start(&[]).await;
+    fake.add_token("tok-ztunnel", &["weft-ca"], bound_user("node1"));
+    let mut waypoint = bound_user("node1");
+    waypoint["username"] = json!("system:serviceaccount:shop:wp");
+    fake.add_token("tok-waypoint", &["weft-ca"], waypoint);
+    let auth = TokenReviewAuthenticator::new(fake.client(), vec!["weft-ca".into()])
+        .with_node_agents(["weft-system/weft-ztunnel"]);
+
+    let z = auth.caller_of("tok-ztunnel").await.unwrap();
+    assert_eq!((z.node.as_str(), z.workload), ("node1", None));
+    let w = auth.caller_of("tok-waypoint").await.unwrap();
+    assert_eq!(w.node, "node1");
+    assert_eq!(w.workload, Some(("shop".to_owned(), "wp".to_owned())));
+}
