@@ -237,6 +237,12 @@ fn e2e_waypoint_retries_policy_and_rate_limit() {
         name: "web-faults".into(),
         namespace: NS.into(),
         target: "web".into(),
+        // Half of all attempts fail here: allow that many retries (the
+        // default budget, 20% of requests or 10/s, would rightly stop them).
+        retry_budget: Some(weft_api::model::RetryBudget {
+            percent: 100,
+            min_retries_per_second: 1000,
+        }),
         fault: Some(weft_api::model::Fault {
             delay: None,
             abort: Some(FaultAbort {
