@@ -6,6 +6,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use weft_api::model::{
+    AuthorizationPolicy, BackendRef, Destination, HeaderModifier, HttpBackend, HttpFilter,
+    HttpRoute, HttpRouteRule, ParentRef, PolicyAction, PolicyTarget, Rule,
+};
 use weft_e2e::cluster::Capture as PacketCapture;
 use weft_e2e::mesh::{bin_path, Mesh};
 
@@ -156,6 +160,108 @@ fn run() -> Result<()> {
             println!("    {line}");
         }
     }
+    step("L7: a waypoint for shop/cart (Gateway of class weft-waypoint, Service labelled weft.dev/use-waypoint), an HTTPRoute adding a response header, and an L7 DENY on /admin*");
+    mesh.add_waypoint(1, "shop", "wp")?;
+    mesh.use_waypoint("shop", "cart", Some("wp"))?;
+    mesh.model.http_routes.push(HttpRoute {
+        name: "cart".into(),
+        namespace: "shop".into(),
+        created: "2026-01-01T00:00:00Z".into(),
+        parents: vec![ParentRef {
+            name: "cart".into(),
+            ..Default::default()
+        }],
+        hostnames: vec![],
+        rules: vec![HttpRouteRule {
+            filters: vec![HttpFilter::ResponseHeaderModifier(HeaderModifier {
+                set: vec![("x-served-by".into(), "weft-waypoint".into())],
+                ..Default::default()
+            })],
+            backends: vec![HttpBackend {
+                backend: BackendRef {
+                    name: "cart".into(),
+                    namespace: String::new(),
+                    port: 80,
+                },
+                weight: 1,
+                filters: vec![],
+            }],
+            ..Default::default()
+        }],
+    });
+    mesh.model.policies.push(AuthorizationPolicy {
+        name: "no-admin".into(),
+        namespace: "shop".into(),
+        selector: None,
+        action: PolicyAction::Deny,
+        rules: vec![Rule {
+            from: vec![],
+            to: vec![Destination {
+                paths: vec!["/admin*".into()],
+                ..Default::default()
+            }],
+        }],
+        targets: vec![PolicyTarget {
+            kind: Default::default(),
+            name: "cart".into(),
+        }],
+    });
+    mesh.write_model()?;
+    for (path, want) in [
+        ("/", "200 x-served-by=weft-waypoint"),
+        ("/admin/users", "403 "),
+    ] {
+        let out = frontend
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} x-served-by=%header{x-served-by}",
+                &format!("http://{vip}{path}"),
+            ])
+            .output()?;
+        let got = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("    GET {path:<13} -> {got}");
+        if !got.starts_with(want) {
+            bail!("expected {want:?} for {path} through the waypoint, got {got:?}");
+        }
+    }
+    let direct = frontend
+        .command("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{}:8080/", cart.ip),
+        ])
+        .output()?;
+    if direct.status.success() {
+        bail!("a client skipping the waypoint was answered");
+    }
+    println!("    frontend -> cart's pod directly, skipping the waypoint: refused by cart's ztunnel (waypoint-required)");
+    let m = mesh.waypoint_metrics("wp")?;
+    for line in m.lines().filter(|l| l.starts_with("weft_requests_total{")) {
+        let label = |k: &str| -> String {
+            line.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_owned()
+        };
+        println!(
+            "    waypoint: {} {} from {} -> {}: {}",
+            label("request_method"),
+            label("response_code"),
+            label("source_principal"),
+            label("destination_service"),
+            line.rsplit(' ').next().unwrap_or("0")
+        );
+    }
+
     step("cleaning up");
     drop(mesh);
     println!("    done: namespaces, cgroups and eBPF programs removed");
