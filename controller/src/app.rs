@@ -72,6 +72,10 @@ pub struct Config {
     /// Lifetime of workload certificates.
     #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
+    /// Lifetime of the gRPC port's own serving certificate; it is renewed
+    /// at two thirds of it (and when the root rotates) without a restart.
+    #[arg(long, env = "WEFT_SERVING_CERT_TTL", default_value = "720h", value_parser = parse_duration)]
+    pub serving_cert_ttl: Duration,
     #[arg(long, env = "WEFT_LOG_JSON")]
     pub log_json: bool,
     /// In a cluster: image of the waypoint Deployments the controller runs
@@ -265,10 +269,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         format!("weft-controller.{}.svc.cluster.local", cfg.namespace),
     ];
     dns.extend(cfg.serving_dns.iter().cloned());
-    let serving = ca.issue_serving_cert(&dns, Duration::from_secs(365 * 86400))?;
-    let tls = tonic::transport::ServerTlsConfig::new().identity(
-        tonic::transport::Identity::from_pem(serving.chain_pem, serving.key_pem),
-    );
+    // Renewed at two thirds of its life and when the root rotates.
+    let serving = crate::serving::ServingCertificate::issue(ca.clone(), dns, cfg.serving_cert_ttl)?;
+    let tls = serving.server_config()?;
+    tokio::spawn(serving.renew_forever());
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.grpc_addr))?;
     info!(component = "controller", grpc = %cfg.grpc_addr, "serving config stream and CA (TLS)");
     let shutdown = async {
         let mut term =
@@ -282,11 +289,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(|e| anyhow::anyhow!("TLS for the gRPC port: {e}"))?
         .add_service(xds.into_service())
         .add_service(ca_service.into_service())
-        .serve_with_shutdown(cfg.grpc_addr, shutdown)
+        .serve_with_incoming_shutdown(crate::serving::incoming(grpc_listener, tls), shutdown)
         .await
         .map_err(|e| anyhow::anyhow!("gRPC server on {}: {e}", cfg.grpc_addr))?;
     info!(component = "controller", "shut down");

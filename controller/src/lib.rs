@@ -22,6 +22,7 @@ pub mod leader;
 pub mod manifests;
 pub mod model_builder;
 pub mod secret_store;
+pub mod serving;
 pub mod status;
 pub mod waypoint_deploy;
 pub mod xds;

@@ -19,18 +19,22 @@ use crate::cluster::{invoke_cni, Cluster, Pod};
 
 /// Where the workspace's binaries are (next to this test binary's deps).
 pub fn bin_path(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let p = dir.join(name);
+    let p = bin_path_unchecked(name);
     assert!(
         p.exists(),
         "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`, which `cargo xtask test` does)",
         p.display()
     );
     p
+}
+
+fn bin_path_unchecked(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
 }
 
 pub struct Mesh {
@@ -553,9 +557,14 @@ impl Drop for Mesh {
         for i in 0..self.ztunnel_names.len() {
             let _ = self.stop_ztunnel(i);
         }
-        // Remove this run's pinned programs before the cluster goes.
+        // Remove this run's pinned programs before the cluster goes (not
+        // `bin_path`: a panic here, while unwinding, would abort the run).
+        let ztunnel = bin_path_unchecked("weft-ztunnel");
+        if !ztunnel.exists() {
+            return;
+        }
         for n in self.cluster.nodes() {
-            let _ = Command::new(bin_path("weft-ztunnel"))
+            let _ = Command::new(&ztunnel)
                 .args(["uninstall", "--bpf-pin-dir"])
                 .arg(self.cluster.bpf_pin_dir().join(&n.name))
                 .output();

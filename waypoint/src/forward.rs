@@ -152,7 +152,7 @@ pub async fn handle(proxy: Arc<Proxy>, d: Downstream, req: Request<Incoming>) ->
     proxy.metrics.active_requests.inc();
     let mut cancelled = CancelledGuard {
         proxy: Some(proxy.clone()),
-        service: ctx.target.service_label(),
+        service: ctx.derived.service.clone(),
     };
     let (mut parts, incoming) = req.into_parts();
     let trace = TraceContext::from_headers(&parts.headers);
@@ -221,7 +221,7 @@ async fn respond(
                 .denials
                 .get_or_create(&DenialLabels {
                     policy: policy.clone(),
-                    destination_service: ctx.target.service_label(),
+                    destination_service: ctx.derived.service.clone(),
                 })
                 .inc();
             info!(component = "authz", policy, src = %ctx.peer, method = %parts.method, path = parts.uri.path(), "request denied by policy");
@@ -256,7 +256,7 @@ async fn respond(
     };
 
     // Local rate limit.
-    if let Err(retry_after) = res.rate_limit(&parts.headers, &ctx.peer.to_string()) {
+    if let Err(retry_after) = res.rate_limit(&parts.headers, &ctx.derived.peer) {
         proxy
             .metrics
             .rate_limited
@@ -300,7 +300,7 @@ async fn respond(
     let downstream_upgrade = upgrade
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    prepare_upstream_head(parts, ctx, &plan, ledger, &proxy.me);
+    prepare_upstream_head(parts, ctx, &plan, ledger);
     if let Some(u) = &upgrade {
         parts
             .headers
@@ -396,7 +396,7 @@ async fn respond(
                     name,
                     port,
                 } => snap.endpoints(namespace, name, *port),
-                Backend::Workload(ep) => vec![ep.clone()],
+                Backend::Workload(ep) => Arc::from([ep.clone()]),
             };
             let Some((ep, _inflight)) = res.pick(&endpoints) else {
                 ledger.flag = "no_healthy_upstream";
@@ -407,13 +407,20 @@ async fn respond(
                 );
             };
             ledger.upstream = Some(ep.clone());
-            let mut req = Request::from_parts(clone_head(parts), body);
+            // The last attempt takes the head; earlier ones send a copy.
+            let head = if attempt + 1 == max_attempts {
+                std::mem::replace(&mut *parts, Request::new(()).into_parts().0)
+            } else {
+                clone_head(parts)
+            };
+            let mut req = Request::from_parts(head, body);
             *req.version_mut() = match ctx.proto {
                 Proto::Http1 => http::Version::HTTP_11,
                 Proto::Http2 => http::Version::HTTP_2,
             };
-            let tunnel_headers = tunnel_headers(ctx);
-            let sent = proxy.upstream.send(&ep, ctx.proto, req, &tunnel_headers);
+            let sent = proxy
+                .upstream
+                .send(&ep, ctx.proto, req, &ctx.derived.tunnel);
             let result = match plan.try_timeout {
                 Some(t) => match tokio::time::timeout(t, sent).await {
                     Ok(r) => r.map_err(AttemptError::Upstream),
@@ -600,26 +607,9 @@ fn authority_of(parts: &Parts) -> String {
         .unwrap_or_default()
 }
 
-/// Headers the HBONE CONNECT to the endpoint carries: who the client is.
-fn tunnel_headers(ctx: &ConnCtx) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let forwarded = match ctx.src_ip {
-        std::net::IpAddr::V4(v4) => format!("for={v4}"),
-        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-    };
-    set_header(&mut h, "forwarded", &forwarded);
-    h
-}
-
 /// Filters, rewrite, trace context and hop-by-hop cleanup on the request
 /// head that goes upstream.
-fn prepare_upstream_head(
-    parts: &mut Parts,
-    ctx: &ConnCtx,
-    plan: &Plan,
-    ledger: &Ledger,
-    me: &weft_api::Identity,
-) {
+fn prepare_upstream_head(parts: &mut Parts, ctx: &ConnCtx, plan: &Plan, ledger: &Ledger) {
     strip_hop_by_hop(&mut parts.headers);
     plan.apply_request_headers(&mut parts.headers);
     if let Some(authority) = &plan.rewrite_authority {
@@ -656,13 +646,11 @@ fn prepare_upstream_head(
         "traceparent",
         &ledger.trace.traceparent(),
     );
-    // The endpoint sees the waypoint's identity in mTLS; this names the
-    // original client for the app (Envoy's XFCC shape).
-    set_header(
-        &mut parts.headers,
-        "x-forwarded-client-cert",
-        &format!("By={me};URI={}", ctx.peer),
-    );
+    if let Some(xfcc) = &ctx.derived.xfcc {
+        parts
+            .headers
+            .insert("x-forwarded-client-cert", xfcc.clone());
+    }
 }
 
 fn clone_head(parts: &Parts) -> Parts {
@@ -690,7 +678,7 @@ fn spawn_mirror(
 ) {
     let head = clone_head(parts);
     let proto = ctx.proto;
-    let tunnel = tunnel_headers(ctx);
+    let tunnel = ctx.derived.tunnel.clone();
     tokio::spawn(async move {
         let eps = snap.endpoints(&mirror.namespace, &mirror.name, mirror.port);
         let Some(ep) = eps.get(rand::random::<usize>() % eps.len().max(1)).cloned() else {
@@ -757,22 +745,22 @@ fn finish(
         .and_then(|v| v.parse::<u16>().ok());
     let code = grpc_status.unwrap_or(status);
     let proxy = proxy.clone();
-    let service = ctx.target.service_label();
+    let service = ctx.derived.service.clone();
     let labels = RequestLabels {
         reporter: "waypoint",
         source_workload: ctx.src_workload.clone(),
         source_workload_namespace: ctx.src_namespace.clone(),
-        source_principal: ctx.peer.to_string(),
+        source_principal: ctx.derived.peer.clone(),
         destination_service: service.clone(),
         destination_workload: ledger
             .upstream
             .as_ref()
-            .map(|e| e.workload.clone())
+            .map(|e| e.workload.to_string())
             .unwrap_or_default(),
         destination_workload_namespace: ledger
             .upstream
             .as_ref()
-            .map(|e| e.namespace.clone())
+            .map(|e| e.namespace.to_string())
             .unwrap_or_default(),
         request_protocol: if ledger.grpc {
             "grpc"
@@ -877,7 +865,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let snap = proxy.state.load();
-    let service = ctx.target.service_label();
+    let service = ctx.derived.service.clone();
     let endpoints = match &ctx.target {
         Target::Service {
             namespace,
@@ -905,14 +893,18 @@ where
             }
             snap.endpoints(namespace, name, *port)
         }
-        Target::Workload(ep) => vec![ep.clone()],
+        Target::Workload(ep) => Arc::from([ep.clone()]),
     };
     let res = proxy.resilience.default_service();
     let Some((ep, _inflight)) = res.pick(&endpoints) else {
         proxy.metrics.failure("no_healthy_upstream");
         return;
     };
-    let mut upstream = match proxy.upstream.open_stream(&ep, tunnel_headers(&ctx)).await {
+    let mut upstream = match proxy
+        .upstream
+        .open_stream(&ep, ctx.derived.tunnel.clone())
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             proxy.metrics.failure("connect");

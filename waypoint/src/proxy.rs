@@ -173,6 +173,41 @@ pub struct ConnCtx {
     pub src_workload: String,
     pub src_namespace: String,
     pub proto: Proto,
+    /// What every request of the connection derives from the above,
+    /// computed once per connection rather than per request.
+    pub derived: Derived,
+}
+
+#[derive(Clone, Debug)]
+pub struct Derived {
+    /// `name.namespace` of the target (metric label).
+    pub service: String,
+    /// The client's SPIFFE id.
+    pub peer: String,
+    /// `x-forwarded-client-cert` sent upstream.
+    pub xfcc: Option<HeaderValue>,
+    /// Headers of the HBONE CONNECT to an endpoint (`forwarded`).
+    pub tunnel: HeaderMap,
+}
+
+impl Derived {
+    fn new(target: &Target, peer: &Identity, src_ip: IpAddr, me: &Identity) -> Self {
+        let forwarded = match src_ip {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        let mut tunnel = HeaderMap::new();
+        set_header(&mut tunnel, "forwarded", &forwarded);
+        // The endpoint sees the waypoint's identity in mTLS; this names the
+        // original client for the app (Envoy's XFCC shape).
+        let xfcc = HeaderValue::from_str(&format!("By={me};URI={peer}")).ok();
+        Self {
+            service: target.service_label(),
+            peer: peer.to_string(),
+            xfcc,
+            tunnel,
+        }
+    }
 }
 
 async fn tunnel(proxy: Arc<Proxy>, t: InboundTunnel, conn_ip: IpAddr) {
@@ -210,6 +245,7 @@ async fn tunnel(proxy: Arc<Proxy>, t: InboundTunnel, conn_ip: IpAddr) {
     };
     let (kind, prefix) = sniff(&mut stream).await;
     let io = Prefixed::new(prefix, stream);
+    let derived = Derived::new(&target, &peer, src_ip, &proxy.me);
     let mut ctx = ConnCtx {
         target,
         original_dst,
@@ -218,6 +254,7 @@ async fn tunnel(proxy: Arc<Proxy>, t: InboundTunnel, conn_ip: IpAddr) {
         src_workload,
         src_namespace,
         proto: Proto::Http1,
+        derived,
     };
     match kind {
         Sniffed::Http2 => {

@@ -92,7 +92,8 @@ struct Entry {
 
 #[derive(Default)]
 pub struct Registry {
-    services: Mutex<HashMap<(String, String), Entry>>,
+    /// namespace -> service name -> state (found without allocating).
+    services: Mutex<HashMap<String, HashMap<String, Entry>>>,
 }
 
 impl Registry {
@@ -105,12 +106,21 @@ impl Registry {
             .find(|p| p.namespace == namespace && p.target == name);
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let entry = services
-            .entry((namespace.to_owned(), name.to_owned()))
-            .or_insert_with(|| Entry {
-                state: Arc::new(ServiceResilience::new(policy, now)),
-                version: u64::MAX,
-            });
+        if !services
+            .get(namespace)
+            .is_some_and(|m| m.contains_key(name))
+        {
+            services.entry(namespace.to_owned()).or_default().insert(
+                name.to_owned(),
+                Entry {
+                    state: Arc::new(ServiceResilience::new(policy, now)),
+                    version: u64::MAX,
+                },
+            );
+        }
+        let Some(entry) = services.get_mut(namespace).and_then(|m| m.get_mut(name)) else {
+            unreachable!("inserted above");
+        };
         let fresh = entry.state.refresh(policy, now);
         let rebuilt = !Arc::ptr_eq(&fresh, &entry.state);
         if rebuilt || entry.version != snap.version {
@@ -122,7 +132,7 @@ impl Registry {
                 .map(|s| {
                     s.ports
                         .iter()
-                        .flat_map(|p| snap.endpoints(namespace, name, p.port))
+                        .flat_map(|p| snap.endpoints(namespace, name, p.port).to_vec())
                         .map(|e| e.addr)
                         .collect()
                 })
@@ -152,6 +162,9 @@ impl Registry {
         self.services
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(ns, name), _| snap.service(ns, name).is_some());
+            .retain(|ns, by_name| {
+                by_name.retain(|name, _| snap.service(ns, name).is_some());
+                !by_name.is_empty()
+            });
     }
 }

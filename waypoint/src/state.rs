@@ -17,10 +17,12 @@ pub struct Compiled {
     pub version: u64,
     pub model: MeshModel,
     service_by_vip: HashMap<IpAddr, usize>,
-    service_by_name: HashMap<(String, String), usize>,
+    /// namespace -> name -> index (looked up without allocating).
+    service_by_name: HashMap<String, HashMap<String, usize>>,
     workload_by_ip: HashMap<IpAddr, usize>,
-    /// Endpoint workloads of each service (index into `model.workloads`).
-    endpoints: Vec<Vec<usize>>,
+    /// Endpoints of each (service index, service port), built once per
+    /// model version: requests share them instead of building a list each.
+    endpoints: HashMap<(usize, u16), Arc<[Endpoint]>>,
     pub routes: Routes,
     pub authz: Policies,
 }
@@ -34,14 +36,26 @@ impl Compiled {
             }
         }
         let mut service_by_vip = HashMap::new();
-        let mut service_by_name = HashMap::new();
+        let mut service_by_name: HashMap<String, HashMap<String, usize>> = HashMap::new();
         for (si, s) in model.services.iter().enumerate() {
             for vip in &s.vips {
                 service_by_vip.insert(*vip, si);
             }
-            service_by_name.insert((s.namespace.clone(), s.name.clone()), si);
+            service_by_name
+                .entry(s.namespace.clone())
+                .or_default()
+                .insert(s.name.clone(), si);
         }
-        let endpoints = model.service_endpoints();
+        let mut endpoints = HashMap::new();
+        for (si, members) in model.service_endpoints().into_iter().enumerate() {
+            for sp in &model.services[si].ports {
+                let list: Arc<[Endpoint]> = members
+                    .iter()
+                    .map(|&i| endpoint_of(&model, &model.workloads[i], sp.target()))
+                    .collect();
+                endpoints.insert((si, sp.port), list);
+            }
+        }
         let routes = Routes::build(&model);
         let authz = Policies::build(&model);
         Self {
@@ -61,10 +75,11 @@ impl Compiled {
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
-        let i = self
-            .service_by_name
-            .get(&(namespace.to_owned(), name.to_owned()))?;
-        Some(&self.model.services[*i])
+        Some(&self.model.services[self.service_index(namespace, name)?])
+    }
+
+    fn service_index(&self, namespace: &str, name: &str) -> Option<usize> {
+        self.service_by_name.get(namespace)?.get(name).copied()
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
@@ -73,39 +88,26 @@ impl Compiled {
 
     /// Endpoints of `service` for its `port`: mesh workloads are reached
     /// over HBONE, others in plain TCP.
-    pub fn endpoints(&self, namespace: &str, name: &str, port: u16) -> Vec<Endpoint> {
-        let Some(&si) = self
-            .service_by_name
-            .get(&(namespace.to_owned(), name.to_owned()))
-        else {
-            return Vec::new();
-        };
-        let svc = &self.model.services[si];
-        let Some(sp) = svc.ports.iter().find(|p| p.port == port) else {
-            return Vec::new();
-        };
-        self.endpoints[si]
-            .iter()
-            .map(|&i| {
-                let w = &self.model.workloads[i];
-                self.endpoint_of(w, sp.target())
-            })
-            .collect()
+    pub fn endpoints(&self, namespace: &str, name: &str, port: u16) -> Arc<[Endpoint]> {
+        self.service_index(namespace, name)
+            .and_then(|si| self.endpoints.get(&(si, port)))
+            .cloned()
+            .unwrap_or_else(|| Arc::from([]))
     }
 
     /// A workload addressed directly (`ip:port` not a service VIP).
     pub fn workload_endpoint(&self, addr: SocketAddr) -> Option<Endpoint> {
         let w = self.workload_by_ip(addr.ip())?;
-        Some(self.endpoint_of(w, addr.port()))
+        Some(endpoint_of(&self.model, w, addr.port()))
     }
+}
 
-    fn endpoint_of(&self, w: &Workload, port: u16) -> Endpoint {
-        Endpoint {
-            addr: SocketAddr::new(w.ips[0], port),
-            identity: self.model.is_captured(w).then(|| self.model.identity_of(w)),
-            workload: w.name.clone(),
-            namespace: w.namespace.clone(),
-        }
+fn endpoint_of(model: &MeshModel, w: &Workload, port: u16) -> Endpoint {
+    Endpoint {
+        addr: SocketAddr::new(w.ips[0], port),
+        identity: model.is_captured(w).then(|| Arc::new(model.identity_of(w))),
+        workload: Arc::from(w.name.as_str()),
+        namespace: Arc::from(w.namespace.as_str()),
     }
 }
 

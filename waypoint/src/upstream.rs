@@ -30,16 +30,25 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 256;
 
-/// One endpoint of a service, as the waypoint reaches it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// One endpoint of a service, as the waypoint reaches it. Cheap to clone
+/// (shared strings): every request copies the one it picked.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     /// Pod IP and target port.
     pub addr: SocketAddr,
     /// `Some` for a mesh workload (HBONE to its 15008 with this identity),
     /// `None` for plain TCP.
-    pub identity: Option<Identity>,
-    pub workload: String,
-    pub namespace: String,
+    pub identity: Option<Arc<Identity>>,
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
+}
+
+/// Hashes the address only (equal endpoints share it): the connection
+/// pools look endpoints up on every request.
+impl std::hash::Hash for Endpoint {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.addr.hash(state);
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -99,7 +108,7 @@ impl Upstream {
                 let hbone_addr = SocketAddr::new(ep.addr.ip(), weft_hbone::HBONE_PORT);
                 let key = HboneKey {
                     dst: hbone_addr,
-                    identity: identity.clone(),
+                    identity: Identity::clone(identity),
                 };
                 let dial = || async {
                     let cert = self
