@@ -318,6 +318,27 @@ mod tests {
         addr
     }
 
+    /// Waits (at most 10 s) until the served leaf is no longer `old`.
+    async fn wait_for_new_leaf(identity: &ServingIdentity, old: &CertificateDer<'_>, what: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while identity.leaf() == *old {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A CA in `dir`, the serving certificate (valid `ttl`) and an echo
+    /// server behind it.
+    async fn setup(
+        dir: &std::path::Path,
+        ttl: Duration,
+    ) -> (Arc<MeshCa>, ServingCertificate, std::net::SocketAddr) {
+        let ca = ca(dir).await;
+        let serving = ServingCertificate::issue(ca.clone(), vec![], ttl).unwrap();
+        let addr = echo_server(&serving).await;
+        (ca, serving, addr)
+    }
+
     async fn echo(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, msg: &[u8]) {
         tls.write_all(msg).await.unwrap();
         let mut back = vec![0u8; msg.len()];
@@ -328,20 +349,13 @@ mod tests {
     #[tokio::test]
     async fn renewed_before_expiry_without_dropping_connections() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ca(dir.path()).await;
-        let serving =
-            ServingCertificate::issue(ca.clone(), vec![], Duration::from_millis(1500)).unwrap();
+        let (ca, serving, addr) = setup(dir.path(), Duration::from_millis(1500)).await;
         let identity = serving.identity();
-        let addr = echo_server(&serving).await;
         let (mut first, leaf1) = connect(&ca, addr).await;
         echo(&mut first, b"before").await;
         tokio::spawn(serving.renew_forever());
         // Renewal is due at 1 s; bounded wait for it.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while identity.leaf() == leaf1 {
-            assert!(tokio::time::Instant::now() < deadline, "not renewed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_new_leaf(&identity, &leaf1, "not renewed").await;
         let (mut second, leaf2) = connect(&ca, addr).await;
         assert_ne!(leaf1, leaf2, "a new handshake gets the renewed certificate");
         echo(&mut second, b"after").await;
@@ -351,19 +365,12 @@ mod tests {
     #[tokio::test]
     async fn reissued_from_the_new_root_when_the_root_rotates() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ca(dir.path()).await;
-        let serving =
-            ServingCertificate::issue(ca.clone(), vec![], Duration::from_secs(3600)).unwrap();
+        let (ca, serving, addr) = setup(dir.path(), Duration::from_secs(3600)).await;
         let identity = serving.identity();
-        let addr = echo_server(&serving).await;
         let (mut before, leaf1) = connect(&ca, addr).await;
         tokio::spawn(serving.renew_forever());
         ca.rotate().await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while identity.leaf() == leaf1 {
-            assert!(tokio::time::Instant::now() < deadline, "not reissued");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_new_leaf(&identity, &leaf1, "not reissued").await;
         // Once the old root is retired, only the new certificate verifies.
         ca.retire_previous_roots().await.unwrap();
         let (mut after, _) = connect(&ca, addr).await;
@@ -374,10 +381,7 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_handshake_does_not_block_others() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ca(dir.path()).await;
-        let serving =
-            ServingCertificate::issue(ca.clone(), vec![], Duration::from_secs(3600)).unwrap();
-        let addr = echo_server(&serving).await;
+        let (ca, _serving, addr) = setup(dir.path(), Duration::from_secs(3600)).await;
         // Connects and says nothing.
         let _silent = TcpStream::connect(addr).await.unwrap();
         let mut garbage = TcpStream::connect(addr).await.unwrap();
