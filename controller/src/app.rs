@@ -76,6 +76,12 @@ pub struct Config {
     /// at two thirds of it (and when the root rotates) without a restart.
     #[arg(long, env = "WEFT_SERVING_CERT_TTL", default_value = "720h", value_parser = parse_duration)]
     pub serving_cert_ttl: Duration,
+    /// After a root rotation (annotation `weft.dev/rotate-root` on the root
+    /// Secret, or the file `rotate-root` in the CA directory), how long the
+    /// previous root stays trusted. At least the longest workload
+    /// certificate lifetime, so every certificate is renewed in time.
+    #[arg(long, env = "WEFT_ROOT_OVERLAP", default_value = "48h", value_parser = parse_duration)]
+    pub root_overlap: Duration,
     #[arg(long, env = "WEFT_LOG_JSON")]
     pub log_json: bool,
     /// In a cluster: image of the waypoint Deployments the controller runs
@@ -114,6 +120,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::<PolicyStatus>::new()));
     let (gateway_tx, gateway_rx) = watch::channel(Arc::new(GatewayApiOutput::default()));
 
+    // The self-managed root's store and who may rotate it (not for a
+    // user-supplied intermediate).
+    let rotation: Option<(Arc<dyn RootStore>, watch::Receiver<bool>)>;
     let (ca, auth): (Arc<MeshCa>, Arc<dyn Authenticator>) = match &cfg.manifests {
         Some(dir) => {
             let ca_dir = cfg
@@ -125,7 +134,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             })?;
             let tokens = BootstrapTokens::from_file(tokens).map_err(anyhow::Error::msg)?;
             let store: Arc<dyn RootStore> = Arc::new(DirRootStore::new(ca_dir));
-            let ca = MeshCa::load_or_generate(store, &cfg.trust_domain).await?;
+            let ca = MeshCa::load_or_generate(store.clone(), &cfg.trust_domain).await?;
+            rotation = Some((store, watch::channel(true).1));
             let dir = dir.clone();
             let td = cfg.trust_domain.clone();
             let (tx, stx, gtx) = (model_tx.clone(), status_tx.clone(), gateway_tx.clone());
@@ -148,6 +158,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             let client = kube::Client::try_default().await.map_err(|e| {
                 anyhow::anyhow!("no Kubernetes API ({e}); outside a cluster, run with --manifests")
             })?;
+            let mut root_store: Option<Arc<dyn RootStore>> = None;
             let ca = if cfg.ca_external {
                 let (cert, key, chain) = crate::secret_store::read_intermediate(
                     client.clone(),
@@ -163,6 +174,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         &cfg.namespace,
                         &cfg.ca_secret,
                     ));
+                root_store = Some(store.clone());
                 MeshCa::load_or_generate(store, &cfg.trust_domain).await?
             };
             let auth =
@@ -189,6 +201,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 crate::leader::LeaderConfig::new(cfg.namespace.clone(), identity.clone());
             lease.lease_name = cfg.leader_lease.clone();
             let (is_leader, _elector) = crate::leader::spawn(client.clone(), lease);
+            rotation = root_store.map(|s| (s, is_leader.clone()));
             let statuses = status_rx.clone();
             let writer = client.clone();
             let (leader1, leader2, leader3) = (is_leader.clone(), is_leader.clone(), is_leader);
@@ -232,6 +245,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )
         }
     };
+
+    if let Some((store, is_leader)) = rotation {
+        if cfg.root_overlap < cfg.cert_ttl.max(Duration::from_secs(86400)) {
+            anyhow::bail!(
+                "--root-overlap {:?} is shorter than the longest workload certificate lifetime: certificates from the old root would stop verifying before they are renewed",
+                cfg.root_overlap
+            );
+        }
+        tokio::spawn(crate::rotation::run(
+            ca.clone(),
+            store,
+            is_leader,
+            cfg.root_overlap,
+        ));
+    }
 
     let xds = XdsServer::new(
         model_rx.clone(),

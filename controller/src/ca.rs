@@ -80,6 +80,19 @@ pub struct StoredRoots {
     /// Never log it.
     pub key_pem: String,
     pub previous_roots_pem: Vec<String>,
+    /// When the current root replaced the previous ones (Unix seconds):
+    /// the overlap is counted from here, across restarts.
+    pub rotated_at_unix: Option<u64>,
+    /// An operator asked for a rotation (read by `load`; `save` leaves the
+    /// request alone, `clear_rotation_request` consumes it).
+    pub rotation_requested: bool,
+}
+
+impl StoredRoots {
+    /// The same roots (ignoring bookkeeping).
+    pub fn same_roots(&self, other: &StoredRoots) -> bool {
+        self.cert_pem == other.cert_pem && self.previous_roots_pem == other.previous_roots_pem
+    }
 }
 
 /// Where the self-managed root lives between restarts.
@@ -88,6 +101,11 @@ pub trait RootStore: Send + Sync + 'static {
     /// `None` on first start (nothing stored yet).
     async fn load(&self) -> Result<Option<StoredRoots>, CaError>;
     async fn save(&self, roots: &StoredRoots) -> Result<(), CaError>;
+    /// Consumes an operator's rotation request (after the rotation).
+    async fn clear_rotation_request(&self) -> Result<(), CaError>;
+    /// Wakes up when what is stored may have changed (another replica
+    /// rotated, an operator asked for a rotation).
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()>;
 }
 
 /// A directory (embedded mode): `root-cert.pem`, `root-key.pem` (0600) and
@@ -99,6 +117,15 @@ pub struct DirRootStore {
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
 pub const PREVIOUS_ROOTS_FILE: &str = "previous-roots.pem";
+/// Unix seconds of the last rotation (kept during the overlap).
+pub const ROTATED_AT_FILE: &str = "rotated-at";
+/// Embedded mode: create this file in the CA directory to rotate the root.
+pub const ROTATE_REQUEST_FILE: &str = "rotate-root";
+/// Cluster mode: set this annotation on the root Secret to rotate the root.
+pub const ROTATE_ANNOTATION: &str = "weft.dev/rotate-root";
+
+/// How often the directory store looks for changes.
+const DIR_POLL: Duration = Duration::from_secs(2);
 
 impl DirRootStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -157,6 +184,9 @@ impl RootStore for DirRootStore {
                 cert_pem,
                 key_pem,
                 previous_roots_pem: previous.map(|p| split_pem(&p)).unwrap_or_default(),
+                rotated_at_unix: read_opt(&self.dir.join(ROTATED_AT_FILE))?
+                    .and_then(|t| t.trim().parse().ok()),
+                rotation_requested: self.dir.join(ROTATE_REQUEST_FILE).exists(),
             })),
             _ => Err(CaError::Store(format!(
                 "only one of {} and {} exists: restore the missing file, or remove both to generate a new root (every workload certificate then changes)",
@@ -188,6 +218,16 @@ impl RootStore for DirRootStore {
                 0o644,
             )?;
         }
+        let rotated_at = self.dir.join(ROTATED_AT_FILE);
+        match roots.rotated_at_unix {
+            Some(t) => write_atomic(&rotated_at, t.to_string().as_bytes(), 0o644)?,
+            None => match std::fs::remove_file(&rotated_at) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err(&rotated_at)(e))
+                }
+                _ => {}
+            },
+        }
         // Key first: a crash in between leaves a new key with the old cert,
         // which load() rejects at the signature check instead of silently
         // signing with a mismatched pair.
@@ -202,6 +242,31 @@ impl RootStore for DirRootStore {
             0o644,
         )
     }
+
+    async fn clear_rotation_request(&self) -> Result<(), CaError> {
+        let request = self.dir.join(ROTATE_REQUEST_FILE);
+        match std::fs::remove_file(&request) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&request)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A tick every couple of seconds: the files are small and local.
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()> {
+        use futures::StreamExt;
+        futures::stream::unfold((), |()| async {
+            tokio::time::sleep(DIR_POLL).await;
+            Some(((), ()))
+        })
+        .boxed()
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Every PEM block of `pem`, one string each.
@@ -305,6 +370,8 @@ fn generate_root(trust_domain: &str) -> Result<StoredRoots, CaError> {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
         previous_roots_pem: Vec::new(),
+        rotated_at_unix: None,
+        rotation_requested: false,
     })
 }
 
@@ -485,7 +552,9 @@ impl MeshCa {
             Mode::Intermediate => return Err(CaError::NotRotatable),
         };
         next.previous_roots_pem.dedup();
-        self.install(store, next).await?;
+        next.rotated_at_unix = Some(unix_now());
+        self.install(store.clone(), next).await?;
+        store.clear_rotation_request().await?;
         info!(
             component = "ca",
             "root rotated; previous roots stay trusted until retired"
@@ -501,6 +570,7 @@ impl MeshCa {
                 store.clone(),
                 StoredRoots {
                     previous_roots_pem: Vec::new(),
+                    rotated_at_unix: None,
                     ..stored.clone()
                 },
             ),
@@ -511,14 +581,48 @@ impl MeshCa {
         Ok(())
     }
 
+    /// What the store held when this CA last loaded or wrote it (`None`
+    /// for a user-supplied intermediate).
+    pub fn stored(&self) -> Option<StoredRoots> {
+        match &self.state().mode {
+            Mode::Root { stored, .. } => Some(stored.clone()),
+            Mode::Intermediate => None,
+        }
+    }
+
+    /// Takes roots another replica stored (its rotation or retirement):
+    /// signs with the stored root and trusts the stored set. Returns
+    /// whether anything changed.
+    pub fn adopt(&self, stored: &StoredRoots) -> Result<bool, CaError> {
+        let store = match &self.state().mode {
+            Mode::Root {
+                store,
+                stored: mine,
+            } if !mine.same_roots(stored) => store.clone(),
+            _ => return Ok(false),
+        };
+        self.apply(store, stored.clone())?;
+        info!(
+            component = "ca",
+            trusted_roots = 1 + stored.previous_roots_pem.len(),
+            "adopted the stored mesh roots"
+        );
+        Ok(true)
+    }
+
     async fn install(&self, store: Arc<dyn RootStore>, next: StoredRoots) -> Result<(), CaError> {
+        // Parse before persisting, persist before using: a restart must not
+        // come back with a root the mesh was never told about.
+        Signer::from_pem(&next.cert_pem, &next.key_pem, Vec::new())?;
+        store.save(&next).await?;
+        self.apply(store, next)
+    }
+
+    fn apply(&self, store: Arc<dyn RootStore>, next: StoredRoots) -> Result<(), CaError> {
         let signer = Signer::from_pem(&next.cert_pem, &next.key_pem, Vec::new())?;
         let mut roots = vec![next.cert_pem.clone()];
         roots.extend(next.previous_roots_pem.iter().cloned());
         let bundle = bundle_of(&roots)?;
-        // Persist first: a restart must not come back with a root the mesh
-        // was never told about.
-        store.save(&next).await?;
         {
             let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
             st.signer = Arc::new(signer);

@@ -21,6 +21,7 @@ pub mod kube_source;
 pub mod leader;
 pub mod manifests;
 pub mod model_builder;
+pub mod rotation;
 pub mod secret_store;
 pub mod serving;
 pub mod status;

@@ -1,17 +1,22 @@
 //! The CA root kept in a Kubernetes Secret (cluster mode): keys
 //! `root-cert.pem`, `root-key.pem` and, during a rotation overlap,
-//! `previous-roots.pem`. Created on first start; replicas racing to create
-//! it settle on whichever create won (the loser reloads).
+//! `previous-roots.pem` and `rotated-at`. Created on first start; replicas
+//! racing to create it settle on whichever create won (the loser reloads).
+//! An operator asks for a rotation with the annotation
+//! `weft.dev/rotate-root` on the Secret; every replica watches the Secret
+//! (by name) to follow rotations.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::ByteString;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 
 use crate::ca::{
     CaError, RootStore, StoredRoots, PREVIOUS_ROOTS_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE,
+    ROTATED_AT_FILE, ROTATE_ANNOTATION,
 };
 
 pub struct SecretRootStore {
@@ -43,6 +48,11 @@ impl RootStore for SecretRootStore {
         let Some(secret) = self.api.get_opt(&self.name).await.map_err(storage)? else {
             return Ok(None);
         };
+        let rotation_requested = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(ROTATE_ANNOTATION));
         let data = secret.data.unwrap_or_default();
         let (Some(cert_pem), Some(key_pem)) =
             (text(&data, ROOT_CERT_FILE), text(&data, ROOT_KEY_FILE))
@@ -59,6 +69,8 @@ impl RootStore for SecretRootStore {
             cert_pem,
             key_pem,
             previous_roots_pem,
+            rotated_at_unix: text(&data, ROTATED_AT_FILE).and_then(|t| t.trim().parse().ok()),
+            rotation_requested,
         }))
     }
 
@@ -78,6 +90,12 @@ impl RootStore for SecretRootStore {
                 ByteString(roots.previous_roots_pem.concat().into_bytes()),
             );
         }
+        if let Some(t) = roots.rotated_at_unix {
+            data.insert(
+                ROTATED_AT_FILE.to_owned(),
+                ByteString(t.to_string().into_bytes()),
+            );
+        }
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -95,8 +113,12 @@ impl RootStore for SecretRootStore {
                 .map(|_| ())
                 .map_err(storage),
             Some(existing) => {
+                // Labels and annotations (a pending rotation request among
+                // them) stay as they are.
                 let mut updated = secret;
                 updated.metadata.resource_version = existing.metadata.resource_version;
+                updated.metadata.labels = existing.metadata.labels;
+                updated.metadata.annotations = existing.metadata.annotations;
                 self.api
                     .replace(&self.name, &PostParams::default(), &updated)
                     .await
@@ -104,6 +126,26 @@ impl RootStore for SecretRootStore {
                     .map_err(storage)
             }
         }
+    }
+
+    async fn clear_rotation_request(&self) -> Result<(), CaError> {
+        let patch =
+            serde_json::json!({ "metadata": { "annotations": { ROTATE_ANNOTATION: null } } });
+        self.api
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(storage)
+    }
+
+    /// A watch on this one Secret (by name); errors back off and retry.
+    fn changes(&self) -> futures::stream::BoxStream<'static, ()> {
+        use futures::StreamExt;
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
+        watcher(self.api.clone(), cfg)
+            .default_backoff()
+            .map(|_| ())
+            .boxed()
     }
 }
 

@@ -14,6 +14,8 @@
 //!   409 on conflict), `POST` (409 when it exists), `PATCH` (JSON merge
 //!   patch; server-side apply, `application/apply-patch+yaml`, creates or
 //!   merges) of single objects and of their `/status` subresource;
+//! - `fieldSelector=metadata.name=<name>` on lists and watches (the one
+//!   field selector every resource supports);
 //! - 404 with a `Status` for collections it was not told about (an absent
 //!   CRD).
 //!
@@ -51,6 +53,7 @@ pub const TOKEN_REVIEWS: &str = "apis/authentication.k8s.io/v1/tokenreviews";
 pub const DEPLOYMENTS: &str = "apis/apps/v1/deployments";
 pub const LEASES: &str = "apis/coordination.k8s.io/v1/leases";
 pub const EVENTS: &str = "apis/events.k8s.io/v1/events";
+pub const SECRETS: &str = "api/v1/secrets";
 
 /// Everything `kube_source` needs, without the optional Gateway API kinds
 /// (whose CRDs are absent unless a test adds the collections).
@@ -397,6 +400,11 @@ impl FakeApi {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
         let key = name.map(|n| (ns.unwrap_or("").to_owned(), n.to_owned()));
+        // `metadata.name=<n>`, URL-encoded or not.
+        let only_name: Option<String> = params.get("fieldSelector").map(|f| {
+            let f = f.replace("%3D", "=").replace("%3d", "=");
+            f.strip_prefix("metadata.name=").unwrap_or(&f).to_owned()
+        });
 
         match (method, key) {
             (Method::GET, None) if params.get("watch").map(String::as_str) == Some("true") => {
@@ -406,13 +414,20 @@ impl FakeApi {
                     .unwrap_or(0);
                 let bookmarks =
                     params.get("allowWatchBookmarks").map(String::as_str) == Some("true");
-                self.watch(collection, ns.map(str::to_owned), from, bookmarks)
+                self.watch(
+                    collection,
+                    ns.map(str::to_owned),
+                    only_name,
+                    from,
+                    bookmarks,
+                )
             }
             (Method::GET, None) => {
                 let g = self.inner.lock().unwrap();
                 let items: Vec<Value> = g.collections[&collection]
                     .iter()
                     .filter(|((ons, _), _)| ns.is_none_or(|n| n == ons.as_str()))
+                    .filter(|((_, oname), _)| only_name.as_ref().is_none_or(|n| n == oname))
                     .map(|(_, v)| v.clone())
                     .collect();
                 respond(
@@ -462,9 +477,13 @@ impl FakeApi {
                 )
             }
             (Method::PUT, Some(key)) => {
-                let Some(obj) = body else {
+                let Some(mut obj) = body else {
                     return respond(400, status(400, "BadRequest", "no body"));
                 };
+                // The namespace comes from the URL, as on the real server.
+                if let Some(ns) = ns {
+                    obj["metadata"]["namespace"] = json!(ns);
+                }
                 let Some(cur) = self.get(&collection, &key.0, &key.1) else {
                     return respond(404, status(404, "NotFound", "not found"));
                 };
@@ -546,6 +565,7 @@ impl FakeApi {
         &self,
         collection: String,
         ns: Option<String>,
+        only_name: Option<String>,
         from: u64,
         bookmarks: bool,
     ) -> Response<BoxBody<Bytes, Infallible>> {
@@ -578,6 +598,7 @@ impl FakeApi {
                             *c == collection
                                 && *rv > last
                                 && ns.as_deref().is_none_or(|n| key_of(obj).0 == n)
+                                && only_name.as_deref().is_none_or(|n| key_of(obj).1 == n)
                         })
                         .map(|(_, rv, ty, obj)| (*rv, line(json!({"type": ty, "object": obj}))))
                         .collect();
