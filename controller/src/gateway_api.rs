@@ -504,10 +504,11 @@ fn filter(
                 .transpose()?;
             let status_code = match r.status_code {
                 None => None,
-                Some(c @ (301 | 302)) => Some(c as u16),
+                // 301 and 302 are core; 303, 307 and 308 extended.
+                Some(c @ (301 | 302 | 303 | 307 | 308)) => Some(c as u16),
                 Some(c) => {
                     return Err(format!(
-                        "redirect statusCode {c} is not supported (301 or 302)"
+                        "redirect statusCode {c} is not supported (301, 302, 303, 307 or 308)"
                     ))
                 }
             };
@@ -1208,6 +1209,39 @@ mod tests {
             .problems
             .iter()
             .any(|p| p.contains("HTTPRoute shop/r rule 1")));
+    }
+
+    #[test]
+    fn redirect_status_codes_core_and_extended() {
+        let mut st = state();
+        st.http_routes = vec![route(
+            r#"
+    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 308, scheme: https}}]
+    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 303}}]
+    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 305}}]
+"#,
+            "{group: '', kind: Service, name: web, port: 80}",
+        )];
+        let out = build(&st, "cluster.local");
+        let codes: Vec<Option<u16>> = out.model.http_routes[0]
+            .rules
+            .iter()
+            .map(|r| match &r.filters[0] {
+                model::HttpFilter::RequestRedirect(rr) => rr.status_code,
+                other => panic!("not a redirect: {other:?}"),
+            })
+            .collect();
+        assert_eq!(codes, [Some(308), Some(303)], "305 is no redirect code");
+        let partial = cond(
+            &out.gateway_api.routes[0].parents[0],
+            reasons::PARTIALLY_INVALID,
+        )
+        .unwrap();
+        assert!(
+            partial.message.contains("rule 2") && partial.message.contains("305"),
+            "{}",
+            partial.message
+        );
     }
 
     #[test]
