@@ -8,13 +8,14 @@
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use weft_api::model::{
     AuthorizationPolicy, BackendRef, Destination, FaultAbort, GrpcMethodMatch, GrpcRoute,
-    GrpcRouteMatch, GrpcRouteRule, HeaderMatch, HttpBackend, HttpRoute, HttpRouteMatch,
-    HttpRouteRule, ParentRef, PolicyAction, PolicyTarget, RateLimit, Retry, Rule, TrafficPolicy,
+    GrpcRouteMatch, GrpcRouteRule, HeaderMatch, HttpBackend, HttpFilter, HttpRoute, HttpRouteMatch,
+    HttpRouteRule, ParentRef, PathMatch, PathModifier, PolicyAction, PolicyTarget, RateLimit,
+    Retry, Rule, Timeouts, TrafficPolicy, UrlRewrite,
 };
 use weft_e2e::mesh::{metric_sum, Mesh};
 use weft_e2e::Pod;
@@ -109,13 +110,9 @@ fn e2e_waypoint_weighted_split_header_routing_and_no_bypass() {
     mesh.add_service(NS, "web-v2", "web-v2", &[(80, 8080)])
         .unwrap();
     mesh.use_waypoint(NS, "web", Some("wp")).unwrap();
-    mesh.model.http_routes.push(HttpRoute {
-        name: "web".into(),
-        namespace: NS.into(),
-        created: "2026-01-01T00:00:00Z".into(),
-        parents: parent("web"),
-        hostnames: vec![],
-        rules: vec![
+    mesh.model.http_routes.push(route_for(
+        "web",
+        vec![
             HttpRouteRule {
                 matches: vec![HttpRouteMatch {
                     headers: vec![HeaderMatch {
@@ -133,7 +130,7 @@ fn e2e_waypoint_weighted_split_header_routing_and_no_bypass() {
                 ..Default::default()
             },
         ],
-    });
+    ));
     mesh.write_model().unwrap();
 
     let lines = many(&mesh, &client, &who(vip, "/who"), 1000, &[]);
@@ -216,13 +213,9 @@ fn e2e_waypoint_retries_policy_and_rate_limit() {
     let api = mesh.add_service(NS, "api", "api", &[(80, 8080)]).unwrap();
     mesh.use_waypoint(NS, "web", Some("wp")).unwrap();
     mesh.use_waypoint(NS, "api", Some("wp")).unwrap();
-    mesh.model.http_routes.push(HttpRoute {
-        name: "web".into(),
-        namespace: NS.into(),
-        created: "2026-01-01T00:00:00Z".into(),
-        parents: parent("web"),
-        hostnames: vec![],
-        rules: vec![HttpRouteRule {
+    mesh.model.http_routes.push(route_for(
+        "web",
+        vec![HttpRouteRule {
             backends: vec![backend("web", 80, 1)],
             // With half the attempts aborted, 20 retries leave one request
             // in 2^21 failing (8 left one in 512: a flaky test).
@@ -234,7 +227,7 @@ fn e2e_waypoint_retries_policy_and_rate_limit() {
             }),
             ..Default::default()
         }],
-    });
+    ));
     mesh.model.traffic_policies.push(TrafficPolicy {
         name: "web-faults".into(),
         namespace: NS.into(),
@@ -631,4 +624,122 @@ fn e2e_waypoint_http_semantics_and_bad_input() {
     assert!(v["opened"].as_u64().unwrap() < 20_000, "{v}");
     let lines = many(&mesh, &client, &url("/who"), 10, &[]);
     assert!(lines.iter().all(|l| l == "200 web"), "{lines:?}");
+}
+
+/// An HTTPRoute named after `service`, attached to it.
+fn route_for(service: &str, rules: Vec<HttpRouteRule>) -> HttpRoute {
+    HttpRoute {
+        name: service.into(),
+        namespace: NS.into(),
+        created: "2026-01-01T00:00:00Z".into(),
+        parents: parent(service),
+        hostnames: vec![],
+        rules,
+    }
+}
+
+/// The status of one GET of `url` from `pod`, and how long it took.
+fn timed_status(mesh: &Mesh, pod: &Pod, url: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let (ok, out, err) = curl(
+        mesh,
+        pod,
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            url,
+        ],
+    );
+    assert!(ok, "curl {url}: {err}");
+    (out, started.elapsed())
+}
+
+/// Route timeouts: the request timeout answers 504 when the response
+/// headers are late and cuts a response body still streaming at the
+/// deadline; the backend (per-try) timeout answers 504 for a slow attempt.
+#[test]
+fn e2e_waypoint_request_and_backend_timeouts() {
+    let (mut mesh, client, _pods) = mesh_with(&[("web", &[])]);
+    let vip = mesh.add_service(NS, "web", "web", &[(80, 8080)]).unwrap();
+    mesh.use_waypoint(NS, "web", Some("wp")).unwrap();
+    let rule = |path: &str, request_ms: Option<u64>, backend_ms: Option<u64>| HttpRouteRule {
+        matches: vec![HttpRouteMatch {
+            path: Some(PathMatch::PathPrefix(path.into())),
+            ..Default::default()
+        }],
+        backends: vec![backend("web", 80, 1)],
+        timeouts: Some(Timeouts {
+            request_ms,
+            backend_request_ms: backend_ms,
+        }),
+        ..Default::default()
+    };
+    mesh.model.http_routes.push(route_for(
+        "web",
+        vec![
+            rule("/slow", Some(500), None),
+            rule("/stream", Some(1000), None),
+            // /try?ms=N is rewritten to the app's /slow?ms=N.
+            HttpRouteRule {
+                filters: vec![HttpFilter::UrlRewrite(UrlRewrite {
+                    hostname: None,
+                    path: Some(PathModifier::ReplacePrefixMatch("/slow".into())),
+                })],
+                ..rule("/try", None, Some(300))
+            },
+            HttpRouteRule {
+                backends: vec![backend("web", 80, 1)],
+                ..Default::default()
+            },
+        ],
+    ));
+    mesh.write_model().unwrap();
+
+    // Late headers: 504 at the request timeout, not after the app's 3 s.
+    let (status, took) = timed_status(&mesh, &client, &who(vip, "/slow?ms=3000"));
+    assert_eq!(status, "504");
+    assert!(took < Duration::from_millis(2500), "504 after {took:?}");
+
+    // A body still streaming at the deadline is cut: 20 chunks 200 ms
+    // apart would take 3.8 s; the client sees an incomplete response.
+    let started = Instant::now();
+    let (ok, out, _) = curl(
+        &mesh,
+        &client,
+        &[
+            "-sN",
+            "--max-time",
+            "10",
+            &who(vip, "/stream?chunks=20&interval_ms=200"),
+        ],
+    );
+    let took = started.elapsed();
+    let chunks = out.lines().filter(|l| l.starts_with("chunk ")).count();
+    assert!(!ok, "curl must see the response end early: {chunks} chunks");
+    assert!((1..20).contains(&chunks), "{chunks} chunks: {out}");
+    assert!(took < Duration::from_millis(3000), "cut after {took:?}");
+
+    // Within the deadline the same stream is whole.
+    let (ok, out, err) = curl(
+        &mesh,
+        &client,
+        &[
+            "-sN",
+            "--max-time",
+            "10",
+            &who(vip, "/stream?chunks=4&interval_ms=100"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+
+    // Per-try timeout: a 2 s attempt is abandoned at 300 ms.
+    let (status, took) = timed_status(&mesh, &client, &who(vip, "/try?ms=2000"));
+    assert_eq!(status, "504");
+    assert!(took < Duration::from_millis(1800), "504 after {took:?}");
 }

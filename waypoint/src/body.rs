@@ -2,6 +2,7 @@
 //! buffered bodies for retries and mirrors, and the prefix a sniffed
 //! stream has to give back.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -203,5 +204,53 @@ mod tests {
         let mut s = String::new();
         p.read_to_string(&mut s).await.unwrap();
         assert_eq!(s, "hello world");
+    }
+}
+
+/// Ends a response body with an error once its deadline passes: the
+/// route's request timeout covers the whole exchange, the body included.
+/// An HTTP/1.1 client sees the connection close before the end, an HTTP/2
+/// client a reset stream.
+pub struct Deadline {
+    inner: Body,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    pub fn new(inner: Body, remaining: std::time::Duration) -> Self {
+        Self {
+            inner,
+            sleep: Box::pin(tokio::time::sleep(remaining)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request timeout reached while the response body was still streaming")]
+pub struct BodyDeadlineExceeded;
+
+impl HttpBody for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.inner.is_end_stream() {
+            return Poll::Ready(None);
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Box::new(BodyDeadlineExceeded))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

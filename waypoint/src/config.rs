@@ -59,6 +59,10 @@ pub struct Config {
     /// Log (not access log) as JSON lines.
     #[arg(long, env = "WEFT_LOG_JSON")]
     pub log_json: bool,
+    /// Worker threads (0: one per CPU). 1 runs everything on one thread,
+    /// with no cross-thread wake-ups (scale with replicas instead).
+    #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 impl Config {

@@ -532,6 +532,11 @@ async fn respond(
     }
     strip_hop_by_hop(response.headers_mut());
     plan.apply_response_headers(response.headers_mut());
+    // The request timeout runs on until the response body ends.
+    if let Some(t) = plan.request_timeout {
+        let remaining = t.saturating_sub(ledger.start.elapsed());
+        response = response.map(|b| body::boxed(body::Deadline::new(b, remaining)));
+    }
     response
 }
 

@@ -25,7 +25,16 @@ fn main() -> std::process::ExitCode {
             .with_env_filter(filter)
             .init();
     }
-    let result = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = match cfg.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let result = runtime
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)

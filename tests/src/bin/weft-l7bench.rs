@@ -153,11 +153,18 @@ fn bench(o: &Options) -> Result<()> {
     let mesh_client = mesh.add_pod(0, MESH_NS, "mesh-client", "client")?;
     let mesh_server = mesh.add_pod(1, MESH_NS, "mesh-server", "server")?;
     let vip = mesh.add_service(MESH_NS, "web", "mesh-server", &[(80, 8080), (81, 8081)])?;
+    // WEFT_WORKER_THREADS, when set, is handed to the waypoint (runtime
+    // comparisons); otherwise it runs with its default.
+    let threads = std::env::var("WEFT_WORKER_THREADS").unwrap_or_else(|_| "0".into());
     mesh.add_waypoint_with_env(
         1,
         MESH_NS,
         WAYPOINT,
-        &[("WEFT_LOG", "info"), ("WEFT_ACCESS_LOG", "false")],
+        &[
+            ("WEFT_LOG", "info"),
+            ("WEFT_ACCESS_LOG", "false"),
+            ("WEFT_WORKER_THREADS", &threads),
+        ],
     )?;
     mesh.use_waypoint(MESH_NS, "web", Some(WAYPOINT))?;
     mesh.wait_enrolled(0, &mesh_client, true)?;
