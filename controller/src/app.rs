@@ -247,7 +247,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
 
     if let Some((store, is_leader)) = rotation {
-        if cfg.root_overlap < cfg.cert_ttl.max(Duration::from_secs(86400)) {
+        if cfg.root_overlap < ca.max_ttl() {
             anyhow::bail!(
                 "--root-overlap {:?} is shorter than the longest workload certificate lifetime: certificates from the old root would stop verifying before they are renewed",
                 cfg.root_overlap

@@ -205,12 +205,7 @@ impl RootStore for DirRootStore {
             .map_err(io_err(&self.dir))?;
         let previous = self.dir.join(PREVIOUS_ROOTS_FILE);
         if roots.previous_roots_pem.is_empty() {
-            match std::fs::remove_file(&previous) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io_err(&previous)(e))
-                }
-                _ => {}
-            }
+            remove_if_exists(&previous)?;
         } else {
             write_atomic(
                 &previous,
@@ -221,12 +216,7 @@ impl RootStore for DirRootStore {
         let rotated_at = self.dir.join(ROTATED_AT_FILE);
         match roots.rotated_at_unix {
             Some(t) => write_atomic(&rotated_at, t.to_string().as_bytes(), 0o644)?,
-            None => match std::fs::remove_file(&rotated_at) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io_err(&rotated_at)(e))
-                }
-                _ => {}
-            },
+            None => remove_if_exists(&rotated_at)?,
         }
         // Key first: a crash in between leaves a new key with the old cert,
         // which load() rejects at the signature check instead of silently
@@ -244,11 +234,7 @@ impl RootStore for DirRootStore {
     }
 
     async fn clear_rotation_request(&self) -> Result<(), CaError> {
-        let request = self.dir.join(ROTATE_REQUEST_FILE);
-        match std::fs::remove_file(&request) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&request)(e)),
-            _ => Ok(()),
-        }
+        remove_if_exists(&self.dir.join(ROTATE_REQUEST_FILE))
     }
 
     /// A tick every couple of seconds: the files are small and local.
@@ -259,6 +245,23 @@ impl RootStore for DirRootStore {
             Some(((), ()))
         })
         .boxed()
+    }
+}
+
+/// The signer of stored roots and the bundle they make (signing root
+/// first, then the ones still trusted from before).
+fn signer_and_bundle(stored: &StoredRoots) -> Result<(Signer, TrustBundle), CaError> {
+    let signer = Signer::from_pem(&stored.cert_pem, &stored.key_pem, Vec::new())?;
+    let mut roots = vec![stored.cert_pem.clone()];
+    roots.extend(stored.previous_roots_pem.iter().cloned());
+    Ok((signer, bundle_of(&roots)?))
+}
+
+/// Removes `path`; absent is fine.
+fn remove_if_exists(path: &Path) -> Result<(), CaError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
     }
 }
 
@@ -452,10 +455,7 @@ impl MeshCa {
                 s
             }
         };
-        let signer = Signer::from_pem(&stored.cert_pem, &stored.key_pem, Vec::new())?;
-        let mut roots = vec![stored.cert_pem.clone()];
-        roots.extend(stored.previous_roots_pem.iter().cloned());
-        let bundle = bundle_of(&roots)?;
+        let (signer, bundle) = signer_and_bundle(&stored)?;
         Ok(Self::build(
             trust_domain,
             signer,
@@ -520,6 +520,11 @@ impl MeshCa {
         self
     }
 
+    /// The longest lifetime a workload certificate is issued for.
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
@@ -581,15 +586,6 @@ impl MeshCa {
         Ok(())
     }
 
-    /// What the store held when this CA last loaded or wrote it (`None`
-    /// for a user-supplied intermediate).
-    pub fn stored(&self) -> Option<StoredRoots> {
-        match &self.state().mode {
-            Mode::Root { stored, .. } => Some(stored.clone()),
-            Mode::Intermediate => None,
-        }
-    }
-
     /// Takes roots another replica stored (its rotation or retirement):
     /// signs with the stored root and trusts the stored set. Returns
     /// whether anything changed.
@@ -613,16 +609,25 @@ impl MeshCa {
     async fn install(&self, store: Arc<dyn RootStore>, next: StoredRoots) -> Result<(), CaError> {
         // Parse before persisting, persist before using: a restart must not
         // come back with a root the mesh was never told about.
-        Signer::from_pem(&next.cert_pem, &next.key_pem, Vec::new())?;
+        let (signer, bundle) = signer_and_bundle(&next)?;
         store.save(&next).await?;
-        self.apply(store, next)
+        self.commit(store, next, signer, bundle);
+        Ok(())
     }
 
     fn apply(&self, store: Arc<dyn RootStore>, next: StoredRoots) -> Result<(), CaError> {
-        let signer = Signer::from_pem(&next.cert_pem, &next.key_pem, Vec::new())?;
-        let mut roots = vec![next.cert_pem.clone()];
-        roots.extend(next.previous_roots_pem.iter().cloned());
-        let bundle = bundle_of(&roots)?;
+        let (signer, bundle) = signer_and_bundle(&next)?;
+        self.commit(store, next, signer, bundle);
+        Ok(())
+    }
+
+    fn commit(
+        &self,
+        store: Arc<dyn RootStore>,
+        next: StoredRoots,
+        signer: Signer,
+        bundle: TrustBundle,
+    ) {
         {
             let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
             st.signer = Arc::new(signer);
@@ -632,7 +637,6 @@ impl MeshCa {
             };
         }
         self.bundle.send_replace(bundle);
-        Ok(())
     }
 
     /// Signs `csr` for `ttl` (0: the default; capped at the maximum). The

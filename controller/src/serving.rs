@@ -19,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
+use weft_hbone::tls::provider;
+
 use crate::ca::{MeshCa, ServingCert};
 
 /// A handshake that has not finished in this long is dropped.
@@ -56,10 +58,6 @@ impl ResolvesServerCert for ServingIdentity {
                 .clone(),
         )
     }
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn certified_key(cert: &ServingCert) -> anyhow::Result<CertifiedKey> {

@@ -108,7 +108,8 @@ impl TlsError {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
+/// The crypto provider every Weft TLS configuration uses (ring).
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
