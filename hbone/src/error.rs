@@ -23,6 +23,10 @@ pub enum HboneError {
     ConnectionClosed,
     #[error("invalid request: {0}")]
     Http(#[from] http::Error),
+    /// No certificate to present (the CA refused or is unreachable); the
+    /// cause is kept whole for callers that need it.
+    #[error("no certificate: {0}")]
+    Credentials(Arc<dyn std::error::Error + Send + Sync>),
     /// A dial shared by several pool callers failed; every waiter gets the
     /// same cause instead of dialling again.
     #[error("dial failed: {0}")]
@@ -50,6 +54,8 @@ pub enum FailureReason {
     Io,
     /// CONNECT answered with a non-200 status.
     Status,
+    /// We had no certificate to present.
+    NoCertificate,
 }
 
 impl FailureReason {
@@ -65,6 +71,7 @@ impl FailureReason {
             FailureReason::Eof => "eof",
             FailureReason::Io => "io",
             FailureReason::Status => "status",
+            FailureReason::NoCertificate => "no_certificate",
         }
     }
 }
@@ -89,6 +96,7 @@ impl HboneError {
             HboneError::HandshakeTimeout(_) => FailureReason::Timeout,
             HboneError::ConnectionClosed => FailureReason::Eof,
             HboneError::Http(_) => FailureReason::Protocol,
+            HboneError::Credentials(_) => FailureReason::NoCertificate,
             HboneError::Dial(inner) => inner.reason(),
         }
     }
@@ -116,6 +124,7 @@ impl HboneError {
             HboneError::HandshakeTimeout(d) => HboneError::HandshakeTimeout(*d),
             HboneError::ConnectionClosed => HboneError::ConnectionClosed,
             HboneError::Dial(inner) => HboneError::Dial(inner.clone()),
+            HboneError::Credentials(inner) => HboneError::Credentials(inner.clone()),
             HboneError::Io(e) => HboneError::Io(std::io::Error::new(e.kind(), e.to_string())),
             other => HboneError::Io(std::io::Error::other(other.to_string())),
         }

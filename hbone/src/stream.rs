@@ -266,15 +266,94 @@ impl AsyncWrite for H2Stream {
     }
 }
 
+/// Bytes a copy has moved so far, readable while it runs: a connection
+/// closed in the middle (by policy, by a drain deadline) still reports what
+/// it carried.
+#[derive(Debug, Default)]
+pub struct Transferred {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Transferred {
+    /// Bytes from the first side to the second (for a proxy: toward the
+    /// destination).
+    pub fn up(&self) -> u64 {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Bytes from the second side to the first (back to the client).
+    pub fn down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    fn add_up(&self, n: usize) {
+        self.up.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn add_down(&self, n: usize) {
+        self.down.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 /// Copies both ways until both sides finished, preserving half-close: when
 /// one side reaches EOF, the other side's write half is shut down and the
-/// opposite direction keeps flowing. Returns (bytes a->b, bytes b->a).
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// opposite direction keeps flowing. Bytes a->b count as `up`, b->a as
+/// `down` in `moved`, as they are read.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B, moved: &Transferred) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER_SIZE, COPY_BUFFER_SIZE).await
+    let mut a = CountReads {
+        io: a,
+        count: |n| moved.add_up(n),
+    };
+    let mut b = CountReads {
+        io: b,
+        count: |n| moved.add_down(n),
+    };
+    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER_SIZE, COPY_BUFFER_SIZE)
+        .await
+        .map(|_| ())
+}
+
+/// Counts what is read through it; writes pass straight on.
+struct CountReads<'a, T: ?Sized, F> {
+    io: &'a mut T,
+    count: F,
+}
+
+impl<T: AsyncRead + Unpin + ?Sized, F: Fn(usize) + Unpin> AsyncRead for CountReads<'_, T, F> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        ready!(Pin::new(&mut *this.io).poll_read(cx, buf))?;
+        (this.count)(buf.filled().len() - before);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin + ?Sized, F: Unpin> AsyncWrite for CountReads<'_, T, F> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
 }
 
 /// Copies between a plain byte stream (the app's TCP connection) and an
@@ -282,8 +361,8 @@ where
 /// without the intermediate copies: bytes read from `io` are handed to
 /// HTTP/2 as the very buffer they were read into, and received DATA frames
 /// are written to `io` straight from HTTP/2's buffer. Half-close is kept.
-/// Returns (bytes io->tunnel, bytes tunnel->io).
-pub async fn copy_tunnel<T>(io: &mut T, tunnel: &mut H2Stream) -> io::Result<(u64, u64)>
+/// Bytes io->tunnel count as `up`, tunnel->io as `down` in `moved`.
+pub async fn copy_tunnel<T>(io: &mut T, tunnel: &mut H2Stream, moved: &Transferred) -> io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
@@ -292,26 +371,24 @@ where
         out: Bytes::new(),
         read_eof: false,
         done: false,
-        amount: 0,
     };
     let mut down = Downstream {
         need_flush: false,
         done: false,
-        amount: 0,
     };
     std::future::poll_fn(|cx| {
         if !up.done {
-            if let Poll::Ready(r) = up.poll(cx, io, tunnel) {
+            if let Poll::Ready(r) = up.poll(cx, io, tunnel, moved) {
                 r?;
             }
         }
         if !down.done {
-            if let Poll::Ready(r) = down.poll(cx, io, tunnel) {
+            if let Poll::Ready(r) = down.poll(cx, io, tunnel, moved) {
                 r?;
             }
         }
         if up.done && down.done {
-            Poll::Ready(Ok((up.amount, down.amount)))
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
@@ -328,7 +405,6 @@ struct Upstream {
     out: Bytes,
     read_eof: bool,
     done: bool,
-    amount: u64,
 }
 
 impl Upstream {
@@ -337,6 +413,7 @@ impl Upstream {
         cx: &mut Context<'_>,
         io: &mut T,
         tunnel: &mut H2Stream,
+        moved: &Transferred,
     ) -> Poll<io::Result<()>>
     where
         T: AsyncRead + Unpin + ?Sized,
@@ -358,7 +435,7 @@ impl Upstream {
             if n == 0 {
                 self.read_eof = true;
             } else {
-                self.amount += n as u64;
+                moved.add_up(n);
                 self.out = self.buf.split().freeze();
             }
         }
@@ -395,7 +472,6 @@ where
 struct Downstream {
     need_flush: bool,
     done: bool,
-    amount: u64,
 }
 
 impl Downstream {
@@ -404,6 +480,7 @@ impl Downstream {
         cx: &mut Context<'_>,
         io: &mut T,
         tunnel: &mut H2Stream,
+        moved: &Transferred,
     ) -> Poll<io::Result<()>>
     where
         T: AsyncWrite + Unpin + ?Sized,
@@ -432,7 +509,7 @@ impl Downstream {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             tunnel.pending.advance(n);
-            self.amount += n as u64;
+            moved.add_down(n);
             self.need_flush = true;
         }
     }

@@ -13,9 +13,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 use weft_api::Identity;
-use x509_parser::extensions::GeneralName;
-
-use crate::cert::{TrustBundle, WorkloadCert};
+use weft_pki::{PkiError, TrustBundle, WorkloadCert};
 
 /// ALPN protocol id HBONE negotiates.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -79,6 +77,17 @@ impl From<rustls::Error> for TlsError {
             }
             E::NoApplicationProtocol => TlsError::NoH2,
             other => TlsError::Rustls(other),
+        }
+    }
+}
+
+impl From<PkiError> for TlsError {
+    fn from(err: PkiError) -> Self {
+        match err {
+            PkiError::NoSpiffeId => TlsError::NoSpiffeId,
+            PkiError::InvalidSpiffeId(id) => TlsError::InvalidSpiffeId(id),
+            PkiError::Pem(m) => TlsError::Pem(m),
+            other => TlsError::BadCertificate(other.to_string()),
         }
     }
 }
@@ -177,27 +186,9 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Result<Identity, TlsError> {
     identity_of_cert(leaf)
 }
 
-/// The SPIFFE identity in a certificate's URI SAN. SPIFFE allows exactly one
-/// URI SAN in an identity document.
+/// The SPIFFE identity in a certificate's URI SAN.
 pub fn identity_of_cert(der: &CertificateDer<'_>) -> Result<Identity, TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| TlsError::BadCertificate(format!("unparseable certificate: {e}")))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| TlsError::BadCertificate(format!("bad subjectAltName: {e}")))?
-        .ok_or(TlsError::NoSpiffeId)?;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(uri) => Some(*uri),
-        _ => None,
-    });
-    let uri = uris.next().ok_or(TlsError::NoSpiffeId)?;
-    if uris.next().is_some() {
-        return Err(TlsError::InvalidSpiffeId(
-            "more than one URI SAN".to_owned(),
-        ));
-    }
-    uri.parse::<Identity>()
-        .map_err(|_| TlsError::InvalidSpiffeId(uri.to_owned()))
+    weft_pki::identity_of_cert(der).map_err(TlsError::from)
 }
 
 /// Placeholder server name: HBONE peers are verified by SPIFFE id, never by

@@ -10,9 +10,10 @@ use common::*;
 use http::HeaderMap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use weft_pki::{LocalCa, PkiError};
 use weft_hbone::{
-    client_config, connect, identity_of_cert, serve, server_config, CaError, FailureReason,
-    HboneError, LocalCa, TlsError, TrustBundle, WorkloadCert,
+    client_config, connect, identity_of_cert, serve, server_config, FailureReason,
+    HboneError, TlsError, TrustBundle, WorkloadCert,
 };
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -77,7 +78,7 @@ fn ca_refuses_identities_of_another_trust_domain() {
     let foreign = weft_api::Identity::new("other.domain", "ns", "sa");
     assert!(matches!(
         ca.sign(&foreign, DAY),
-        Err(CaError::WrongTrustDomain { .. })
+        Err(PkiError::WrongTrustDomain { .. })
     ));
 }
 
@@ -132,7 +133,7 @@ async fn persisted_ca_reloads_and_its_leaves_chain_to_the_original_root() {
     std::fs::remove_file(dir.join("root-cert.pem")).expect("rm");
     assert!(matches!(
         LocalCa::load_or_generate(&dir, TD),
-        Err(CaError::Incomplete(..))
+        Err(PkiError::Incomplete(..))
     ));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,9 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use weft_api::Identity;
+use weft_pki::LocalCa;
 use weft_hbone::{
     client_config, connect, serve, server_config, H2Settings, HboneConnection, HboneError,
-    InboundTunnel, LocalCa, TrustBundle, WorkloadCert,
+    InboundTunnel, TrustBundle, WorkloadCert,
 };
 
 pub const TD: &str = "cluster.local";

@@ -1,5 +1,6 @@
 //! Workload certificates and trust bundles: the key material every HBONE
-//! connection is built from, independent of which CA produced it.
+//! connection is built from, whichever CA produced it, and the SPIFFE id a
+//! certificate names.
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,8 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use weft_api::Identity;
+use x509_parser::extensions::GeneralName;
 
-use crate::tls::{identity_of_cert, TlsError};
+use crate::pem::{certs_from_pem, certs_to_pem, pem_block};
+use crate::PkiError;
 
 /// A workload's certificate chain (leaf first) and private key.
 ///
@@ -44,8 +47,10 @@ impl WorkloadCert {
     pub fn from_parts(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
-    ) -> Result<Self, TlsError> {
-        let leaf = chain.first().ok_or(TlsError::NoPeerCertificate)?;
+    ) -> Result<Self, PkiError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| PkiError::BadCertificate("empty certificate chain".into()))?;
         let identity = identity_of_cert(leaf)?;
         let (not_before, not_after) = validity_of_cert(leaf)?;
         Ok(Self {
@@ -59,10 +64,10 @@ impl WorkloadCert {
 
     /// Parses a PEM chain (leaf first) and a PEM private key (PKCS#8, SEC1 or
     /// PKCS#1).
-    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let chain = certs_from_pem(chain_pem)?;
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| TlsError::Pem(format!("private key: {e}")))?;
+            .map_err(|e| PkiError::Pem(format!("private key: {e}")))?;
         Self::from_parts(chain, key)
     }
 
@@ -82,13 +87,16 @@ impl WorkloadCert {
         pem_block(label, self.key.secret_der())
     }
 
+    /// How long the certificate is valid in all.
+    pub fn lifetime(&self) -> Duration {
+        self.not_after
+            .duration_since(self.not_before)
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// When to ask for a new certificate: half way through the validity.
     pub fn refresh_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or(Duration::ZERO);
-        self.not_before + lifetime / 2
+        self.not_before + self.lifetime() / 2
     }
 
     pub fn is_expired(&self, now: SystemTime) -> bool {
@@ -98,7 +106,7 @@ impl WorkloadCert {
 
 /// The CA certificates a workload trusts. More than one root is allowed so a
 /// root can be rotated with an overlap period.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrustBundle {
     pub roots: Vec<CertificateDer<'static>>,
 }
@@ -106,17 +114,21 @@ pub struct TrustBundle {
 impl TrustBundle {
     /// Parses every `CERTIFICATE` block; fails when there is none or when one
     /// is not usable as a trust anchor.
-    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+    pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
         let roots = certs_from_pem(pem)?;
         for root in &roots {
             webpki::anchor_from_trusted_cert(root)
-                .map_err(|e| TlsError::Pem(format!("not a usable CA certificate: {e}")))?;
+                .map_err(|e| PkiError::Pem(format!("not a usable CA certificate: {e}")))?;
         }
         Ok(Self { roots })
     }
 
     pub fn to_pem(&self) -> String {
         certs_to_pem(&self.roots)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.roots.is_empty()
     }
 
     /// Merges two bundles (rotation overlap), dropping duplicates.
@@ -131,73 +143,31 @@ impl TrustBundle {
     }
 }
 
-pub(crate) fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem("no CERTIFICATE block found".into()));
-    }
-    Ok(certs)
-}
-
-pub(crate) fn certs_to_pem(certs: &[CertificateDer<'_>]) -> String {
-    let mut out = String::new();
-    for cert in certs {
-        out.push_str(&pem_block("CERTIFICATE", cert.as_ref()));
-    }
-    out
-}
-
-pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
-    let b64 = base64(der);
-    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 64);
-    out.push_str("-----BEGIN ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        // base64 output is ASCII
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    out
-}
-
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
-        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
-}
-
-/// The leaf's validity period.
-pub(crate) fn validity_of_cert(
-    der: &CertificateDer<'_>,
-) -> Result<(SystemTime, SystemTime), TlsError> {
+/// The SPIFFE identity in a certificate's URI SAN. SPIFFE allows exactly one
+/// URI SAN in an identity document.
+pub fn identity_of_cert(der: &CertificateDer<'_>) -> Result<Identity, PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| TlsError::BadCertificate(format!("unparseable certificate: {e}")))?;
+        .map_err(|e| PkiError::BadCertificate(format!("unparseable certificate: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCertificate(format!("bad subjectAltName: {e}")))?
+        .ok_or(PkiError::NoSpiffeId)?;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    let uri = uris.next().ok_or(PkiError::NoSpiffeId)?;
+    if uris.next().is_some() {
+        return Err(PkiError::InvalidSpiffeId("more than one URI SAN".to_owned()));
+    }
+    uri.parse::<Identity>()
+        .map_err(|_| PkiError::InvalidSpiffeId(uri.to_owned()))
+}
+
+/// A certificate's validity period (not before, not after).
+pub fn validity_of_cert(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| PkiError::BadCertificate(format!("unparseable certificate: {e}")))?;
     let validity = cert.validity();
     Ok((
         unix_to_system(validity.not_before.timestamp()),
@@ -210,25 +180,5 @@ fn unix_to_system(secs: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs as u64)
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, want) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), want);
-        }
     }
 }
