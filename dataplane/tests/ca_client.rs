@@ -11,9 +11,9 @@ use tonic::{Request, Response, Status};
 use weft_api::proto::ca_server::{Ca, CaServer};
 use weft_api::proto::{CreateCertificateRequest, CreateCertificateResponse};
 use weft_api::Identity;
-use weft_hbone::TrustBundle;
-use weft_ztunnel::ca_client::{GrpcCaProvider, SharedTrustBundle};
-use weft_ztunnel::identity::{CertProvider, IdentityError};
+use weft_dataplane::certs::{CertProvider, IdentityError, TrustRoots};
+use weft_dataplane::control::GrpcCaProvider;
+use weft_pki::TrustBundle;
 
 struct TestCa {
     root: rcgen::Certificate,
@@ -92,7 +92,7 @@ async fn start() -> (String, Arc<TestCa>) {
 #[tokio::test]
 async fn grpc_ca_provider_fetches_a_cert_and_the_trust_bundle() {
     let (endpoint, ca) = start().await;
-    let trust = SharedTrustBundle::default();
+    let trust = TrustRoots::default();
     let provider = GrpcCaProvider::new(
         &endpoint,
         "tok-1".into(),
@@ -107,7 +107,6 @@ async fn grpc_ca_provider_fetches_a_cert_and_the_trust_bundle() {
     assert_eq!(auth.as_deref(), Some("Bearer tok-1"));
     assert_eq!(sans, vec![id.to_string()], "URI SAN only");
     let want = TrustBundle::from_pem(&ca.root.pem()).unwrap();
-    assert_eq!(provider.trust_bundle(), want);
     assert_eq!(trust.get(), want);
 
     // Refusals are `Refused`, naming the identity.
@@ -123,7 +122,7 @@ async fn grpc_ca_provider_fetches_a_cert_and_the_trust_bundle() {
         &endpoint,
         "wrong".into(),
         Duration::from_secs(3600),
-        SharedTrustBundle::default(),
+        TrustRoots::default(),
     )
     .unwrap();
     assert!(matches!(
@@ -135,7 +134,7 @@ async fn grpc_ca_provider_fetches_a_cert_and_the_trust_bundle() {
         "http://127.0.0.1:1",
         "tok-1".into(),
         Duration::from_secs(3600),
-        SharedTrustBundle::default(),
+        TrustRoots::default(),
     )
     .unwrap();
     assert!(matches!(

@@ -1,6 +1,6 @@
-//! The ztunnel's config-stream client against a scripted controller over
-//! loopback gRPC: deltas land in `MeshState`, bad updates are NACKed while
-//! the last good model keeps serving, and a dropped stream resumes.
+//! The config-stream client against a scripted controller over loopback
+//! gRPC: deltas land in the `ModelState`, bad updates are NACKed while the
+//! last good model keeps serving, and a dropped stream resumes.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,10 +16,36 @@ use weft_api::proto::{
     ConfigUpdate, Removals, ResourceKey, Resources, Service, ServicePort, SubscribeRequest,
     Workload,
 };
-use weft_hbone::LocalCa;
-use weft_ztunnel::ca_client::SharedTrustBundle;
-use weft_ztunnel::metrics::Metrics;
-use weft_ztunnel::state::MeshState;
+use weft_api::MeshModel;
+use weft_dataplane::certs::TrustRoots;
+use weft_dataplane::control::{ConfigStream, Role, StateSink};
+use weft_dataplane::metrics::CommonMetrics;
+use weft_dataplane::state::{Compiled, ModelState};
+use weft_pki::LocalCa;
+
+/// The model as received, with a by-IP lookup.
+struct Received {
+    version: u64,
+    model: MeshModel,
+}
+
+impl Compiled for Received {
+    fn compile(model: MeshModel, version: u64) -> Self {
+        Self { version, model }
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl Received {
+    fn has_ip(&self, ip: &str) -> bool {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        self.model.workloads.iter().any(|w| w.ips.contains(&ip))
+    }
+}
+
+type MeshState = ModelState<Received>;
 
 type Conn = (
     Streaming<SubscribeRequest>,
@@ -58,8 +84,8 @@ impl MeshConfig for Scripted {
 struct Harness {
     conns: mpsc::UnboundedReceiver<Conn>,
     state: MeshState,
-    metrics: std::sync::Arc<Metrics>,
-    trust: SharedTrustBundle,
+    metrics: CommonMetrics,
+    trust: TrustRoots,
     bundle_pem: String,
 }
 
@@ -73,16 +99,23 @@ async fn start() -> Harness {
             .serve_with_incoming(TcpIncoming::from(listener)),
     );
     let state = MeshState::default();
-    let metrics = Metrics::new();
-    let trust = SharedTrustBundle::default();
-    tokio::spawn(weft_ztunnel::source::grpc::run(
-        format!("http://{addr}"),
-        "n1".into(),
-        "tok-1".into(),
-        state.clone(),
-        metrics.clone(),
-        trust.clone(),
-    ));
+    let metrics = CommonMetrics::register(&mut Default::default(), "test");
+    let trust = TrustRoots::default();
+    tokio::spawn(
+        ConfigStream {
+            endpoint: format!("http://{addr}").into(),
+            node: "n1".into(),
+            token: "tok-1".into(),
+            role: Role::Ztunnel,
+            trust: trust.clone(),
+            sink: std::sync::Arc::new(StateSink {
+                state: state.clone(),
+                updates: metrics.config_updates.clone(),
+                rejections: metrics.config_rejections.clone(),
+            }),
+        }
+        .run(),
+    );
     let bundle_pem = LocalCa::generate("cluster.local").unwrap().root_pem();
     Harness {
         conns,
@@ -186,8 +219,8 @@ async fn grpc_client_applies_full_snapshot_then_deltas_into_mesh_state() {
     assert!(matches!(next_request(&mut inbound).await, Req::Ack(a) if a.version == 2));
     assert_eq!(names(&h.state), vec!["a", "c"]);
     let snap = h.state.load();
-    assert!(snap.workload_by_ip("10.0.0.3".parse().unwrap()).is_some());
-    assert!(snap.workload_by_ip("10.0.0.2".parse().unwrap()).is_none());
+    assert!(snap.has_ip("10.0.0.3"));
+    assert!(!snap.has_ip("10.0.0.2"));
     assert_eq!(h.metrics.config_updates.get(), 2);
 }
 

@@ -362,7 +362,11 @@ impl<T: AsyncWrite + Unpin + ?Sized, F: Unpin> AsyncWrite for CountReads<'_, T, 
 /// HTTP/2 as the very buffer they were read into, and received DATA frames
 /// are written to `io` straight from HTTP/2's buffer. Half-close is kept.
 /// Bytes io->tunnel count as `up`, tunnel->io as `down` in `moved`.
-pub async fn copy_tunnel<T>(io: &mut T, tunnel: &mut H2Stream, moved: &Transferred) -> io::Result<()>
+pub async fn copy_tunnel<T>(
+    io: &mut T,
+    tunnel: &mut H2Stream,
+    moved: &Transferred,
+) -> io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {

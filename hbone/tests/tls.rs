@@ -10,11 +10,11 @@ use common::*;
 use http::HeaderMap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use weft_pki::{LocalCa, PkiError};
 use weft_hbone::{
-    client_config, connect, identity_of_cert, serve, server_config, FailureReason,
-    HboneError, TlsError, TrustBundle, WorkloadCert,
+    client_config, connect, identity_of_cert, serve, server_config, FailureReason, HboneError,
+    TlsError, TrustBundle, WorkloadCert,
 };
+use weft_pki::{LocalCa, PkiError};
 
 fn temp_dir(name: &str) -> PathBuf {
     let nanos = SystemTime::now()

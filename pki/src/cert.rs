@@ -158,7 +158,9 @@ pub fn identity_of_cert(der: &CertificateDer<'_>) -> Result<Identity, PkiError> 
     });
     let uri = uris.next().ok_or(PkiError::NoSpiffeId)?;
     if uris.next().is_some() {
-        return Err(PkiError::InvalidSpiffeId("more than one URI SAN".to_owned()));
+        return Err(PkiError::InvalidSpiffeId(
+            "more than one URI SAN".to_owned(),
+        ));
     }
     uri.parse::<Identity>()
         .map_err(|_| PkiError::InvalidSpiffeId(uri.to_owned()))

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use weft_api::Identity;
 
-use crate::files::{create_private_dir, read_optional, write_atomic, ROOT_CERT_FILE, ROOT_KEY_FILE};
+use crate::files::{
+    create_private_dir, read_optional, write_atomic, ROOT_CERT_FILE, ROOT_KEY_FILE,
+};
 use crate::signer::{generate_root, Signer};
 use crate::{PkiError, TrustBundle, WorkloadCert};
 
@@ -50,7 +52,9 @@ impl LocalCa {
         let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
         let signer = Signer::from_pem(&cert_pem, &key_pem, Vec::new(), trust_domain).map_err(
             |e| match e {
-                PkiError::InvalidCa(reason) => PkiError::InvalidCa(format!("{}: {reason}", dir.display())),
+                PkiError::InvalidCa(reason) => {
+                    PkiError::InvalidCa(format!("{}: {reason}", dir.display()))
+                }
                 other => other,
             },
         )?;

@@ -37,7 +37,11 @@ pub fn root_params(trust_domain: &str) -> CertificateParams {
     ];
     params.serial_number = Some(random_serial());
     let now = SystemTime::now();
-    set_validity(&mut params, now.checked_sub(BACKDATE).unwrap_or(now), now + ROOT_TTL);
+    set_validity(
+        &mut params,
+        now.checked_sub(BACKDATE).unwrap_or(now),
+        now + ROOT_TTL,
+    );
     params
 }
 
@@ -92,7 +96,11 @@ pub fn serving_params(
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
     let now = SystemTime::now();
-    set_validity(&mut params, now.checked_sub(BACKDATE).unwrap_or(now), now + ttl);
+    set_validity(
+        &mut params,
+        now.checked_sub(BACKDATE).unwrap_or(now),
+        now + ttl,
+    );
     Ok(params)
 }
 

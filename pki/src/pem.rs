@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn split_keeps_every_block_and_round_trips() {
         let der = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x05]);
-        let one = certs_to_pem(&[der.clone()]);
+        let one = certs_to_pem(std::slice::from_ref(&der));
         let blocks = split_certs(&format!("junk\n{one}between\n{one}"));
         assert_eq!(blocks, vec![one.clone(), one.clone()]);
         assert_eq!(certs_from_pem(&one).unwrap(), vec![der]);

@@ -139,7 +139,11 @@ impl Signer {
 
     /// A workload leaf with a key generated here (the standalone CA signs
     /// for its own node's pods).
-    pub fn sign_workload(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCert, PkiError> {
+    pub fn sign_workload(
+        &self,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<WorkloadCert, PkiError> {
         self.check_domain(identity)?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let (params, not_before, not_after) = workload_leaf_params(identity, ttl);
@@ -161,7 +165,10 @@ impl Signer {
 
     /// Signs `params` (a serving certificate, say) for a new key; returns
     /// the chain PEM (leaf first) and the key PEM.
-    pub fn sign_with_new_key(&self, params: CertificateParams) -> Result<(String, String), PkiError> {
+    pub fn sign_with_new_key(
+        &self,
+        params: CertificateParams,
+    ) -> Result<(String, String), PkiError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let leaf = params.signed_by(&key, &self.issuer, &self.key)?;
         Ok((self.chain_of(&leaf).concat(), key.serialize_pem()))
@@ -227,15 +234,21 @@ mod tests {
     #[test]
     fn a_generated_root_signs_csrs_and_workload_leaves() {
         let root = generate_root("cluster.local").unwrap();
-        let signer = Signer::from_pem(&root.cert_pem, &root.key_pem, vec![], "cluster.local").unwrap();
+        let signer =
+            Signer::from_pem(&root.cert_pem, &root.key_pem, vec![], "cluster.local").unwrap();
         let id = Identity::new("cluster.local", "shop", "cart");
         let (csr, key) = Csr::generate(&id).unwrap();
-        let issued = signer.sign_csr(Csr::from_pem(&csr).unwrap(), Duration::from_secs(60)).unwrap();
+        let issued = signer
+            .sign_csr(Csr::from_pem(&csr).unwrap(), Duration::from_secs(60))
+            .unwrap();
         let cert = WorkloadCert::from_pem(&issued.chain_pem.concat(), &key).unwrap();
         assert_eq!(cert.identity, id);
         let leaf = signer.sign_workload(&id, Duration::from_secs(60)).unwrap();
         assert_eq!(identity_of_cert(&leaf.chain[0]).unwrap(), id);
-        assert_eq!(TrustBundle::from_pem(&root.cert_pem).unwrap().roots[0], *signer.cert());
+        assert_eq!(
+            TrustBundle::from_pem(&root.cert_pem).unwrap().roots[0],
+            *signer.cert()
+        );
         let foreign = Identity::new("other.domain", "shop", "cart");
         assert!(matches!(
             signer.sign_workload(&foreign, Duration::from_secs(60)),
@@ -251,7 +264,10 @@ mod tests {
         assert!(err.to_string().contains("does not belong"), "{err}");
         let signer = Signer::from_pem(&a.cert_pem, &a.key_pem, vec![], "td").unwrap();
         let (leaf, key) = signer
-            .sign_with_new_key(crate::params::serving_params("x", vec!["x".into()], Duration::from_secs(60)).unwrap())
+            .sign_with_new_key(
+                crate::params::serving_params("x", vec!["x".into()], Duration::from_secs(60))
+                    .unwrap(),
+            )
             .unwrap();
         let err = Signer::from_pem(&leaf, &key, vec![], "td").unwrap_err();
         assert!(err.to_string().contains("not a CA"), "{err}");

@@ -1,73 +1,37 @@
 //! Workload certificates from the controller's CA (`weft.v1.Ca`): a fresh
-//! P-256 key per request, a CSR carrying only the SPIFFE URI SAN, and the
-//! node's bearer token. Also the trust bundle the TLS code verifies peers
-//! against, shared with the config stream (`source::grpc`) which delivers
-//! root rotations.
+//! P-256 key per request, a CSR carrying only the SPIFFE URI SAN, and this
+//! process's bearer token. Each answer also carries the mesh roots, which
+//! go to the shared [`TrustRoots`].
 
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::{TrustBundle, WorkloadCert};
-use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use tonic::transport::Channel;
 use weft_api::proto::ca_client::CaClient;
 use weft_api::proto::{bearer, CreateCertificateRequest};
 use weft_api::Identity;
+use weft_pki::signer::Csr;
+use weft_pki::{TrustBundle, WorkloadCert};
 
 use super::addr::ControllerAddr;
-use super::identity::{BoxFuture, CertProvider, IdentityError};
-
-/// The mesh trust roots as last heard from the controller (the config
-/// stream or a CA response; both carry the complete set). Empty until the
-/// first contact, which makes every TLS handshake fail closed.
-#[derive(Clone)]
-pub struct SharedTrustBundle {
-    inner: Arc<RwLock<TrustBundle>>,
-}
-
-impl Default for SharedTrustBundle {
-    fn default() -> Self {
-        Self {
-            inner: Arc::new(RwLock::new(TrustBundle { roots: Vec::new() })),
-        }
-    }
-}
-
-impl SharedTrustBundle {
-    pub fn get(&self) -> TrustBundle {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn set(&self, bundle: TrustBundle) {
-        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if *g != bundle {
-            tracing::info!(
-                component = "identity",
-                roots = bundle.roots.len(),
-                "trust bundle updated"
-            );
-            *g = bundle;
-        }
-    }
-}
+use crate::certs::{BoxFuture, CertProvider, IdentityError, TrustRoots};
 
 /// A [`CertProvider`] backed by the controller's CA.
 pub struct GrpcCaProvider {
     client: CaClient<Channel>,
     token: String,
     ttl: Duration,
-    trust: SharedTrustBundle,
+    trust: TrustRoots,
 }
 
 impl GrpcCaProvider {
-    /// Connects lazily to `endpoint` (e.g. `http://controller:15012`); call
-    /// inside a Tokio runtime. `ttl` is the lifetime asked for (the CA caps
-    /// it).
+    /// Connects lazily to `endpoint` (e.g. `https://controller:15012`);
+    /// call inside a Tokio runtime. `ttl` is the lifetime asked for (the CA
+    /// caps it).
     pub fn new(
         endpoint: impl Into<ControllerAddr>,
         token: String,
         ttl: Duration,
-        trust: SharedTrustBundle,
+        trust: TrustRoots,
     ) -> Result<Self, IdentityError> {
         let channel = endpoint
             .into()
@@ -83,29 +47,12 @@ impl GrpcCaProvider {
         })
     }
 
-    pub fn trust(&self) -> &SharedTrustBundle {
-        &self.trust
-    }
-
     async fn request(&self, id: &Identity) -> Result<WorkloadCert, IdentityError> {
         let refused = |reason: String| IdentityError::Refused {
             identity: id.to_string(),
             reason,
         };
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| refused(format!("key generation: {e}")))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        let uri = id
-            .to_string()
-            .try_into()
-            .map_err(|e| refused(format!("identity is not a valid URI SAN: {e}")))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        let csr_pem = params
-            .serialize_request(&key)
-            .and_then(|csr| csr.pem())
-            .map_err(|e| refused(format!("CSR: {e}")))?;
-
+        let (csr_pem, key_pem) = Csr::generate(id).map_err(|e| refused(e.to_string()))?;
         let mut req = tonic::Request::new(CreateCertificateRequest {
             csr_pem,
             requested_ttl_seconds: self.ttl.as_secs(),
@@ -129,7 +76,7 @@ impl GrpcCaProvider {
                 }
             })?;
         let resp = resp.into_inner();
-        let cert = WorkloadCert::from_pem(&resp.cert_chain_pem.concat(), &key.serialize_pem())
+        let cert = WorkloadCert::from_pem(&resp.cert_chain_pem.concat(), &key_pem)
             .map_err(|e| refused(format!("CA answered with an unusable chain: {e}")))?;
         if &cert.identity != id {
             return Err(refused(format!(
@@ -139,7 +86,9 @@ impl GrpcCaProvider {
         }
         if !resp.trust_bundle_pem.is_empty() {
             match TrustBundle::from_pem(&resp.trust_bundle_pem) {
-                Ok(b) => self.trust.set(b),
+                Ok(b) => {
+                    self.trust.set(b);
+                }
                 Err(e) => {
                     tracing::warn!(component = "identity", error = %e, "CA sent an unusable trust bundle; keeping the current one")
                 }
@@ -152,9 +101,5 @@ impl GrpcCaProvider {
 impl CertProvider for GrpcCaProvider {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, IdentityError>> {
         Box::pin(self.request(id))
-    }
-
-    fn trust_bundle(&self) -> TrustBundle {
-        self.trust.get()
     }
 }

@@ -8,7 +8,7 @@
 //! reconnects with capped exponential backoff, resuming from the last
 //! acknowledged version (the controller then sends only what changed, or a
 //! full snapshot if it cannot). The trust bundle carried by each update goes
-//! to the shared [`SharedTrustBundle`] the TLS code reads.
+//! to the shared [`TrustRoots`] the TLS code reads.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +20,10 @@ use weft_api::proto::mesh_config_client::MeshConfigClient;
 use weft_api::proto::{bearer, ConfigUpdate, ResumePoint, SubscribeRequest};
 use weft_api::MeshModel;
 
+use weft_pki::TrustBundle;
+
 use super::addr::ControllerAddr;
-use super::ca_client::SharedTrustBundle;
-use crate::TrustBundle;
+use crate::certs::TrustRoots;
 
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
@@ -51,7 +52,7 @@ pub struct ConfigStream {
     pub node: String,
     pub token: String,
     pub role: Role,
-    pub trust: SharedTrustBundle,
+    pub trust: TrustRoots,
     pub sink: Arc<dyn ConfigSink>,
 }
 

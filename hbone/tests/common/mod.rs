@@ -12,11 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use weft_api::Identity;
-use weft_pki::LocalCa;
 use weft_hbone::{
     client_config, connect, serve, server_config, H2Settings, HboneConnection, HboneError,
     InboundTunnel, TrustBundle, WorkloadCert,
 };
+use weft_pki::LocalCa;
 
 pub const TD: &str = "cluster.local";
 pub const DAY: Duration = Duration::from_secs(24 * 3600);

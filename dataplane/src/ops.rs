@@ -1,0 +1,194 @@
+//! The operator endpoints every proxy serves: `/config_dump` on the admin
+//! port (localhost), Prometheus `/metrics`, and `/healthz/ready` for the
+//! kubelet, which goes false as soon as a drain starts. Plain HTTP/1.1 with
+//! a bound on header time and on open connections per port, so a slow or
+//! flooding client cannot hold the ports.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::debug;
+
+use crate::certs::BoxFuture;
+
+/// A request head must arrive within this.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections open at once per port; more are closed on accept.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// What a proxy shows on its ops ports.
+pub trait OpsHandler: Send + Sync + 'static {
+    /// Prometheus text exposition of every metric.
+    fn metrics(&self) -> String;
+    /// Everything the proxy knows, as JSON.
+    fn config_dump(&self) -> BoxFuture<'_, serde_json::Value>;
+}
+
+/// Ready once start-up is done; not ready again from the start of a drain,
+/// so the kubelet takes the pod out of its Services.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// Where the three ports listen.
+#[derive(Clone, Copy, Debug)]
+pub struct OpsAddrs {
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// The bound listeners: bind first, so a bad address fails start-up.
+pub struct OpsListeners {
+    admin: TcpListener,
+    metrics: TcpListener,
+    readiness: TcpListener,
+}
+
+#[derive(Clone, Copy)]
+enum Port {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+pub async fn bind(addrs: OpsAddrs) -> anyhow::Result<OpsListeners> {
+    Ok(OpsListeners {
+        admin: bind_one(addrs.admin).await?,
+        metrics: bind_one(addrs.metrics).await?,
+        readiness: bind_one(addrs.readiness).await?,
+    })
+}
+
+async fn bind_one(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+impl OpsListeners {
+    pub fn metrics_addr(&self) -> std::io::Result<SocketAddr> {
+        self.metrics.local_addr()
+    }
+
+    /// Serves the three ports until the process ends.
+    pub fn spawn(self, handler: Arc<dyn OpsHandler>, readiness: Arc<Readiness>) {
+        for (listener, port) in [
+            (self.admin, Port::Admin),
+            (self.metrics, Port::Metrics),
+            (self.readiness, Port::Readiness),
+        ] {
+            tokio::spawn(serve(listener, port, handler.clone(), readiness.clone()));
+        }
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    port: Port,
+    handler: Arc<dyn OpsHandler>,
+    readiness: Arc<Readiness>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                debug!(component = "ops", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(
+                component = "ops",
+                "too many ops connections; closing a new one"
+            );
+            continue;
+        };
+        let handler = handler.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let handler = handler.clone();
+                let readiness = readiness.clone();
+                async move {
+                    Ok::<_, Infallible>(answer(port, &*handler, &readiness, req.uri().path()).await)
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(component = "ops", error = %e, "ops connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn answer(
+    port: Port,
+    handler: &dyn OpsHandler,
+    readiness: &Readiness,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    match (port, path) {
+        (Port::Metrics, "/metrics") => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            handler.metrics(),
+        ),
+        (Port::Readiness, "/healthz/ready") if readiness.is_ready() => {
+            text(StatusCode::OK, "text/plain", "ready\n".into())
+        }
+        (Port::Readiness, "/healthz/ready") => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".into(),
+        ),
+        (Port::Admin, "/config_dump") => text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&handler.config_dump().await).unwrap_or_default(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
