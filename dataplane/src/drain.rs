@@ -48,8 +48,9 @@ impl DrainTrigger {
     }
 
     /// Signals every watcher and waits until all are dropped or `deadline`
-    /// has passed.
-    pub async fn drain(self, deadline: Duration) -> DrainOutcome {
+    /// has passed. The trigger itself is no watcher: code that hands out
+    /// watchers keeps it (shared) without holding the drain up.
+    pub async fn drain(&self, deadline: Duration) -> DrainOutcome {
         let start = tokio::time::Instant::now();
         self.tx.send_replace(true);
         let _ = tokio::time::timeout(deadline, self.tx.closed()).await;
@@ -70,6 +71,13 @@ impl DrainWatcher {
 
     pub fn is_draining(&self) -> bool {
         *self.rx.borrow()
+    }
+}
+
+impl DrainTrigger {
+    /// True once [`DrainTrigger::drain`] has been called.
+    pub fn is_draining(&self) -> bool {
+        *self.tx.borrow()
     }
 }
 

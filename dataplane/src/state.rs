@@ -89,6 +89,25 @@ impl<T: Compiled> ModelState<T> {
         }
     }
 
+    /// Runs `apply` for the current version and then for every later one,
+    /// one at a time. A version stored while `apply` is still busy with the
+    /// previous one is applied next (several such are coalesced into the
+    /// newest): none is lost.
+    pub async fn for_each_version<F, Fut>(&self, mut apply: F)
+    where
+        F: FnMut(Arc<T>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut rx = self.subscribe();
+        loop {
+            let current = rx.borrow_and_update().clone();
+            apply(current).await;
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Waits for the first model, logging every `every` that it is still
     /// waiting for `source`.
     pub async fn first_model(&self, source: &str, every: Duration) -> Arc<T> {
@@ -139,6 +158,39 @@ mod tests {
             .expect("the update that landed while busy is seen")
             .unwrap();
         assert_eq!(rx.borrow_and_update().0, 2);
+    }
+
+    #[tokio::test]
+    async fn for_each_version_applies_a_version_that_lands_mid_apply() {
+        let state = ModelState::<Count>::default();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, log) = (state.clone(), seen.clone());
+        tokio::spawn(async move {
+            s.for_each_version(|c| {
+                let log = log.clone();
+                async move {
+                    log.lock().unwrap().push(c.0);
+                    // A slow reconcile: the next version lands meanwhile.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+            .await
+        });
+        // Version 0 is applied from t=0 to 200 ms, version 1 lands after it.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        state.store(MeshModel::default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        state.store(MeshModel::default()); // while version 1 is applied
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2]);
+        // Two versions landing during one apply are coalesced: the newest
+        // is applied, nothing is left behind.
+        state.store(MeshModel::default());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        state.store(MeshModel::default());
+        state.store(MeshModel::default());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(*seen.lock().unwrap(), vec![0, 1, 2, 3, 5]);
     }
 
     #[tokio::test]

@@ -60,20 +60,11 @@ pub struct Config {
     /// Log as JSON lines.
     #[arg(long, env = "WEFT_LOG_JSON")]
     pub log_json: bool,
-}
-
-impl Config {
-    /// The controller endpoint as a URI tonic accepts: `https://` unless
-    /// the address says otherwise.
-    pub fn controller_uri(&self) -> Option<String> {
-        self.controller.as_ref().map(|c| {
-            if c.contains("://") {
-                c.clone()
-            } else {
-                format!("https://{c}")
-            }
-        })
-    }
+    /// At SIGTERM: how long open connections may run on after the pods'
+    /// listeners have closed, before the process exits anyway. Keep it
+    /// below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -179,6 +179,21 @@ impl InPod {
         }
         let n = pods.values().filter(|k| k.enrolled.is_some()).count();
         self.pi.metrics.enrolled_pods.set(n as i64);
+        // Certificates for exactly the identities of the enrolled pods:
+        // requested now (ready before their first connection), and no longer
+        // renewed once their last pod has gone.
+        let snap = self.pi.state.load();
+        let wanted: std::collections::HashSet<_> = pods
+            .values()
+            .filter(|k| k.enrolled.is_some())
+            .filter_map(|k| snap.workload(&k.info.namespace, &k.info.name))
+            .map(|w| snap.identity(w.workload))
+            .collect();
+        let certs = self.pi.certs();
+        certs.retain(|id| wanted.contains(id));
+        for id in &wanted {
+            certs.ensure(id);
+        }
     }
 
     pub async fn status(&self) -> Vec<PodStatus> {

@@ -3,10 +3,16 @@
 //!   the kernel meets user space)
 //! - `inpod`: which pods are enrolled; enroll/unenroll
 //! - `proxy/`: outbound, inbound, sockets inside pods
-//! - `state/`: the mesh model as the data plane reads it; `source/`: how it
-//!   arrives
-//! - `identity`: certificates; `rbac`: L4 policy; `metrics`, `admin`
+//! - `state/`: the mesh model as the data plane reads it; `source/`: the
+//!   standalone model file (the controller's stream is shared, in
+//!   `weft_dataplane::control`)
+//! - `rbac`: L4 policy; `metrics` (the connection guard), `admin` (what the
+//!   shared ops endpoints show)
 //! - `cni_server`: the CNI plugin's way in
+//!
+//! Certificates, TLS configurations, the model swap, drain, the ops server
+//! and the controller client are `weft_dataplane`'s, shared with the
+//! waypoint.
 
 pub mod admin;
 pub mod app;
@@ -19,7 +25,3 @@ pub mod proxy;
 pub mod rbac;
 pub mod source;
 pub mod state;
-
-// Shared with the waypoint; kept under their old paths.
-pub use weft_hbone::control::addr as controller_client;
-pub use weft_hbone::control::{ca_client, identity};

@@ -1,7 +1,6 @@
 //! weft-ztunnel entry point.
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "weft-ztunnel", version, about = "Weft's per-node L4 proxy")]
@@ -24,22 +23,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let json = matches!(&cli.command, Command::Run(c) if c.log_json);
-    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    if json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init();
-    } else {
-        use std::io::IsTerminal;
-        tracing_subscriber::fmt()
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init();
-    }
+    weft_dataplane::logging::init(matches!(&cli.command, Command::Run(c) if c.log_json));
     let result = match cli.command {
         Command::Run(cfg) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

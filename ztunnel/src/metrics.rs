@@ -1,8 +1,11 @@
-//! Prometheus metrics (`weft_` prefix, mesh-standard labels). Connection
-//! counters are recorded by `ConnectionGuard`, an RAII guard: no early
-//! return can skip "closed" or the byte counts.
+//! Prometheus metrics of the ztunnel (`weft_` prefix, mesh-standard
+//! labels), next to the families every data-plane process has
+//! (`weft_dataplane::metrics::CommonMetrics`). A connection's outcome is one
+//! RAII guard, [`ConnectionGuard`]: it owns the labels, counts bytes while
+//! they are copied, and on drop records "closed", the bytes, and the typed
+//! reason a connection failed, so no early return (and no close by policy)
+//! can lose any of it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -10,22 +13,26 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use weft_dataplane::metrics::CommonMetrics;
+use weft_hbone::Transferred;
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Reporter {
+    #[default]
     source,
     destination,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum SecurityPolicy {
     mutual_tls,
+    #[default]
     none,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub reporter: Reporter,
     pub source_workload: String,
@@ -38,14 +45,63 @@ pub struct ConnectionLabels {
     pub connection_security_policy: SecurityPolicy,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FailureLabels {
-    pub reporter: Reporter,
-    pub reason: String,
+/// Why a connection did not get through, as the `reason` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Outbound: nothing recorded where the app meant to go.
+    NoOriginalDestination,
+    /// Outbound: the app dialled one of ztunnel's own ports in its pod.
+    ProxyPort,
+    UnknownSourceWorkload,
+    UnknownDestinationWorkload,
+    /// A Service with no endpoint for the port.
+    NoHealthyEndpoint,
+    /// A socket inside the pod's network namespace could not be made.
+    Socket,
+    /// Passthrough connect failed.
+    Connect,
+    /// The HBONE tunnel could not be opened.
+    Hbone(weft_hbone::FailureReason),
+    /// The peer answered the CONNECT with this status.
+    HboneStatus(u16),
+    /// Inbound: no certificate for the destination pod.
+    NoCertificate,
+    /// Inbound: the CONNECT target is not this pod (or a proxy port).
+    BadTarget,
+    /// Inbound: the app did not accept the connection.
+    AppUnreachable,
+}
+
+impl Failure {
+    pub fn label(&self) -> String {
+        match self {
+            Failure::NoOriginalDestination => "no_original_destination".into(),
+            Failure::ProxyPort => "proxy_port".into(),
+            Failure::UnknownSourceWorkload => "unknown_source_workload".into(),
+            Failure::UnknownDestinationWorkload => "unknown_destination_workload".into(),
+            Failure::NoHealthyEndpoint => "no_healthy_endpoint".into(),
+            Failure::Socket => "socket".into(),
+            Failure::Connect => "connect".into(),
+            Failure::Hbone(r) => format!("hbone_{}", r.as_str()),
+            Failure::HboneStatus(code) => format!("hbone_status_{code}"),
+            Failure::NoCertificate => "no_certificate".into(),
+            Failure::BadTarget => "bad_target".into(),
+            Failure::AppUnreachable => "app_unreachable".into(),
+        }
+    }
+
+    /// The failure behind an error opening an HBONE tunnel.
+    pub fn of_hbone(e: &weft_hbone::HboneError) -> Failure {
+        match e {
+            weft_hbone::HboneError::Status(code) => Failure::HboneStatus(code.as_u16()),
+            other => Failure::Hbone(other.reason()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
+pub struct FailureLabels {
+    pub reporter: Reporter,
     pub reason: String,
 }
 
@@ -57,16 +113,14 @@ pub struct DenialLabels {
 }
 
 pub struct Metrics {
+    pub common: CommonMetrics,
     pub opened: Family<ConnectionLabels, Counter>,
     pub closed: Family<ConnectionLabels, Counter>,
     pub sent_bytes: Family<ConnectionLabels, Counter>,
     pub received_bytes: Family<ConnectionLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
-    pub handshake_failures: Family<HandshakeLabels, Counter>,
     pub denials: Family<DenialLabels, Counter>,
     pub enrolled_pods: Gauge,
-    pub config_updates: Counter,
-    pub config_rejections: Counter,
     pub active_connections: Gauge,
     registry: Registry,
 }
@@ -74,17 +128,16 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("weft");
+        let common = CommonMetrics::register(&mut registry, "ztunnel");
         let m = Metrics {
+            common,
             opened: Family::default(),
             closed: Family::default(),
             sent_bytes: Family::default(),
             received_bytes: Family::default(),
             failures: Family::default(),
-            handshake_failures: Family::default(),
             denials: Family::default(),
             enrolled_pods: Gauge::default(),
-            config_updates: Counter::default(),
-            config_rejections: Counter::default(),
             active_connections: Gauge::default(),
             registry: Registry::default(),
         };
@@ -114,11 +167,6 @@ impl Metrics {
             m.failures.clone(),
         );
         registry.register(
-            "tls_handshake_failures",
-            "Inbound mTLS handshakes rejected, by reason",
-            m.handshake_failures.clone(),
-        );
-        registry.register(
             "authorization_denials",
             "Connections denied by authorization policy",
             m.denials.clone(),
@@ -129,16 +177,6 @@ impl Metrics {
             m.enrolled_pods.clone(),
         );
         registry.register(
-            "config_updates",
-            "Mesh model versions applied",
-            m.config_updates.clone(),
-        );
-        registry.register(
-            "config_rejections",
-            "Mesh model updates rejected (the last good one stays)",
-            m.config_rejections.clone(),
-        );
-        registry.register(
             "active_connections",
             "Connections being proxied now",
             m.active_connections.clone(),
@@ -147,60 +185,99 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        weft_dataplane::metrics::encode(&self.registry)
     }
 
-    pub fn failure(&self, reporter: Reporter, reason: &str) {
+    /// Counts a failure that happened before any connection guard existed.
+    pub fn failure(&self, reporter: Reporter, failure: Failure) {
         self.failures
             .get_or_create(&FailureLabels {
                 reporter,
-                reason: reason.to_owned(),
+                reason: failure.label(),
             })
             .inc();
     }
 }
 
-/// Counts one connection: "opened" now, "closed" and the bytes on drop.
+/// One proxied connection's outcome. Created when handling starts; labels
+/// are filled in as they become known. [`ConnectionGuard::established`]
+/// counts it opened; on drop an established connection is counted closed
+/// with the bytes [`ConnectionGuard::moved`] saw, and a connection marked
+/// with [`ConnectionGuard::fail`] is counted as that failure.
 pub struct ConnectionGuard {
     metrics: Arc<Metrics>,
-    labels: ConnectionLabels,
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
+    pub labels: ConnectionLabels,
+    moved: Transferred,
+    /// The copy's second side is the client (its `up` flows back to it).
+    reversed: bool,
+    established: bool,
+    failure: Option<Failure>,
 }
 
 impl ConnectionGuard {
-    pub fn open(metrics: Arc<Metrics>, labels: ConnectionLabels) -> Self {
-        metrics.opened.get_or_create(&labels).inc();
-        metrics.active_connections.inc();
+    pub fn new(metrics: Arc<Metrics>, reporter: Reporter) -> Self {
         Self {
             metrics,
-            labels,
-            sent: AtomicU64::new(0),
-            received: AtomicU64::new(0),
+            labels: ConnectionLabels {
+                reporter,
+                ..Default::default()
+            },
+            moved: Transferred::default(),
+            reversed: false,
+            established: false,
+            failure: None,
         }
     }
 
-    pub fn record(&self, sent: u64, received: u64) {
-        self.sent.fetch_add(sent, Ordering::Relaxed);
-        self.received.fetch_add(received, Ordering::Relaxed);
+    /// The connection carries bytes from now on: counted opened.
+    pub fn established(&mut self) {
+        if !self.established {
+            self.established = true;
+            self.metrics.opened.get_or_create(&self.labels).inc();
+            self.metrics.active_connections.inc();
+        }
+    }
+
+    /// Where the copy counts its bytes (up: toward the destination).
+    pub fn moved(&self) -> &Transferred {
+        &self.moved
+    }
+
+    /// For a copy whose first side is the destination (the app, inbound):
+    /// its `down` is what was sent toward the destination.
+    pub fn reverse_direction(&mut self) {
+        self.reversed = true;
+    }
+
+    /// Bytes (sent toward the destination, received from it) so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        let (up, down) = (self.moved.up(), self.moved.down());
+        if self.reversed {
+            (down, up)
+        } else {
+            (up, down)
+        }
+    }
+
+    /// Records why the connection failed (the last call wins).
+    pub fn fail(&mut self, failure: Failure) {
+        self.failure = Some(failure);
     }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let m = &self.metrics;
-        m.active_connections.dec();
-        m.closed.get_or_create(&self.labels).inc();
-        m.sent_bytes
-            .get_or_create(&self.labels)
-            .inc_by(self.sent.load(Ordering::Relaxed));
-        m.received_bytes
-            .get_or_create(&self.labels)
-            .inc_by(self.received.load(Ordering::Relaxed));
+        if let Some(f) = self.failure {
+            m.failure(self.labels.reporter, f);
+        }
+        if self.established {
+            let (sent, received) = self.bytes();
+            m.active_connections.dec();
+            m.closed.get_or_create(&self.labels).inc();
+            m.sent_bytes.get_or_create(&self.labels).inc_by(sent);
+            m.received_bytes.get_or_create(&self.labels).inc_by(received);
+        }
     }
 }
 
@@ -208,10 +285,8 @@ impl Drop for ConnectionGuard {
 mod tests {
     use super::*;
 
-    #[test]
-    fn guard_records_once_on_drop() {
-        let m = Metrics::new();
-        let labels = ConnectionLabels {
+    fn labels() -> ConnectionLabels {
+        ConnectionLabels {
             reporter: Reporter::source,
             source_workload: "a".into(),
             source_workload_namespace: "ns".into(),
@@ -221,22 +296,64 @@ mod tests {
             destination_principal: "spiffe://cluster.local/ns/ns/sa/b".into(),
             destination_service: "b.ns".into(),
             connection_security_policy: SecurityPolicy::mutual_tls,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn guard_counts_bytes_as_they_move_even_when_the_copy_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let m = Metrics::new();
         {
-            let g = ConnectionGuard::open(m.clone(), labels.clone());
-            g.record(10, 20);
+            let mut g = ConnectionGuard::new(m.clone(), Reporter::source);
+            g.labels = labels();
+            g.established();
+            let (mut client, mut a) = tokio::io::duplex(1024);
+            let (mut b, mut server) = tokio::io::duplex(1024);
+            client.write_all(&[7u8; 10]).await.unwrap();
+            server.write_all(&[9u8; 20]).await.unwrap();
+            // Cut off (as a policy close would) once the bytes are through:
+            // neither side ever reaches EOF.
+            let copy = weft_hbone::copy_bidirectional(&mut a, &mut b, g.moved());
+            let reads = async {
+                let mut buf = [0u8; 20];
+                server.read_exact(&mut buf[..10]).await.unwrap();
+                client.read_exact(&mut buf).await.unwrap();
+            };
+            tokio::select! {
+                _ = copy => panic!("the copy cannot end"),
+                () = reads => {}
+            }
         }
         let text = m.encode();
         assert!(
             text.contains("weft_tcp_connections_opened_total{reporter=\"source\""),
             "{text}"
         );
-        assert!(
-            text.contains("weft_tcp_connections_closed_total{"),
-            "{text}"
-        );
+        assert!(text.contains("weft_tcp_connections_closed_total{"), "{text}");
         assert!(text.contains("} 10\n"), "{text}");
         assert!(text.contains("} 20\n"), "{text}");
         assert!(text.contains("weft_active_connections 0"), "{text}");
+    }
+
+    #[test]
+    fn a_failed_connection_is_counted_by_its_reason_and_never_opened() {
+        let m = Metrics::new();
+        {
+            let mut g = ConnectionGuard::new(m.clone(), Reporter::destination);
+            g.fail(Failure::AppUnreachable);
+        }
+        {
+            let mut g = ConnectionGuard::new(m.clone(), Reporter::source);
+            g.fail(Failure::of_hbone(&weft_hbone::HboneError::Status(
+                http::StatusCode::UNAUTHORIZED,
+            )));
+        }
+        let text = m.encode();
+        assert!(
+            text.contains("weft_connection_failures_total{reporter=\"destination\",reason=\"app_unreachable\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("reason=\"hbone_status_401\"} 1"), "{text}");
+        assert!(!text.contains("weft_tcp_connections_opened_total{"), "{text}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_api::Identity;
-use weft_hbone::ca::LocalCa;
+use weft_pki::LocalCa;
 use weft_hbone::{client, tls};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -51,14 +51,14 @@ async fn connect(args: &[String]) -> serde_json::Value {
     let ca = if args.iter().any(|a| a == "--foreign-ca") {
         LocalCa::generate("cluster.local").expect("generate foreign CA")
     } else {
-        LocalCa::load(&PathBuf::from(need(args, "--ca-dir"))).expect("load mesh CA")
+        LocalCa::load(&PathBuf::from(need(args, "--ca-dir")), "cluster.local").expect("load mesh CA")
     };
     let result = async {
         let cert = ca.sign(&identity, Duration::from_secs(3600))?;
         // A foreign client still trusts the real mesh root when it has one,
         // so the only thing wrong is its own certificate.
         let trust = match arg(args, "--ca-dir") {
-            Some(dir) => LocalCa::load(&PathBuf::from(dir))?.trust_bundle(),
+            Some(dir) => LocalCa::load(&PathBuf::from(dir), "cluster.local")?.trust_bundle(),
             None => ca.trust_bundle(),
         };
         let cfg = tls::client_config(&cert, &trust, &expect)?;

@@ -8,19 +8,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::StatusCode;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 use weft_api::Identity;
 use weft_ebpf_common::MARK_INBOUND;
 use weft_hbone::server::{self, InboundTunnel};
 use weft_hbone::stream::{copy_bidirectional, copy_tunnel};
-use weft_hbone::tls;
 
 use super::connections;
 use super::outbound::{finish, MODEL_WAIT};
-use super::{socket, EnrolledPod, ProxyInputs};
-use crate::metrics::{ConnectionGuard, ConnectionLabels, Reporter, SecurityPolicy};
+use super::{accept_loop, socket, EnrolledPod, ProxyInputs};
+use crate::metrics::{ConnectionGuard, ConnectionLabels, Failure, Reporter, SecurityPolicy};
 
 #[derive(Clone, Copy)]
 pub enum Kind {
@@ -31,42 +30,31 @@ pub enum Kind {
 pub async fn run(
     pi: Arc<ProxyInputs>,
     pod: Arc<EnrolledPod>,
-    listener: TcpListener,
+    listener: tokio::net::TcpListener,
     kind: Kind,
     cancel: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                // Dual-stack listeners report IPv4 peers as mapped IPv6.
-                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                let id = pi.conn_id();
-                let pod_name = format!("{}/{}", pod.namespace, pod.name);
-                match kind {
-                    Kind::Hbone => {
-                        let span = tracing::info_span!("inbound_hbone", conn = id, pod = %pod_name, src = %peer);
-                        tokio::spawn(
-                            serve_hbone(pi.clone(), pod.clone(), stream, peer).instrument(span),
-                        );
-                    }
-                    Kind::Plaintext => {
-                        let span = tracing::info_span!("inbound_plaintext", conn = id, pod = %pod_name, src = %peer);
-                        tokio::spawn(
-                            plaintext(pi.clone(), pod.clone(), stream, peer).instrument(span),
-                        );
-                    }
-                }
+    let pod_name = format!("{}/{}", pod.namespace, pod.name);
+    accept_loop(&pi, listener, cancel, "inbound", |stream, peer| {
+        // Dual-stack listeners report IPv4 peers as mapped IPv6.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let id = pi.conn_id();
+        let (pi, pod) = (pi.clone(), pod.clone());
+        let span = match kind {
+            Kind::Hbone => tracing::info_span!("inbound_hbone", conn = id, pod = %pod_name, src = %peer),
+            Kind::Plaintext => {
+                tracing::info_span!("inbound_plaintext", conn = id, pod = %pod_name, src = %peer)
             }
-            Err(e) => {
-                warn!(component = "inbound", error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        async move {
+            match kind {
+                Kind::Hbone => serve_hbone(pi, pod, stream, peer).await,
+                Kind::Plaintext => plaintext(pi, pod, stream, peer).await,
             }
         }
-    }
+        .instrument(span)
+    })
+    .await
 }
 
 async fn serve_hbone(
@@ -79,51 +67,46 @@ async fn serve_hbone(
     let my_ip = pod.ips.first().copied();
     let snap = pi
         .state
-        .load_when(MODEL_WAIT, |s| {
+        .wait_until(MODEL_WAIT, |s| {
             my_ip.is_some_and(|ip| s.workload_by_ip(ip).is_some())
         })
         .await
         .unwrap_or_else(|| pi.state.load());
     let Some(me) = my_ip.and_then(|ip| snap.workload_by_ip(ip)) else {
         pi.metrics
-            .failure(Reporter::destination, "unknown_destination_workload");
+            .failure(Reporter::destination, Failure::UnknownDestinationWorkload);
         return;
     };
     let my_identity = snap.identity(me.workload);
     drop(snap);
-    let cfg = match pi.certs.fetch(&my_identity).await {
-        Ok(cert) => match tls::server_config(&cert, &pi.certs.trust_bundle()) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(component = "inbound", error = %e, "cannot build TLS config");
-                return;
-            }
-        },
+    let cfg = match pi.tls.server(&my_identity).await {
+        Ok(cfg) => cfg,
         Err(e) => {
-            pi.metrics.failure(Reporter::destination, "no_certificate");
-            warn!(component = "inbound", identity = %my_identity, error = %e, "no certificate for pod");
+            pi.metrics
+                .failure(Reporter::destination, Failure::NoCertificate);
+            warn!(component = "inbound", identity = %my_identity, error = %e, "no TLS configuration for pod");
             return;
         }
     };
     let handler_pi = pi.clone();
     let handler_pod = pod.clone();
-    let result = server::serve(stream, cfg, &pi.h2, move |tunnel: InboundTunnel| {
-        let pi = handler_pi.clone();
-        let pod = handler_pod.clone();
-        async move { tunnel_to_app(pi, pod, tunnel, peer.ip()).await }
-    })
+    let drain = pi.drain.watcher();
+    let result = server::serve_until(
+        stream,
+        cfg,
+        &pi.h2,
+        move |tunnel: InboundTunnel| {
+            let pi = handler_pi.clone();
+            let pod = handler_pod.clone();
+            async move { tunnel_to_app(pi, pod, tunnel, peer.ip()).await }
+        },
+        async move { drain.signaled().await },
+    )
     .await;
     if let Err(e) = result {
         let reason = e.reason().as_str();
-        {
-            pi.metrics
-                .handshake_failures
-                .get_or_create(&crate::metrics::HandshakeLabels {
-                    reason: reason.to_owned(),
-                })
-                .inc();
-            warn!(component = "inbound", src = %peer, reason, error = %e, "HBONE connection rejected");
-        }
+        pi.metrics.common.handshake_failed(reason);
+        warn!(component = "inbound", src = %peer, reason, error = %e, "HBONE connection rejected");
     }
 }
 
@@ -133,25 +116,30 @@ async fn tunnel_to_app(
     tunnel: InboundTunnel,
     peer_ip: IpAddr,
 ) {
+    let mut guard = ConnectionGuard::new(pi.metrics.clone(), Reporter::destination);
     let target = tunnel.target;
     if !pod.ips.contains(&target.ip()) || weft_api::ports::is_proxy_port(target.port()) {
-        pi.metrics.failure(Reporter::destination, "bad_target");
         info!(component = "inbound", dst = %target, identity = %tunnel.peer, "CONNECT target is not this pod");
         tunnel.reject(StatusCode::BAD_REQUEST);
-        return;
+        return guard.fail(Failure::BadTarget);
     }
     let peer_identity = tunnel.peer.clone();
-    let Some(labels) = authorize(&pi, &pod, peer_ip, Some(&peer_identity), target).await else {
-        tunnel.reject(StatusCode::UNAUTHORIZED);
-        return;
-    };
+    match authorize(&pi, &pod, peer_ip, Some(&peer_identity), target).await {
+        Ok(labels) => guard.labels = labels,
+        Err(failure) => {
+            tunnel.reject(StatusCode::UNAUTHORIZED);
+            if let Some(f) = failure {
+                guard.fail(f);
+            }
+            return;
+        }
+    }
     let mut app = match connect_app(&pod, peer_ip, target).await {
         Ok(s) => s,
         Err(e) => {
-            pi.metrics.failure(Reporter::destination, "app_unreachable");
             info!(component = "inbound", dst = %target, error = %e, "app unreachable");
             tunnel.reject(StatusCode::SERVICE_UNAVAILABLE);
-            return;
+            return guard.fail(Failure::AppUnreachable);
         }
     };
     let mut stream = match tunnel.accept() {
@@ -161,14 +149,14 @@ async fn tunnel_to_app(
             return;
         }
     };
-    let guard = ConnectionGuard::open(pi.metrics.clone(), labels);
+    guard.reverse_direction();
+    guard.established();
     let reg = pi
         .connections
         .register(peer_ip, Some(peer_identity.clone()), target);
     debug!(component = "inbound", src = %peer_ip, dst = %target, identity = %peer_identity, "hbone tunnel open");
     tokio::select! {
-        // (tunnel->app, app->tunnel), the order `finish` records.
-        res = copy_tunnel(&mut app, &mut stream) => finish(&guard, res.map(|(up, down)| (down, up)), "inbound_hbone"),
+        res = copy_tunnel(&mut app, &mut stream, guard.moved()) => finish(&guard, res, "inbound_hbone"),
         _ = reg.closed_by_policy.cancelled() => {}
     }
 }
@@ -180,6 +168,7 @@ async fn plaintext(
     peer: SocketAddr,
 ) {
     let _ = client.set_nodelay(true);
+    let mut guard = ConnectionGuard::new(pi.metrics.clone(), Reporter::destination);
     // The kernel steered this connection here without rewriting it: the
     // address the client dialled is our local address.
     let target = match client.local_addr() {
@@ -187,47 +176,50 @@ async fn plaintext(
         Err(_) => return,
     };
     if !pod.ips.contains(&target.ip()) || weft_api::ports::is_proxy_port(target.port()) {
-        pi.metrics.failure(Reporter::destination, "bad_target");
-        return;
+        return guard.fail(Failure::BadTarget);
     }
-    let Some(labels) = authorize(&pi, &pod, peer.ip(), None, target).await else {
-        return;
-    };
+    match authorize(&pi, &pod, peer.ip(), None, target).await {
+        Ok(labels) => guard.labels = labels,
+        Err(failure) => {
+            if let Some(f) = failure {
+                guard.fail(f);
+            }
+            return;
+        }
+    }
     let mut app = match connect_app(&pod, peer.ip(), target).await {
         Ok(s) => s,
         Err(e) => {
-            pi.metrics.failure(Reporter::destination, "app_unreachable");
             info!(component = "inbound", dst = %target, error = %e, "app unreachable");
-            return;
+            return guard.fail(Failure::AppUnreachable);
         }
     };
-    let guard = ConnectionGuard::open(pi.metrics.clone(), labels);
+    guard.established();
     let reg = pi.connections.register(peer.ip(), None, target);
     tokio::select! {
-        res = copy_bidirectional(&mut client, &mut app) => finish(&guard, res, "inbound_plaintext"),
+        res = copy_bidirectional(&mut client, &mut app, guard.moved()) => finish(&guard, res, "inbound_plaintext"),
         _ = reg.closed_by_policy.cancelled() => {}
     }
 }
 
 /// Evaluates policy for the pod; on allow returns the metric labels of the
-/// connection, on deny counts and logs the denial.
+/// connection; on deny counts and logs the denial (`Err(None)`); a
+/// destination the model does not know is `Err(Some(failure))`.
 async fn authorize(
     pi: &ProxyInputs,
     pod: &EnrolledPod,
     src_ip: IpAddr,
     src_identity: Option<&Identity>,
     target: SocketAddr,
-) -> Option<ConnectionLabels> {
+) -> Result<ConnectionLabels, Option<Failure>> {
     let snap = pi
         .state
-        .load_when(MODEL_WAIT, |s| s.workload_by_ip(target.ip()).is_some())
+        .wait_until(MODEL_WAIT, |s| s.workload_by_ip(target.ip()).is_some())
         .await
         .unwrap_or_else(|| pi.state.load());
     let Some(dst) = snap.workload_by_ip(target.ip()) else {
-        pi.metrics
-            .failure(Reporter::destination, "unknown_destination_workload");
         warn!(component = "inbound", pod = %pod.name, dst = %target, "destination pod is not in the mesh model; refusing");
-        return None;
+        return Err(Some(Failure::UnknownDestinationWorkload));
     };
     let src = snap.workload_by_ip(src_ip);
     if let Err(refusal) = connections::check(&snap, src_ip, src_identity, target) {
@@ -241,9 +233,9 @@ async fn authorize(
             policy,
             "connection denied by policy"
         );
-        return None;
+        return Err(None);
     }
-    Some(ConnectionLabels {
+    Ok(ConnectionLabels {
         reporter: Reporter::destination,
         source_workload: src.map(|s| s.workload.name.clone()).unwrap_or_default(),
         source_workload_namespace: src

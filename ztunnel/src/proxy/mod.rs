@@ -1,25 +1,32 @@
 //! The L4 proxy: outbound capture (15001) to HBONE or passthrough, inbound
 //! HBONE (15008) and inbound plaintext (15006) to the app. Every connection
-//! runs in its own task inside a span with a connection id; everything a
-//! connection needs comes from one `ProxyInputs` bundle.
+//! runs in its own task inside a span with a connection id, holding a drain
+//! watcher; everything a connection needs comes from one `ProxyInputs`
+//! bundle.
 
 pub mod connections;
 pub mod inbound;
 pub mod outbound;
 pub mod socket;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 use weft_api::Identity;
+use weft_dataplane::certs::CertManager;
+use weft_dataplane::dial::HboneDialer;
+use weft_dataplane::drain::DrainTrigger;
+use weft_dataplane::tls::TlsConfigs;
 use weft_hbone::client::H2Settings;
-use weft_hbone::pool::Pool;
 
 use crate::capture::ebpf::Capture;
 use crate::config::Config;
-use crate::identity::CertManager;
 use crate::metrics::Metrics;
 use crate::state::MeshState;
 
@@ -37,12 +44,15 @@ pub struct PoolKey {
 pub struct ProxyInputs {
     pub cfg: Arc<Config>,
     pub state: MeshState,
-    pub certs: Arc<CertManager>,
+    pub tls: Arc<TlsConfigs>,
     pub metrics: Arc<Metrics>,
     pub capture: Arc<Capture>,
-    pub pool: Pool<PoolKey>,
+    pub dialer: HboneDialer<PoolKey>,
     pub h2: H2Settings,
     pub connections: Arc<connections::Connections>,
+    /// Hands out the drain watcher every accept loop and connection holds
+    /// until it is done.
+    pub drain: Arc<DrainTrigger>,
     next_conn_id: AtomicU64,
 }
 
@@ -53,22 +63,74 @@ impl ProxyInputs {
         certs: Arc<CertManager>,
         metrics: Arc<Metrics>,
         capture: Arc<Capture>,
+        drain: Arc<DrainTrigger>,
     ) -> Arc<Self> {
+        let tls = TlsConfigs::new(certs);
+        let h2 = H2Settings::default();
         Arc::new(Self {
-            pool: Pool::new(cfg.max_streams_per_connection, Duration::from_secs(60)),
+            dialer: HboneDialer::new(
+                tls.clone(),
+                h2.clone(),
+                cfg.max_streams_per_connection,
+                Duration::from_secs(60),
+            ),
             cfg,
             state,
-            certs,
+            tls,
             metrics,
             capture,
-            h2: H2Settings::default(),
+            h2,
             connections: Default::default(),
+            drain,
             next_conn_id: AtomicU64::new(1),
         })
     }
 
+    pub fn certs(&self) -> &Arc<CertManager> {
+        self.tls.certs()
+    }
+
     pub fn conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Accepts on one of a pod's listeners until the pod is unenrolled
+/// (`cancel`) or the ztunnel drains; each connection runs `handle` in its
+/// own task holding a drain watcher, so a drain waits for it. Returning
+/// drops the listener: new connections are refused (fail closed), never
+/// sent around the proxy.
+pub(crate) async fn accept_loop<F, Fut>(
+    pi: &ProxyInputs,
+    listener: TcpListener,
+    cancel: CancellationToken,
+    component: &'static str,
+    mut handle: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let drain = pi.drain.watcher();
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            () = drain.signaled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let connection = handle(stream, peer);
+                let holds = drain.clone();
+                tokio::spawn(async move {
+                    connection.await;
+                    drop(holds);
+                });
+            }
+            Err(e) => {
+                warn!(component, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 use weft_api::MeshModel;
 
-use crate::metrics::Metrics;
+use weft_dataplane::metrics::CommonMetrics;
+
 use crate::state::MeshState;
 
 pub fn load(path: &Path) -> anyhow::Result<MeshModel> {
@@ -24,7 +25,8 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 
 /// Watches `path` (checking its modification stamp every 200 ms) and stores
 /// each new valid model.
-pub async fn watch(path: PathBuf, state: MeshState, metrics: Arc<Metrics>) {
+pub async fn watch(path: PathBuf, state: MeshState, metrics: Arc<crate::metrics::Metrics>) {
+    let metrics: &CommonMetrics = &metrics.common;
     let mut last = stamp(&path);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -36,13 +38,9 @@ pub async fn watch(path: PathBuf, state: MeshState, metrics: Arc<Metrics>) {
         last = now;
         match load(&path) {
             Ok(model) => {
-                state.store(model);
+                let version = state.store(model);
                 metrics.config_updates.inc();
-                info!(
-                    component = "config",
-                    version = state.version(),
-                    "mesh model applied"
-                );
+                info!(component = "config", version, "mesh model applied");
             }
             Err(e) => {
                 metrics.config_rejections.inc();

@@ -1,5 +1,5 @@
-//! How the mesh model arrives: a watched file (`file`, standalone) or the
-//! controller's config stream (`grpc`); both fill the same `MeshState`.
+//! Standalone mode's model source: a watched file. (With a controller, the
+//! shared config stream of `weft_dataplane::control` fills the same
+//! `MeshState`.)
 
 pub mod file;
-pub mod grpc;
