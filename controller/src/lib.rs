@@ -11,7 +11,10 @@
 //!   `gateway_status`: Gateway and route status; `waypoint_deploy`: the
 //!   waypoints' Deployments (cluster mode, leader only)
 //! - `xds`: the config stream to ztunnels (incremental, ACK/NACK)
-//! - `ca`: the mesh CA (CSR signing, node authorization, root rotation)
+//! - `ca/`: the mesh CA on `weft-pki` (`MeshCa` in `ca/mod.rs`; root
+//!   storage in `store` and `secret_store`, callers in `auth`, the gRPC
+//!   service in `service`, root rotation in `rotation`, the gRPC port's
+//!   serving certificate in `serving`)
 
 pub mod app;
 pub mod ca;
@@ -21,9 +24,6 @@ pub mod kube_source;
 pub mod leader;
 pub mod manifests;
 pub mod model_builder;
-pub mod rotation;
-pub mod secret_store;
-pub mod serving;
 pub mod status;
 pub mod waypoint_deploy;
 pub mod xds;

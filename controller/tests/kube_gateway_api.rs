@@ -260,7 +260,7 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
     gw["metadata"]["annotations"] = json!({"weft.dev/waypoint-replicas": "2"});
     r.fake.apply(GATEWAYS, gw);
     let uid = r.fake.get(GATEWAYS, "shop", "wp").unwrap()["metadata"]["uid"].clone();
-    let root = weft_hbone::LocalCa::generate("cluster.local").unwrap();
+    let root = weft_pki::LocalCa::generate("cluster.local").unwrap();
     let (_trust_tx, trust_rx) = watch::channel(root.trust_bundle());
     let cfg = DeployConfig {
         image: "example.com/weft:test".into(),
