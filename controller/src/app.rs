@@ -23,8 +23,7 @@ use crate::ca::service::CaService;
 use crate::ca::serving::{self, ServingCertificate};
 use crate::ca::store::{DirRootStore, RootStore};
 use crate::ca::{rotation, MeshCa};
-use crate::gateway_api::GatewayApiOutput;
-use crate::model_builder::PolicyStatus;
+use crate::model::{GatewayApiOutput, PolicyStatus};
 use crate::xds::{XdsOptions, XdsServer};
 
 #[derive(clap::Args, Clone, Debug)]

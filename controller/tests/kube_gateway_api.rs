@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 use support::*;
 use tokio::sync::watch;
 use weft_api::MeshModel;
-use weft_controller::gateway_api::{GatewayApiOutput, CONTROLLER_NAME};
+use weft_controller::model::GatewayApiOutput;
+use weft_controller::reasons::CONTROLLER_NAME;
 use weft_controller::waypoint_deploy::{self, DeployConfig};
 use weft_controller::{gateway_status, kube_source};
 
