@@ -33,7 +33,7 @@ use tonic::transport::server::TcpIncoming;
 use weft_api::model::Workload;
 use weft_api::{proto, MeshModel};
 use weft_controller::manifests;
-use weft_controller::model_builder;
+use weft_controller::model;
 use weft_controller::xds::{XdsCounters, XdsOptions, XdsServer, XdsStats};
 use weft_hbone::LocalCa;
 use weft_ztunnel::ca_client::SharedTrustBundle;
@@ -560,7 +560,7 @@ async fn parent_main(args: &[String]) -> Result<()> {
     let (cluster, mut problems) = manifests::read_dir(dir.path());
     let parse_ms = ms(t.elapsed());
     let t = Instant::now();
-    let built = model_builder::build(&cluster, TRUST_DOMAIN);
+    let built = model::build(&cluster, TRUST_DOMAIN);
     let build_ms = ms(t.elapsed());
     drop(cluster);
     problems.extend(built.problems);

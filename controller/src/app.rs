@@ -17,9 +17,13 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_api::MeshModel;
 
-use crate::ca::{Authenticator, BootstrapTokens, CaService, DirRootStore, MeshCa, RootStore};
-use crate::gateway_api::GatewayApiOutput;
-use crate::model_builder::PolicyStatus;
+use crate::ca::auth::{Authenticator, BootstrapTokens, TokenReviewAuthenticator};
+use crate::ca::secret_store::{publish_trust_bundle, read_intermediate, SecretRootStore};
+use crate::ca::service::CaService;
+use crate::ca::serving::{self, ServingCertificate};
+use crate::ca::store::{DirRootStore, RootStore};
+use crate::ca::{rotation, MeshCa};
+use crate::model::{GatewayApiOutput, PolicyStatus};
 use crate::xds::{XdsOptions, XdsServer};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -160,26 +164,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             })?;
             let mut root_store: Option<Arc<dyn RootStore>> = None;
             let ca = if cfg.ca_external {
-                let (cert, key, chain) = crate::secret_store::read_intermediate(
+                let (cert, key, chain) =
+                    read_intermediate(client.clone(), &cfg.namespace, &cfg.ca_secret).await?;
+                MeshCa::from_intermediate(&cert, &key, &chain, &cfg.trust_domain)?
+            } else {
+                let store: Arc<dyn RootStore> = Arc::new(SecretRootStore::new(
                     client.clone(),
                     &cfg.namespace,
                     &cfg.ca_secret,
-                )
-                .await?;
-                MeshCa::from_intermediate(&cert, &key, &chain, &cfg.trust_domain)?
-            } else {
-                let store: Arc<dyn RootStore> =
-                    Arc::new(crate::secret_store::SecretRootStore::new(
-                        client.clone(),
-                        &cfg.namespace,
-                        &cfg.ca_secret,
-                    ));
+                ));
                 root_store = Some(store.clone());
                 MeshCa::load_or_generate(store, &cfg.trust_domain).await?
             };
-            let auth =
-                crate::ca::TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()])
-                    .with_node_agents([format!("{}/weft-ztunnel", cfg.namespace).as_str()]);
+            let auth = TokenReviewAuthenticator::new(client.clone(), vec!["weft-ca".into()])
+                .with_node_agents([format!("{}/weft-ztunnel", cfg.namespace).as_str()]);
             let td = cfg.trust_domain.clone();
             let (tx, stx, gtx) = (model_tx.clone(), status_tx.clone(), gateway_tx.clone());
             let kube = client.clone();
@@ -188,7 +186,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     warn!(component = "kube", error = %e, "Kubernetes source ended");
                 }
             });
-            tokio::spawn(crate::secret_store::publish_trust_bundle(
+            tokio::spawn(publish_trust_bundle(
                 client.clone(),
                 cfg.namespace.clone(),
                 cfg.ca_configmap.clone(),
@@ -253,7 +251,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.root_overlap
             );
         }
-        tokio::spawn(crate::rotation::run(
+        tokio::spawn(rotation::run(
             ca.clone(),
             store,
             is_leader,
@@ -298,7 +296,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ];
     dns.extend(cfg.serving_dns.iter().cloned());
     // Renewed at two thirds of its life and when the root rotates.
-    let serving = crate::serving::ServingCertificate::issue(ca.clone(), dns, cfg.serving_cert_ttl)?;
+    let serving = ServingCertificate::issue(ca.clone(), dns, cfg.serving_cert_ttl)?;
     let tls = serving.server_config()?;
     tokio::spawn(serving.renew_forever());
     let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
@@ -319,7 +317,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(xds.into_service())
         .add_service(ca_service.into_service())
-        .serve_with_incoming_shutdown(crate::serving::incoming(grpc_listener, tls), shutdown)
+        .serve_with_incoming_shutdown(serving::incoming(grpc_listener, tls), shutdown)
         .await
         .map_err(|e| anyhow::anyhow!("gRPC server on {}: {e}", cfg.grpc_addr))?;
     info!(component = "controller", "shut down");

@@ -21,9 +21,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use weft_api::crd::{self, Condition, GRPCRoute, Gateway, HTTPRoute};
 
-use crate::gateway_api::{
-    Cond, GatewayApiOutput, GatewayStatus, RouteKind, RouteStatus, CONTROLLER_NAME,
-};
+use crate::model::gateway_api::{Cond, GatewayApiOutput, GatewayStatus, RouteKind, RouteStatus};
+use crate::reasons::{CONTROLLER_NAME, FIELD_MANAGER};
 use crate::status::{same_condition, RETRY};
 
 /// `metav1.Condition`s for `conds`, keeping each one's
@@ -125,7 +124,7 @@ pub async fn run(
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
-            controller: crate::status::CONTROLLER_NAME.to_owned(),
+            controller: FIELD_MANAGER.to_owned(),
             instance: Some(instance),
         },
     );

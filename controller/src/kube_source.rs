@@ -1,7 +1,7 @@
 //! The cluster state from the API server: one kube-rs reflector (watcher
 //! with the default backoff, relisting after `410 Gone`) per watched kind,
 //! all feeding one `ClusterState`. Any change wakes a debounced rebuild
-//! through `model_builder::build`; the model is published only when it
+//! through `model::build`; the model is published only when it
 //! changed. Nothing here polls the API server.
 
 use std::fmt::Debug;
@@ -23,8 +23,7 @@ use weft_api::crd::{
 };
 use weft_api::MeshModel;
 
-use crate::gateway_api::GatewayApiOutput;
-use crate::model_builder::{self, ClusterState, PolicyStatus};
+use crate::model::{self, ClusterState, GatewayApiOutput, PolicyStatus};
 
 /// Changes arriving within this window are folded into one rebuild.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -134,7 +133,7 @@ pub async fn run(
         wait_ready(&stores).await?;
         tracing::info!(component = "kube_source", "initial lists done");
         loop {
-            let built = model_builder::build(&stores.snapshot(), &trust_domain);
+            let built = model::build(&stores.snapshot(), &trust_domain);
             for p in &built.problems {
                 tracing::debug!(component = "kube_source", problem = %p, "cluster state problem");
             }

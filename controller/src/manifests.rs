@@ -1,7 +1,7 @@
 //! The embedded mode: the cluster state read from a folder of Kubernetes
 //! manifests (as `kubectl get -o yaml` would show the objects, pods with
 //! `spec.nodeName` and `status.podIPs`) instead of an API server, fed
-//! through the same `model_builder::build`. Used by the demo and the tests.
+//! through the same `model::build`. Used by the demo and the tests.
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file under the folder is read
 //! (multi-document; a `kind: List` is unpacked). A malformed file or
@@ -16,8 +16,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use weft_api::MeshModel;
 
-use crate::gateway_api::GatewayApiOutput;
-use crate::model_builder::{self, BuildOutput, ClusterState, PolicyStatus};
+use crate::model::{self, BuildOutput, ClusterState, GatewayApiOutput, PolicyStatus};
 
 /// How often the folder is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -26,7 +25,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// documents come first in `problems`, then the builder's own.
 pub fn load(dir: &Path, trust_domain: &str) -> BuildOutput {
     let (state, mut problems) = read_dir(dir);
-    let mut out = model_builder::build(&state, trust_domain);
+    let mut out = model::build(&state, trust_domain);
     problems.append(&mut out.problems);
     out.problems = problems;
     out

@@ -22,12 +22,9 @@ use weft_api::crd::{
     AuthorizationPolicy, Condition, PeerAuthentication, PolicyConditions, TrafficPolicy,
 };
 
-use crate::model_builder::{PolicyKind, PolicyStatus};
+use crate::model::{PolicyKind, PolicyStatus};
+use crate::reasons::{ACCEPTED, FIELD_MANAGER};
 
-/// Condition type the controller owns.
-pub const ACCEPTED: &str = "Accepted";
-/// Field manager / reporting controller name.
-pub const CONTROLLER_NAME: &str = "weft-controller";
 /// Failed writes are retried this often.
 pub const RETRY: Duration = Duration::from_secs(5);
 
@@ -91,7 +88,7 @@ pub async fn run(
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
-            controller: CONTROLLER_NAME.to_owned(),
+            controller: FIELD_MANAGER.to_owned(),
             instance: Some(instance),
         },
     );

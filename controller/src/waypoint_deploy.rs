@@ -21,8 +21,9 @@ use tokio::sync::watch;
 use weft_api::model::GATEWAY_NAME_LABEL;
 use weft_api::ports;
 
-use crate::gateway_api::{GatewayApiOutput, WaypointDeployment};
-use crate::status::{CONTROLLER_NAME, RETRY};
+use crate::model::gateway_api::{GatewayApiOutput, WaypointDeployment};
+use crate::reasons::FIELD_MANAGER;
+use crate::status::RETRY;
 
 /// What every waypoint Deployment shares.
 #[derive(Clone, Debug)]
@@ -35,7 +36,7 @@ pub struct DeployConfig {
     pub trust_domain: String,
     /// The mesh roots: published in each waypoint namespace (ConfigMap
     /// `weft-ca-root-cert`) so the waypoint can verify the controller.
-    pub trust: watch::Receiver<weft_hbone::TrustBundle>,
+    pub trust: watch::Receiver<weft_pki::TrustBundle>,
 }
 
 /// ConfigMap (in each waypoint's namespace) holding the mesh root.
@@ -50,7 +51,7 @@ fn labels(name: &str) -> Value {
         GATEWAY_NAME_LABEL: name,
         "app.kubernetes.io/name": name,
         "app.kubernetes.io/component": "waypoint",
-        "app.kubernetes.io/managed-by": CONTROLLER_NAME,
+        "app.kubernetes.io/managed-by": FIELD_MANAGER,
     })
 }
 
@@ -181,7 +182,7 @@ pub fn root_config_map(namespace: &str, pem: &str) -> Value {
         "metadata": {
             "name": ROOT_CONFIGMAP,
             "namespace": namespace,
-            "labels": { "app.kubernetes.io/managed-by": CONTROLLER_NAME },
+            "labels": { "app.kubernetes.io/managed-by": FIELD_MANAGER },
         },
         "data": { "root-cert.pem": pem },
     })
@@ -192,7 +193,7 @@ async fn apply_one(
     w: &WaypointDeployment,
     cfg: &DeployConfig,
 ) -> Result<(), kube::Error> {
-    let pp = PatchParams::apply(CONTROLLER_NAME).force();
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
     let ns = &w.namespace;
     let pem = cfg.trust.borrow().to_pem();
     Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)

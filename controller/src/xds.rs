@@ -37,9 +37,9 @@ use weft_api::proto::{
     self, ConfigUpdate, Keyed, Removals, ResourceKey, Resources, ResumePoint, SubscribeRequest,
 };
 use weft_api::MeshModel;
-use weft_hbone::TrustBundle;
+use weft_pki::TrustBundle;
 
-use crate::ca::{authenticate, Authenticator};
+use crate::ca::auth::{authenticate, Authenticator};
 
 /// How many past versions are remembered for resuming clients.
 pub const DEFAULT_HISTORY: usize = 64;

@@ -12,8 +12,9 @@ use tonic::Code;
 use weft_api::proto::ca_client::CaClient;
 use weft_api::proto::CreateCertificateRequest;
 use weft_api::{Identity, MeshModel};
-use weft_controller::ca::{BootstrapTokens, CaService, Csr, DirRootStore, MeshCa, RootStore};
-use weft_hbone::{TrustBundle, WorkloadCert};
+use weft_controller::ca::service::CaService;
+use weft_controller::ca::{BootstrapTokens, Csr, DirRootStore, MeshCa, RootStore};
+use weft_pki::{TrustBundle, WorkloadCert};
 
 const MODEL: &str = r#"
 workloads:
@@ -133,7 +134,7 @@ async fn ca_node_gets_a_chain_for_its_pod_that_verifies_against_the_bundle() {
     let server = issue(&h.ca, &pay());
     assert!(mtls_ok(&cert, &server, &bundle).await);
     // And not against some other CA.
-    let stranger = weft_hbone::LocalCa::generate("cluster.local")
+    let stranger = weft_pki::LocalCa::generate("cluster.local")
         .unwrap()
         .trust_bundle();
     assert!(!mtls_ok(&cert, &server, &stranger).await);

@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde_json::json;
 use support::*;
 use tokio::sync::watch;
+use weft_controller::ca::secret_store::SecretRootStore;
 use weft_controller::ca::{MeshCa, RootStore, ROTATE_ANNOTATION};
-use weft_controller::secret_store::SecretRootStore;
 
 const NS: &str = "weft-system";
 const SECRET: &str = "weft-ca-root";
@@ -42,13 +42,13 @@ async fn kube_annotation_rotates_the_root_on_every_replica_then_retires_the_old_
     let overlap = Duration::from_secs(3);
     let (_leading, is_leader) = watch::channel(true);
     let (_following, not_leader) = watch::channel(false);
-    tokio::spawn(weft_controller::rotation::run(
+    tokio::spawn(weft_controller::ca::rotation::run(
         leader.clone(),
         leader_store,
         is_leader,
         overlap,
     ));
-    tokio::spawn(weft_controller::rotation::run(
+    tokio::spawn(weft_controller::ca::rotation::run(
         follower.clone(),
         follower_store,
         not_leader,

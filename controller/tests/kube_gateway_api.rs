@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 use support::*;
 use tokio::sync::watch;
 use weft_api::MeshModel;
-use weft_controller::gateway_api::{GatewayApiOutput, CONTROLLER_NAME};
+use weft_controller::model::GatewayApiOutput;
+use weft_controller::reasons::CONTROLLER_NAME;
 use weft_controller::waypoint_deploy::{self, DeployConfig};
 use weft_controller::{gateway_status, kube_source};
 
@@ -260,7 +261,7 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
     gw["metadata"]["annotations"] = json!({"weft.dev/waypoint-replicas": "2"});
     r.fake.apply(GATEWAYS, gw);
     let uid = r.fake.get(GATEWAYS, "shop", "wp").unwrap()["metadata"]["uid"].clone();
-    let root = weft_hbone::LocalCa::generate("cluster.local").unwrap();
+    let root = weft_pki::LocalCa::generate("cluster.local").unwrap();
     let (_trust_tx, trust_rx) = watch::channel(root.trust_bundle());
     let cfg = DeployConfig {
         image: "example.com/weft:test".into(),

@@ -13,9 +13,9 @@ use serde_json::json;
 use support::*;
 use tokio::sync::watch;
 use weft_api::MeshModel;
-use weft_controller::gateway_api::GatewayApiOutput;
 use weft_controller::kube_source;
-use weft_controller::model_builder::{reasons, PolicyStatus};
+use weft_controller::model::{GatewayApiOutput, PolicyStatus};
+use weft_controller::reasons;
 
 struct Running {
     fake: FakeApi,

@@ -13,7 +13,8 @@ use serde_json::json;
 use support::*;
 use tokio::sync::watch;
 use weft_controller::leader::{self, LeaderConfig};
-use weft_controller::model_builder::{reasons, PolicyKind, PolicyStatus};
+use weft_controller::model::{PolicyKind, PolicyStatus};
+use weft_controller::reasons;
 use weft_controller::status;
 
 fn policy(name: &str) -> serde_json::Value {

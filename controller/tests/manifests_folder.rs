@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use weft_api::model::{MtlsMode, PolicyAction, ServicePort};
 use weft_api::MeshModel;
 use weft_controller::manifests;
-use weft_controller::model_builder::reasons;
+use weft_controller::reasons;
 
 const CLUSTER: &str = r#"
 apiVersion: v1

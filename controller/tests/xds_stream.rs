@@ -13,7 +13,7 @@ use weft_api::proto::{ConfigUpdate, ResourceKey, ResumePoint, SubscribeRequest};
 use weft_api::MeshModel;
 use weft_controller::ca::BootstrapTokens;
 use weft_controller::xds::{XdsOptions, XdsServer};
-use weft_hbone::{LocalCa, TrustBundle};
+use weft_pki::{LocalCa, TrustBundle};
 
 const MODEL: &str = r#"
 namespaces:

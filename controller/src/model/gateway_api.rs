@@ -1,8 +1,8 @@
-//! Gateway API (`Gateway`, `HTTPRoute`, `GRPCRoute`) and the `weft.dev`
-//! TrafficPolicy in, the L7 part of the mesh model out, with the status
-//! Gateway API says their controller owes them and the waypoint
-//! Deployments to run. Pure, like the rest of `model_builder`: equal inputs
-//! give equal outputs, sorted by namespace/name.
+//! Gateway API (`Gateway`, `HTTPRoute`, `GRPCRoute`) in: the waypoints,
+//! the L7 routes of the mesh model, the status Gateway API says their
+//! controller owes them, and the waypoint Deployments to run. Pure, like
+//! the rest of `model`: equal inputs give equal outputs, sorted by
+//! namespace/name.
 //!
 //! A route rule the waypoint could not apply faithfully (a bad duration, an
 //! unknown filter) is dropped and reported, never half applied.
@@ -14,29 +14,12 @@ use serde::{Deserialize, Serialize};
 use weft_api::crd;
 use weft_api::model::{self, GATEWAY_NAME_LABEL};
 
-use crate::model_builder::{by_key, ClusterState};
+use super::cluster::{by_key, ns_name, parse_duration_ms, ClusterState};
+use crate::reasons;
 
-/// `controllerName` in route status: Gateway API's name for who wrote it.
-pub const CONTROLLER_NAME: &str = "weft.dev/waypoint-controller";
 /// Annotation on a waypoint Gateway: replicas of its Deployment.
 pub const REPLICAS_ANNOTATION: &str = "weft.dev/waypoint-replicas";
 const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
-
-/// Condition types and reasons from the Gateway API spec.
-pub mod reasons {
-    pub const ACCEPTED: &str = "Accepted";
-    pub const PROGRAMMED: &str = "Programmed";
-    pub const RESOLVED_REFS: &str = "ResolvedRefs";
-    pub const PARTIALLY_INVALID: &str = "PartiallyInvalid";
-    pub const PENDING: &str = "Pending";
-    pub const NO_RESOURCES: &str = "NoResources";
-    pub const NO_MATCHING_PARENT: &str = "NoMatchingParent";
-    pub const NOT_ALLOWED_BY_LISTENERS: &str = "NotAllowedByListeners";
-    pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
-    pub const BACKEND_NOT_FOUND: &str = "BackendNotFound";
-    pub const INVALID_KIND: &str = "InvalidKind";
-    pub const REF_NOT_PERMITTED: &str = "RefNotPermitted";
-}
 
 /// One condition as the builder decides it (`lastTransitionTime` is the
 /// writer's business).
@@ -126,46 +109,6 @@ pub struct GatewayApiOutput {
     pub deployments: Vec<WaypointDeployment>,
 }
 
-/// Parses a Gateway API duration (`^([0-9]{1,5}(h|m|s|ms)){1,4}$`, e.g.
-/// `10s`, `500ms`, `1h30m`) into milliseconds.
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let bad = || {
-        format!("{s:?} is not a Gateway API duration (up to four parts like 1h, 30m, 10s, 500ms)")
-    };
-    let mut rest = s;
-    let mut total = 0u64;
-    let mut parts = 0;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 5 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let (unit_ms, len) = if rest.starts_with("ms") {
-            (1, 2)
-        } else if rest.starts_with('h') {
-            (3_600_000, 1)
-        } else if rest.starts_with('m') {
-            (60_000, 1)
-        } else if rest.starts_with('s') {
-            (1_000, 1)
-        } else {
-            return Err(bad());
-        };
-        rest = &rest[len..];
-        total += n * unit_ms;
-        parts += 1;
-        if parts > 4 {
-            return Err(bad());
-        }
-    }
-    if parts == 0 {
-        return Err(bad());
-    }
-    Ok(total)
-}
-
 fn parse_opt_duration(s: &Option<String>) -> Result<Option<u64>, String> {
     s.as_deref().map(parse_duration_ms).transpose()
 }
@@ -188,23 +131,39 @@ pub fn build_waypoints(state: &ClusterState) -> Vec<model::Waypoint> {
         .collect()
 }
 
-/// The waypoint a Service's traffic goes through: its own
-/// `weft.dev/use-waypoint` label, else its namespace's; `none` opts out. A
-/// waypoint's own Service never goes through a waypoint.
-pub fn service_waypoint(
-    service_labels: &BTreeMap<String, String>,
-    namespace_labels: Option<&BTreeMap<String, String>>,
-) -> Option<String> {
-    if service_labels.contains_key(GATEWAY_NAME_LABEL) {
-        return None;
-    }
-    let label = service_labels
-        .get(model::USE_WAYPOINT_LABEL)
-        .or_else(|| namespace_labels.and_then(|l| l.get(model::USE_WAYPOINT_LABEL)))?;
-    if label == "none" || label.is_empty() {
-        None
-    } else {
-        Some(label.clone())
+/// `weft.dev/use-waypoint` must name a waypoint Gateway of the namespace.
+pub(crate) fn check_waypoints(state: &ClusterState, problems: &mut BTreeSet<String>) {
+    const USE_WAYPOINT: &str = model::USE_WAYPOINT_LABEL;
+    let waypoints: BTreeSet<(String, String)> = state
+        .gateways
+        .iter()
+        .filter(|g| is_waypoint(g))
+        .map(|g| ns_name(g.as_ref()))
+        .collect();
+    let users = state
+        .namespaces
+        .iter()
+        .map(|n| {
+            (
+                "namespace",
+                n.name_any(),
+                n.name_any(),
+                n.labels().get(USE_WAYPOINT),
+            )
+        })
+        .chain(state.services.iter().map(|s| {
+            let (ns, name) = ns_name(s.as_ref());
+            ("service", ns, name, s.labels().get(USE_WAYPOINT))
+        }));
+    for (what, ns, name, gw) in users {
+        if let Some(gw) = gw.filter(|g| *g != "none") {
+            if !waypoints.contains(&(ns.clone(), gw.clone())) {
+                problems.insert(format!(
+                    "{what} {name}: {USE_WAYPOINT}={gw} but namespace {ns} has no Gateway {gw:?} of class {}; its traffic is refused until there is one",
+                    crd::WAYPOINT_GATEWAY_CLASS
+                ));
+            }
+        }
     }
 }
 
@@ -1016,477 +975,4 @@ pub fn build_gateways(
         }
     }
     (statuses, deployments)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::*;
-    use crate::model_builder::{build, reasons as policy_reasons, PolicyKind};
-
-    fn obj<T: serde::de::DeserializeOwned>(yaml: &str) -> Arc<T> {
-        Arc::new(serde_yaml::from_str(yaml).unwrap())
-    }
-
-    fn svc(name: &str, ip: &str, labels: &str) -> Arc<k8s_openapi::api::core::v1::Service> {
-        obj(&format!(
-            "metadata: {{name: {name}, namespace: shop, labels: {{{labels}}}}}\nspec: {{clusterIP: {ip}, selector: {{app: {name}}}, ports: [{{port: 80, targetPort: 8080}}]}}"
-        ))
-    }
-
-    /// Namespace `shop` sends its traffic through waypoint `wp`.
-    fn state() -> ClusterState {
-        ClusterState {
-            namespaces: vec![obj(
-                "metadata: {name: shop, labels: {weft.dev/dataplane-mode: ambient, weft.dev/use-waypoint: wp}}",
-            )],
-            services: vec![
-                svc("web", "10.96.0.10", ""),
-                svc("db", "10.96.0.11", "weft.dev/use-waypoint: none"),
-                svc("api", "10.96.0.12", "weft.dev/use-waypoint: elsewhere"),
-                svc("web-v2", "10.96.0.13", ""),
-                svc("wp", "10.96.0.99", "gateway.networking.k8s.io/gateway-name: wp"),
-            ],
-            gateways: vec![
-                obj("metadata: {name: wp, namespace: shop, uid: gw-uid, generation: 2, annotations: {weft.dev/waypoint-replicas: '3'}}\nspec: {gatewayClassName: weft-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}"),
-                obj("metadata: {name: edge, namespace: shop, uid: e}\nspec: {gatewayClassName: other, listeners: []}"),
-            ],
-            ..Default::default()
-        }
-    }
-
-    fn route(yaml_rules: &str, parent: &str) -> Arc<crd::HTTPRoute> {
-        obj(&format!(
-            "metadata: {{name: r, namespace: shop, generation: 4, creationTimestamp: '2024-05-01T10:00:00Z'}}\nspec:\n  parentRefs: [{parent}]\n  rules:\n{yaml_rules}"
-        ))
-    }
-
-    fn cond<'a>(p: &'a RouteParentStatus, type_: &str) -> Option<&'a Cond> {
-        p.conditions.iter().find(|c| c.type_ == type_)
-    }
-
-    #[test]
-    fn durations_follow_the_gateway_api_format() {
-        assert_eq!(parse_duration_ms("10s"), Ok(10_000));
-        assert_eq!(parse_duration_ms("500ms"), Ok(500));
-        assert_eq!(parse_duration_ms("1h30m"), Ok(5_400_000));
-        assert_eq!(parse_duration_ms("1h1m1s1ms"), Ok(3_661_001));
-        assert_eq!(parse_duration_ms("0s"), Ok(0));
-        for bad in [
-            "",
-            "10",
-            "s",
-            "1.5s",
-            "123456s",
-            "1h1m1s1ms1h",
-            "10 s",
-            "-1s",
-            "1d",
-        ] {
-            let e = parse_duration_ms(bad).unwrap_err();
-            assert!(e.contains("Gateway API duration"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn waypoints_and_use_waypoint_inheritance() {
-        let out = build(&state(), "cluster.local");
-        let m = &out.model;
-        assert_eq!(
-            m.waypoints,
-            [model::Waypoint {
-                name: "wp".into(),
-                namespace: "shop".into(),
-                service_account: "wp".into(),
-            }]
-        );
-        let wp_of = |n: &str| {
-            m.services
-                .iter()
-                .find(|s| s.name == n)
-                .unwrap()
-                .waypoint
-                .clone()
-        };
-        assert_eq!(
-            wp_of("web").as_deref(),
-            Some("wp"),
-            "inherited from the namespace"
-        );
-        assert_eq!(wp_of("db"), None, "`none` opts out");
-        assert_eq!(wp_of("wp"), None, "a waypoint does not go through itself");
-        // A missing waypoint is kept (fail closed) and reported.
-        assert_eq!(wp_of("api").as_deref(), Some("elsewhere"));
-        assert!(
-            out.problems
-                .iter()
-                .any(|p| p.contains("service api") && p.contains("no Gateway \"elsewhere\"")),
-            "{:?}",
-            out.problems
-        );
-        assert!(!out.problems.iter().any(|p| p.contains("service db")));
-    }
-
-    #[test]
-    fn http_route_converts_with_durations_filters_and_status() {
-        let mut st = state();
-        st.http_routes = vec![route(
-            r#"
-    - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-v, value: "2"}], method: get}]
-      filters:
-        - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}], remove: [c]}}
-        - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}
-      backendRefs: [{name: web-v2, port: 80, weight: 90}, {name: ghost, port: 80, weight: 10}]
-      timeouts: {request: 10s, backendRequest: 500ms}
-      retry: {codes: [503], attempts: 2, backoff: 100ms}
-    - backendRefs: [{name: web, port: 80}]
-      timeouts: {request: 10 seconds}
-    - backendRefs: [{group: example.com, kind: Bucket, name: b}]
-"#,
-            "{group: '', kind: Service, name: web, port: 80}",
-        )];
-        let out = build(&st, "cluster.local");
-        let r = &out.model.http_routes[0];
-        assert_eq!(r.created, "2024-05-01T10:00:00Z");
-        assert_eq!(
-            r.parents,
-            [model::ParentRef {
-                kind: model::ParentKind::Service,
-                namespace: String::new(),
-                name: "web".into(),
-                port: Some(80),
-            }]
-        );
-        assert_eq!(r.rules.len(), 2, "the rule with a bad duration is dropped");
-        let rule = &r.rules[0];
-        assert_eq!(
-            rule.matches[0].path,
-            Some(model::PathMatch::PathPrefix("/api".into()))
-        );
-        assert_eq!(rule.matches[0].method.as_deref(), Some("GET"));
-        assert_eq!(
-            rule.timeouts,
-            Some(model::Timeouts {
-                request_ms: Some(10_000),
-                backend_request_ms: Some(500)
-            })
-        );
-        let retry = rule.retry.as_ref().unwrap();
-        assert_eq!(
-            (retry.codes.as_slice(), retry.attempts, retry.backoff_ms),
-            (&[503u16][..], 2, Some(100))
-        );
-        assert_eq!(rule.filters.len(), 2);
-        assert!(matches!(
-            &rule.filters[1],
-            model::HttpFilter::UrlRewrite(model::UrlRewrite { path: Some(model::PathModifier::ReplacePrefixMatch(p)), .. }) if p == "/v2"
-        ));
-        // A missing backend stays (its share answers 500); a non-Service is dropped.
-        let names: Vec<(&str, u32)> = rule
-            .backends
-            .iter()
-            .map(|b| (b.backend.name.as_str(), b.weight))
-            .collect();
-        assert_eq!(names, [("web-v2", 90), ("ghost", 10)]);
-        assert!(r.rules[1].backends.is_empty());
-
-        let status = &out.gateway_api.routes[0];
-        assert_eq!(
-            (status.kind, status.observed_generation),
-            (RouteKind::HTTPRoute, Some(4))
-        );
-        let p = &status.parents[0];
-        let accepted = cond(p, reasons::ACCEPTED).unwrap();
-        assert!(accepted.status);
-        let resolved = cond(p, reasons::RESOLVED_REFS).unwrap();
-        assert!(!resolved.status);
-        assert_eq!(resolved.reason, reasons::BACKEND_NOT_FOUND);
-        assert!(resolved.message.contains("shop/ghost") && resolved.message.contains("Bucket"));
-        let partial = cond(p, reasons::PARTIALLY_INVALID).unwrap();
-        assert!(partial.message.contains("rule 1") && partial.message.contains("timeouts.request"));
-        assert!(out
-            .problems
-            .iter()
-            .any(|p| p.contains("HTTPRoute shop/r rule 1")));
-    }
-
-    #[test]
-    fn redirect_status_codes_core_and_extended() {
-        let mut st = state();
-        st.http_routes = vec![route(
-            r#"
-    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 308, scheme: https}}]
-    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 303}}]
-    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 305}}]
-"#,
-            "{group: '', kind: Service, name: web, port: 80}",
-        )];
-        let out = build(&st, "cluster.local");
-        let codes: Vec<Option<u16>> = out.model.http_routes[0]
-            .rules
-            .iter()
-            .map(|r| match &r.filters[0] {
-                model::HttpFilter::RequestRedirect(rr) => rr.status_code,
-                other => panic!("not a redirect: {other:?}"),
-            })
-            .collect();
-        assert_eq!(codes, [Some(308), Some(303)], "305 is no redirect code");
-        let partial = cond(
-            &out.gateway_api.routes[0].parents[0],
-            reasons::PARTIALLY_INVALID,
-        )
-        .unwrap();
-        assert!(
-            partial.message.contains("rule 2") && partial.message.contains("305"),
-            "{}",
-            partial.message
-        );
-    }
-
-    #[test]
-    fn route_parents_without_a_waypoint_are_not_matched() {
-        let mut st = state();
-        st.http_routes = vec![
-            route("    - backendRefs: [{name: db, port: 80}]\n", "{kind: Service, group: '', name: db}"),
-            obj("metadata: {name: ghost-parent, namespace: shop}\nspec: {parentRefs: [{kind: Service, group: '', name: nope}], rules: []}"),
-            obj("metadata: {name: other-gw, namespace: shop}\nspec: {parentRefs: [{name: edge}], rules: []}"),
-            obj("metadata: {name: to-wp, namespace: shop}\nspec: {parentRefs: [{name: wp}], rules: [{backendRefs: [{kind: Pod, name: p}]}]}"),
-            obj("metadata: {name: far, namespace: other}\nspec: {parentRefs: [{name: wp, namespace: shop}], rules: []}"),
-        ];
-        let out = build(&st, "cluster.local");
-        let names: Vec<&str> = out
-            .model
-            .http_routes
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect();
-        assert_eq!(names, ["to-wp"]);
-        let by_name = |n: &str| out.gateway_api.routes.iter().find(|r| r.name == n);
-        let accepted = |n: &str| {
-            cond(&by_name(n).unwrap().parents[0], reasons::ACCEPTED)
-                .unwrap()
-                .clone()
-        };
-        let a = accepted("r");
-        assert_eq!(
-            (a.status, a.reason.as_str()),
-            (false, reasons::NO_MATCHING_PARENT)
-        );
-        assert!(a.message.contains("does not use a waypoint"));
-        assert!(accepted("ghost-parent").message.contains("does not exist"));
-        assert!(
-            by_name("other-gw").is_none(),
-            "another class's Gateway: not our status to write"
-        );
-        assert_eq!(accepted("far").reason, reasons::NOT_ALLOWED_BY_LISTENERS);
-        let resolved = cond(
-            &by_name("to-wp").unwrap().parents[0],
-            reasons::RESOLVED_REFS,
-        )
-        .unwrap();
-        assert_eq!(resolved.reason, reasons::INVALID_KIND);
-        assert_eq!(
-            out.model.http_routes[0].parents[0].kind,
-            model::ParentKind::Gateway
-        );
-    }
-
-    #[test]
-    fn grpc_route_converts() {
-        let mut st = state();
-        st.grpc_routes = vec![obj(r#"
-metadata: {name: g, namespace: shop}
-spec:
-  parentRefs: [{group: "", kind: Service, name: web}]
-  rules:
-    - matches: [{method: {service: shop.Cart, method: Add}, headers: [{type: RegularExpression, name: x, value: "a.*"}]}]
-      filters: [{type: RequestMirror, requestMirror: {backendRef: {name: web-v2, port: 80}, fraction: {numerator: 1, denominator: 4}}}]
-      backendRefs: [{name: web, port: 80}]
-    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 301}}]
-"#)];
-        let out = build(&st, "cluster.local");
-        let g = &out.model.grpc_routes[0];
-        assert_eq!(g.rules.len(), 1, "redirects are not gRPC");
-        let m = g.rules[0].matches[0].method.as_ref().unwrap();
-        assert_eq!(
-            (m.service.as_str(), m.method.as_str()),
-            ("shop.Cart", "Add")
-        );
-        assert_eq!(
-            g.rules[0].matches[0].headers[0].kind,
-            model::MatchType::RegularExpression
-        );
-        assert!(matches!(
-            &g.rules[0].filters[0],
-            model::HttpFilter::RequestMirror(model::RequestMirror { percent: Some(25), backend }) if backend.name == "web-v2"
-        ));
-        assert_eq!(out.gateway_api.routes[0].kind, RouteKind::GRPCRoute);
-    }
-
-    #[test]
-    fn traffic_policy_converts_and_bad_ones_are_rejected() {
-        let mut st = state();
-        st.traffic_policies = vec![
-            obj(r#"
-metadata: {name: resilient, namespace: shop}
-spec:
-  targetRef: {kind: Service, name: web}
-  retryBudget: {percent: 30}
-  outlierDetection: {consecutive5xx: 3, baseEjectionTime: 10s}
-  limits: {maxRequests: 100}
-  fault: {delay: {percent: 10, fixedDelay: 250ms}, abort: {percent: 5, httpStatus: 503}}
-  rateLimit: {requests: 100, period: 1s, key: {type: Header, header: x-user}}
-"#),
-            obj("metadata: {name: bad, namespace: shop}\nspec: {targetRef: {kind: Service, name: web}, rateLimit: {requests: 1, period: 1sec}}"),
-            obj("metadata: {name: nowp, namespace: shop}\nspec: {targetRef: {kind: Service, name: db}}"),
-        ];
-        let out = build(&st, "cluster.local");
-        let tp: Vec<&model::TrafficPolicy> = out.model.traffic_policies.iter().collect();
-        assert_eq!(tp.len(), 2);
-        let r = tp.iter().find(|t| t.name == "resilient").unwrap();
-        assert_eq!(r.target, "web");
-        assert_eq!(r.retry_budget.as_ref().unwrap().percent, 30);
-        assert_eq!(r.retry_budget.as_ref().unwrap().min_retries_per_second, 10);
-        let od = r.outlier_detection.as_ref().unwrap();
-        assert_eq!(
-            (
-                od.consecutive_5xx,
-                od.base_ejection_ms,
-                od.max_ejection_percent
-            ),
-            (3, 10_000, 50)
-        );
-        assert_eq!(
-            r.fault.as_ref().unwrap().delay.as_ref().unwrap().delay_ms,
-            250
-        );
-        let rl = r.rate_limit.as_ref().unwrap();
-        assert_eq!(
-            (rl.period_ms, &rl.key),
-            (1000, &model::RateLimitKey::Header("x-user".into()))
-        );
-        let status: Vec<(&str, bool, &str)> = out
-            .policy_status
-            .iter()
-            .filter(|s| s.kind == PolicyKind::TrafficPolicy)
-            .map(|s| (s.name.as_str(), s.accepted, s.reason.as_str()))
-            .collect();
-        assert_eq!(
-            status,
-            [
-                ("bad", false, policy_reasons::INVALID_VALUE),
-                ("nowp", false, policy_reasons::NO_WAYPOINT),
-                ("resilient", true, policy_reasons::ACCEPTED),
-            ]
-        );
-    }
-
-    #[test]
-    fn targeted_authorization_policy_is_enforced_by_the_waypoint() {
-        let mut st = state();
-        st.authorization_policies = vec![
-            obj("metadata: {name: l7, namespace: shop}\nspec: {targetRefs: [{kind: Service, name: web}, {kind: Gateway, name: wp}], rules: [{to: [{operation: {methods: [GET], headers: {x-team: [blue]}}}]}]}"),
-            obj("metadata: {name: untargeted, namespace: shop}\nspec: {rules: [{to: [{operation: {paths: [/a]}}]}]}"),
-            obj("metadata: {name: bypassed, namespace: shop}\nspec: {targetRefs: [{kind: Service, name: db}]}"),
-        ];
-        let out = build(&st, "cluster.local");
-        let status: Vec<(&str, bool, &str)> = out
-            .policy_status
-            .iter()
-            .map(|s| (s.name.as_str(), s.accepted, s.reason.as_str()))
-            .collect();
-        assert_eq!(
-            status,
-            [
-                ("bypassed", false, policy_reasons::NO_WAYPOINT),
-                ("l7", true, policy_reasons::ACCEPTED),
-                ("untargeted", true, policy_reasons::L7_FIELDS_FAIL_CLOSED),
-            ]
-        );
-        let l7 = out.model.policies.iter().find(|p| p.name == "l7").unwrap();
-        assert_eq!(
-            l7.targets,
-            [
-                model::PolicyTarget {
-                    kind: model::ParentKind::Service,
-                    name: "web".into()
-                },
-                model::PolicyTarget {
-                    kind: model::ParentKind::Gateway,
-                    name: "wp".into()
-                },
-            ]
-        );
-        assert_eq!(l7.rules[0].to[0].headers["x-team"], ["blue"]);
-    }
-
-    #[test]
-    fn gateway_status_follows_waypoint_pods_and_deployments_follow_gateways() {
-        let mut st = state();
-        let out = build(&st, "cluster.local");
-        let g = &out.gateway_api.gateways;
-        assert_eq!(g.len(), 1, "only waypoint Gateways");
-        assert_eq!(g[0].observed_generation, Some(2));
-        assert!(g[0].conditions[0].status);
-        assert_eq!(
-            (
-                g[0].conditions[1].status,
-                g[0].conditions[1].reason.as_str()
-            ),
-            (false, reasons::NO_RESOURCES)
-        );
-        assert_eq!(g[0].addresses, ["10.96.0.99"]);
-        assert_eq!(
-            out.gateway_api.deployments,
-            [WaypointDeployment {
-                namespace: "shop".into(),
-                name: "wp".into(),
-                uid: "gw-uid".into(),
-                replicas: 3,
-            }]
-        );
-
-        st.pods = vec![obj(
-            "metadata: {name: wp-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp}}\nspec: {nodeName: n1, serviceAccountName: wp, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.50, conditions: [{type: Ready, status: 'False'}]}",
-        )];
-        let out = build(&st, "cluster.local");
-        assert_eq!(
-            out.gateway_api.gateways[0].conditions[1].reason,
-            reasons::PENDING
-        );
-        Arc::make_mut(&mut st.pods[0])
-            .status
-            .as_mut()
-            .unwrap()
-            .conditions = None;
-        let out = build(&st, "cluster.local");
-        let programmed = &out.gateway_api.gateways[0].conditions[1];
-        assert_eq!(
-            (programmed.status, programmed.reason.as_str()),
-            (true, reasons::PROGRAMMED)
-        );
-    }
-
-    #[test]
-    fn l7_output_is_deterministic() {
-        let mut a = state();
-        a.http_routes = vec![
-            obj("metadata: {name: b, namespace: shop}\nspec: {parentRefs: [{kind: Service, group: '', name: web}]}"),
-            obj("metadata: {name: a, namespace: shop}\nspec: {parentRefs: [{kind: Service, group: '', name: web}]}"),
-        ];
-        let mut b = a.clone();
-        b.http_routes.reverse();
-        b.gateways.reverse();
-        b.services.reverse();
-        assert_eq!(build(&a, "td"), build(&b, "td"));
-        let built = build(&a, "td");
-        let names: Vec<&str> = built
-            .model
-            .http_routes
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect();
-        assert_eq!(names, ["a", "b"]);
-    }
 }

@@ -9,7 +9,7 @@
 //! root). Every replica follows what is stored, so all of them sign with the
 //! same root; ztunnels and waypoints get the new trust bundle over the
 //! config stream, and the controller's serving certificate is reissued
-//! (`serving.rs`).
+//! (`serving`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,9 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::ca::{unix_now, CaError, MeshCa, RootStore};
+use super::error::CaError;
+use super::store::{unix_now, RootStore};
+use super::MeshCa;
 
 /// After a failed step, try again this much later.
 const RETRY: Duration = Duration::from_secs(30);
@@ -107,7 +109,7 @@ async fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::{DirRootStore, ROTATE_REQUEST_FILE};
+    use crate::ca::store::{DirRootStore, ROTATE_REQUEST_FILE};
 
     async fn ca_on(dir: &std::path::Path) -> (Arc<MeshCa>, Arc<dyn RootStore>) {
         let store: Arc<dyn RootStore> = Arc::new(DirRootStore::new(dir));
@@ -118,7 +120,7 @@ mod tests {
     }
 
     /// Waits (at most 20 s) until `ca`'s bundle satisfies `ok`.
-    async fn wait_bundle(ca: &MeshCa, what: &str, ok: impl Fn(&weft_hbone::TrustBundle) -> bool) {
+    async fn wait_bundle(ca: &MeshCa, what: &str, ok: impl Fn(&weft_pki::TrustBundle) -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !ok(&ca.trust_bundle()) {
             assert!(

@@ -20,8 +20,15 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use weft_hbone::tls::provider;
+use weft_pki::params::serving_params;
+use weft_pki::pem::certs_from_pem;
+use weft_pki::{PkiError, TrustBundle};
 
-use crate::ca::{MeshCa, ServingCert};
+use super::MeshCa;
+
+/// The name ztunnels expect the controller's serving certificate to carry
+/// (they connect by Service name or by IP; either way they verify this).
+pub const CONTROLLER_SERVER_NAME: &str = "weft-controller";
 
 /// A handshake that has not finished in this long is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,11 +67,21 @@ impl ResolvesServerCert for ServingIdentity {
     }
 }
 
-fn certified_key(cert: &ServingCert) -> anyhow::Result<CertifiedKey> {
-    let chain = CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
+/// A serving certificate for the gRPC port from the mesh CA's current
+/// signer, ready for rustls: DNS names `dns` (always including
+/// [`CONTROLLER_SERVER_NAME`]), serverAuth only, valid for `ttl`.
+fn issue_serving_key(ca: &MeshCa, dns: &[String], ttl: Duration) -> anyhow::Result<CertifiedKey> {
+    let mut names = vec![CONTROLLER_SERVER_NAME.to_owned()];
+    names.extend(
+        dns.iter()
+            .filter(|d| d.as_str() != CONTROLLER_SERVER_NAME)
+            .cloned(),
+    );
+    let params = serving_params(CONTROLLER_SERVER_NAME, names, ttl).map_err(PkiError::from)?;
+    let (chain_pem, key_pem) = ca.sign_with_new_key(params)?;
+    let chain = certs_from_pem(&chain_pem)
         .map_err(|e| anyhow::anyhow!("serving certificate chain: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| anyhow::anyhow!("serving certificate key: {e}"))?;
     let signing = provider()
         .key_provider
@@ -81,14 +98,14 @@ pub struct ServingCertificate {
     identity: Arc<ServingIdentity>,
     /// Subscribed when the first certificate is issued, so a rotation
     /// right after is not missed.
-    bundle: tokio::sync::watch::Receiver<weft_hbone::TrustBundle>,
+    bundle: tokio::sync::watch::Receiver<TrustBundle>,
 }
 
 impl ServingCertificate {
     /// Issues the first certificate (valid `ttl`) for `dns`.
     pub fn issue(ca: Arc<MeshCa>, dns: Vec<String>, ttl: Duration) -> anyhow::Result<Self> {
         let bundle = ca.subscribe_bundle();
-        let first = certified_key(&ca.issue_serving_cert(&dns, ttl)?)?;
+        let first = issue_serving_key(&ca, &dns, ttl)?;
         Ok(Self {
             bundle,
             ca,
@@ -130,12 +147,7 @@ impl ServingCertificate {
                     "trust bundle changed"
                 }
             };
-            match self
-                .ca
-                .issue_serving_cert(&self.dns, self.ttl)
-                .map_err(anyhow::Error::from)
-                .and_then(|c| certified_key(&c))
-            {
+            match issue_serving_key(&self.ca, &self.dns, self.ttl) {
                 Ok(key) => {
                     self.identity.replace(key);
                     info!(
@@ -253,7 +265,7 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::{DirRootStore, RootStore};
+    use crate::ca::store::{DirRootStore, RootStore};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn ca(dir: &std::path::Path) -> Arc<MeshCa> {
@@ -285,7 +297,7 @@ mod tests {
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from(crate::ca::CONTROLLER_SERVER_NAME)
+        let name = rustls_pki_types::ServerName::try_from(CONTROLLER_SERVER_NAME)
             .unwrap()
             .to_owned();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))

@@ -5,6 +5,10 @@
 //! An operator asks for a rotation with the annotation
 //! `weft.dev/rotate-root` on the Secret; every replica watches the Secret
 //! (by name) to follow rotations.
+//!
+//! Also the CA's other Kubernetes objects: a user-supplied intermediate
+//! read from a Secret ([`read_intermediate`]), and the ConfigMap the trust
+//! bundle is published in ([`publish_trust_bundle`]).
 
 use std::collections::BTreeMap;
 
@@ -14,9 +18,13 @@ use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 
-use crate::ca::{
-    CaError, RootStore, StoredRoots, PREVIOUS_ROOTS_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE,
-    ROTATED_AT_FILE, ROTATE_ANNOTATION,
+use weft_pki::files::{ROOT_CERT_FILE, ROOT_KEY_FILE};
+use weft_pki::pem::split_certs;
+use weft_pki::TrustBundle;
+
+use super::error::CaError;
+use super::store::{
+    RootStore, StoredRoots, PREVIOUS_ROOTS_FILE, ROTATED_AT_FILE, ROTATE_ANNOTATION,
 };
 
 pub struct SecretRootStore {
@@ -63,7 +71,7 @@ impl RootStore for SecretRootStore {
             )));
         };
         let previous_roots_pem = text(&data, PREVIOUS_ROOTS_FILE)
-            .map(|p| split_certificates(&p))
+            .map(|p| split_certs(&p))
             .unwrap_or_default();
         Ok(Some(StoredRoots {
             cert_pem,
@@ -149,15 +157,6 @@ impl RootStore for SecretRootStore {
     }
 }
 
-/// Each PEM certificate block of `pem`, in order.
-fn split_certificates(pem: &str) -> Vec<String> {
-    const END: &str = "-----END CERTIFICATE-----";
-    pem.split_inclusive(END)
-        .filter(|b| b.contains(END))
-        .map(|b| format!("{}\n", b.trim()))
-        .collect()
-}
-
 /// A user-supplied intermediate from a Secret: (intermediate certificate,
 /// its key, the issuers above it up to the root).
 pub async fn read_intermediate(
@@ -173,7 +172,7 @@ pub async fn read_intermediate(
     let need = |key: &str| {
         text(&data, key).ok_or_else(|| anyhow::anyhow!("CA Secret {namespace}/{name} has no {key}"))
     };
-    let blocks = split_certificates(&need("tls.crt")?);
+    let blocks = split_certs(&need("tls.crt")?);
     let Some((intermediate, above)) = blocks.split_first() else {
         anyhow::bail!("CA Secret {namespace}/{name}: tls.crt holds no certificate");
     };
@@ -189,7 +188,7 @@ pub async fn publish_trust_bundle(
     client: kube::Client,
     namespace: String,
     name: String,
-    mut bundle: tokio::sync::watch::Receiver<weft_hbone::TrustBundle>,
+    mut bundle: tokio::sync::watch::Receiver<TrustBundle>,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
     loop {

@@ -1,0 +1,262 @@
+//! The core of the mesh model: namespaces, pods as workloads, Services
+//! with their ports (named target ports resolved through EndpointSlices or
+//! the pods) and the waypoint each Service's traffic goes through.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use weft_api::model::{self, Labels, GATEWAY_NAME_LABEL};
+
+use super::cluster::{by_key, ClusterState};
+
+/// Every namespace with its labels (which decide capture and waypoints).
+pub(crate) fn build_namespaces(state: &ClusterState) -> Vec<model::Namespace> {
+    by_key(&state.namespaces)
+        .into_values()
+        .map(|ns| model::Namespace {
+            name: ns.name_any(),
+            labels: ns.labels().clone(),
+        })
+        .collect()
+}
+
+/// Scheduled, running pods with an IP as workloads; a pod of a namespace
+/// that does not exist is kept (not captured) and reported.
+pub(crate) fn build_workloads(
+    state: &ClusterState,
+    known_ns: &BTreeSet<&str>,
+    problems: &mut BTreeSet<String>,
+) -> Vec<model::Workload> {
+    let mut out = Vec::new();
+    for ((ns, name), pod) in by_key(&state.pods) {
+        let (Some(spec), Some(status)) = (&pod.spec, &pod.status) else {
+            continue;
+        };
+        let Some(node) = spec.node_name.clone().filter(|n| !n.is_empty()) else {
+            continue; // not scheduled yet
+        };
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            continue; // terminated: its IPs may already belong to another pod
+        }
+        let mut raw_ips: Vec<&str> = status
+            .pod_ips
+            .iter()
+            .flatten()
+            .map(|p| p.ip.as_str())
+            .collect();
+        if raw_ips.is_empty() {
+            raw_ips.extend(status.pod_ip.as_deref());
+        }
+        let mut ips = Vec::new();
+        for raw in raw_ips {
+            match raw.parse::<IpAddr>() {
+                Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+                Ok(_) => {}
+                Err(_) => {
+                    problems.insert(format!(
+                        "pod {ns}/{name}: pod IP {raw:?} is not an IP address"
+                    ));
+                }
+            }
+        }
+        if ips.is_empty() {
+            continue; // no network yet
+        }
+        if !known_ns.contains(ns.as_str()) {
+            problems.insert(format!(
+                "pod {ns}/{name}: namespace {ns:?} does not exist; the pod is not captured"
+            ));
+        }
+        #[allow(deprecated)] // `serviceAccount` is the old spelling some manifests still use
+        let sa = spec
+            .service_account_name
+            .clone()
+            .or_else(|| spec.service_account.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_owned());
+        out.push(model::Workload {
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            name,
+            namespace: ns,
+            service_account: sa,
+            node,
+            ips,
+            labels: pod.labels().clone(),
+        });
+    }
+    out
+}
+
+/// Services (not ExternalName) with their cluster IPs, ports (named target
+/// ports resolved) and waypoint.
+pub(crate) fn build_services(
+    state: &ClusterState,
+    problems: &mut BTreeSet<String>,
+) -> Vec<model::Service> {
+    let pods = by_key(&state.pods);
+    let namespaces = by_key(&state.namespaces);
+    let mut out = Vec::new();
+    for ((ns, name), svc) in by_key(&state.services) {
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue; // a DNS alias: nothing to route
+        }
+        let mut raw_vips: Vec<&str> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        if raw_vips.is_empty() {
+            raw_vips.extend(spec.cluster_ip.as_deref());
+        }
+        let mut vips = Vec::new();
+        for raw in raw_vips {
+            if raw.is_empty() || raw == "None" {
+                continue; // headless
+            }
+            match raw.parse::<IpAddr>() {
+                Ok(ip) if !vips.contains(&ip) => vips.push(ip),
+                Ok(_) => {}
+                Err(_) => {
+                    problems.insert(format!(
+                        "service {ns}/{name}: cluster IP {raw:?} is not an IP address"
+                    ));
+                }
+            }
+        }
+        let selector: Labels = spec.selector.clone().unwrap_or_default();
+        let selected: Vec<&Pod> = if selector.is_empty() {
+            Vec::new()
+        } else {
+            pods.iter()
+                .filter(|((pns, _), p)| {
+                    *pns == ns && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+                })
+                .map(|(_, p)| *p)
+                .collect()
+        };
+        let slices: Vec<&EndpointSlice> = state
+            .endpoint_slices
+            .iter()
+            .map(Arc::as_ref)
+            .filter(|s| {
+                s.namespace().as_deref() == Some(ns.as_str())
+                    && s.labels().get("kubernetes.io/service-name") == Some(&name)
+            })
+            .collect();
+        let mut ports = Vec::new();
+        for sp in spec.ports.iter().flatten() {
+            let Ok(port) = u16::try_from(sp.port).map_err(|_| ()).and_then(|p| {
+                if p == 0 {
+                    Err(())
+                } else {
+                    Ok(p)
+                }
+            }) else {
+                problems.insert(format!(
+                    "service {ns}/{name}: port {} is out of range",
+                    sp.port
+                ));
+                continue;
+            };
+            let target_port = match &sp.target_port {
+                None => None,
+                Some(IntOrString::Int(t)) => match u16::try_from(*t) {
+                    Ok(t) if t != 0 => Some(t),
+                    _ => {
+                        problems.insert(format!(
+                            "service {ns}/{name}: targetPort {t} is out of range; using port {port}"
+                        ));
+                        None
+                    }
+                },
+                Some(IntOrString::String(named)) => match named.parse::<u16>() {
+                    Ok(t) if t != 0 => Some(t),
+                    _ => {
+                        let resolved =
+                            resolve_named_port(named, sp.name.as_deref(), &slices, &selected);
+                        if resolved.is_none() && !selected.is_empty() {
+                            problems.insert(format!(
+                                "service {ns}/{name}: targetPort {named:?} names no container port of the selected pods; using port {port}"
+                            ));
+                        }
+                        resolved
+                    }
+                },
+            };
+            ports.push(model::ServicePort { port, target_port });
+        }
+        // Set even when the Gateway is missing (reported by
+        // `check_waypoints`): ztunnel then refuses the traffic rather than
+        // let it bypass the waypoint's L7 policy.
+        let waypoint = service_waypoint(
+            svc.labels(),
+            namespaces
+                .get(&(String::new(), ns.clone()))
+                .map(|n| n.labels()),
+        );
+        out.push(model::Service {
+            name,
+            namespace: ns,
+            vips,
+            ports,
+            selector,
+            waypoint,
+        });
+    }
+    out
+}
+
+/// A named targetPort: the EndpointSlice controller already resolved it
+/// (slice ports carry the service port's name and the pod's port number);
+/// without slices, look it up in the selected pods' container ports.
+fn resolve_named_port(
+    target: &str,
+    service_port_name: Option<&str>,
+    slices: &[&EndpointSlice],
+    selected: &[&Pod],
+) -> Option<u16> {
+    let from_slices = slices
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .find(|p| p.name.as_deref().unwrap_or("") == service_port_name.unwrap_or(""))
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
+    from_slices.or_else(|| {
+        selected
+            .iter()
+            .filter_map(|p| p.spec.as_ref())
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|cp| cp.name.as_deref() == Some(target))
+            .and_then(|cp| u16::try_from(cp.container_port).ok())
+            .filter(|p| *p != 0)
+    })
+}
+
+/// The waypoint a Service's traffic goes through: its own
+/// `weft.dev/use-waypoint` label, else its namespace's; `none` opts out. A
+/// waypoint's own Service never goes through a waypoint.
+fn service_waypoint(
+    service_labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Option<String> {
+    if service_labels.contains_key(GATEWAY_NAME_LABEL) {
+        return None;
+    }
+    let label = service_labels
+        .get(model::USE_WAYPOINT_LABEL)
+        .or_else(|| namespace_labels.and_then(|l| l.get(model::USE_WAYPOINT_LABEL)))?;
+    if label == "none" || label.is_empty() {
+        None
+    } else {
+        Some(label.clone())
+    }
+}
