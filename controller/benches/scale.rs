@@ -35,8 +35,9 @@ use weft_api::{proto, MeshModel};
 use weft_controller::manifests;
 use weft_controller::model;
 use weft_controller::xds::{XdsCounters, XdsOptions, XdsServer, XdsStats};
-use weft_hbone::LocalCa;
-use weft_ztunnel::ca_client::SharedTrustBundle;
+use weft_dataplane::certs::TrustRoots;
+use weft_dataplane::control::{ConfigStream, Role, StateSink};
+use weft_pki::LocalCa;
 use weft_ztunnel::metrics::Metrics;
 use weft_ztunnel::state::MeshState;
 
@@ -150,14 +151,22 @@ async fn child_main(endpoint: String, count: usize) -> Result<()> {
                 let started = Instant::now();
                 for i in 0..count {
                     let state = MeshState::default();
-                    tokio::spawn(weft_ztunnel::source::grpc::run(
-                        endpoint.clone(),
-                        node_name(i),
-                        "bench".to_owned(),
-                        state.clone(),
-                        Metrics::new(),
-                        SharedTrustBundle::default(),
-                    ));
+                    let metrics = Metrics::new();
+                    tokio::spawn(
+                        ConfigStream {
+                            endpoint: endpoint.clone().into(),
+                            node: node_name(i),
+                            token: "bench".to_owned(),
+                            role: Role::Ztunnel,
+                            trust: TrustRoots::default(),
+                            sink: Arc::new(StateSink {
+                                state: state.clone(),
+                                updates: metrics.common.config_updates.clone(),
+                                rejections: metrics.common.config_rejections.clone(),
+                            }),
+                        }
+                        .run(),
+                    );
                     states.push(state);
                 }
                 let done = wait_all(&states, SYNC_TIMEOUT, move |m| {
@@ -222,7 +231,7 @@ async fn wait_all(
             let s = s.clone();
             let ready = ready.clone();
             tokio::spawn(async move {
-                s.load_when(timeout, |snap| ready(&snap.model))
+                s.wait_until(timeout, |snap| ready(&snap.model))
                     .await
                     .map(|_| Instant::now())
             })

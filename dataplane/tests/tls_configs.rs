@@ -22,7 +22,10 @@ fn id(sa: &str) -> Identity {
 async fn server(
     tls: Arc<TlsConfigs>,
     me: Identity,
-) -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Result<(), HboneError>>) {
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<(), HboneError>>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -72,15 +75,22 @@ async fn a_root_added_at_run_time_reaches_the_server_configuration() {
         let cfg = client_config(&client_cert, &both, &me).unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
         let conn = connect(tcp, cfg, &H2Settings::default()).await?;
-        let mut s = conn.open("10.0.0.1:80".parse().unwrap(), Default::default()).await?;
+        let mut s = conn
+            .open("10.0.0.1:80".parse().unwrap(), Default::default())
+            .await?;
         let mut got = Vec::new();
         use tokio::io::AsyncReadExt;
         s.read_to_end(&mut got).await?;
         Ok::<_, HboneError>(got)
     };
 
-    let refused = tokio::time::timeout(Duration::from_secs(5), dial()).await.unwrap();
-    assert!(refused.is_err(), "a certificate of an untrusted root is refused");
+    let refused = tokio::time::timeout(Duration::from_secs(5), dial())
+        .await
+        .unwrap();
+    assert!(
+        refused.is_err(),
+        "a certificate of an untrusted root is refused"
+    );
     let server_side = tokio::time::timeout(Duration::from_secs(5), results.recv())
         .await
         .unwrap()
@@ -91,7 +101,10 @@ async fn a_root_added_at_run_time_reaches_the_server_configuration() {
     );
 
     let before = tls.server(&me).await.unwrap();
-    assert!(Arc::ptr_eq(&before, &tls.server(&me).await.unwrap()), "cached");
+    assert!(
+        Arc::ptr_eq(&before, &tls.server(&me).await.unwrap()),
+        "cached"
+    );
     assert!(trust.set(both.clone()));
     let after = tls.server(&me).await.unwrap();
     assert!(!Arc::ptr_eq(&before, &after), "rebuilt for the new roots");
@@ -101,5 +114,11 @@ async fn a_root_added_at_run_time_reaches_the_server_configuration() {
         .unwrap()
         .expect("accepted once the root is trusted");
     assert_eq!(got, b"hello");
-    assert_eq!(certs.stats().requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        certs
+            .stats()
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 }

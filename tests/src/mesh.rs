@@ -50,6 +50,8 @@ pub struct Mesh {
     controller: Option<ControllerRun>,
     /// Running waypoints: their pod and spawn name.
     pub(crate) waypoints: Vec<(Pod, String, u32)>,
+    /// Extra flags for every ztunnel started from now on.
+    pub ztunnel_args: Vec<String>,
 }
 
 struct ControllerRun {
@@ -117,6 +119,7 @@ impl Mesh {
             next_vip: 1,
             controller,
             waypoints: Vec::new(),
+            ztunnel_args: Vec::new(),
         };
         for ns in ambient {
             mesh.set_ambient(ns, true);
@@ -240,6 +243,7 @@ impl Mesh {
             .arg(self.cluster.bpf_pin_dir().join(&n.name))
             .arg("--cni-socket")
             .arg(self.cni_socket(node))
+            .args(&self.ztunnel_args)
             .env("WEFT_LOG", "info,weft_ztunnel=debug");
         self.cluster.spawn(&name, cmd)?;
         self.cluster

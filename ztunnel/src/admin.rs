@@ -50,6 +50,7 @@ impl OpsHandler for Admin {
                 "model": snap.model,
                 "pods": self.inpod.status().await,
                 "certificates": certs,
+                "trust_roots": self.pi.certs().trust().get().roots.len(),
                 "pooled_connections": self.pi.dialer.pool().len(),
             })
         })

@@ -276,7 +276,9 @@ impl Drop for ConnectionGuard {
             m.active_connections.dec();
             m.closed.get_or_create(&self.labels).inc();
             m.sent_bytes.get_or_create(&self.labels).inc_by(sent);
-            m.received_bytes.get_or_create(&self.labels).inc_by(received);
+            m.received_bytes
+                .get_or_create(&self.labels)
+                .inc_by(received);
         }
     }
 }
@@ -329,7 +331,10 @@ mod tests {
             text.contains("weft_tcp_connections_opened_total{reporter=\"source\""),
             "{text}"
         );
-        assert!(text.contains("weft_tcp_connections_closed_total{"), "{text}");
+        assert!(
+            text.contains("weft_tcp_connections_closed_total{"),
+            "{text}"
+        );
         assert!(text.contains("} 10\n"), "{text}");
         assert!(text.contains("} 20\n"), "{text}");
         assert!(text.contains("weft_active_connections 0"), "{text}");
@@ -354,6 +359,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("reason=\"hbone_status_401\"} 1"), "{text}");
-        assert!(!text.contains("weft_tcp_connections_opened_total{"), "{text}");
+        assert!(
+            !text.contains("weft_tcp_connections_opened_total{"),
+            "{text}"
+        );
     }
 }

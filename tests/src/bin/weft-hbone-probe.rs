@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_api::Identity;
-use weft_pki::LocalCa;
 use weft_hbone::{client, tls};
+use weft_pki::LocalCa;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -51,14 +51,23 @@ async fn connect(args: &[String]) -> serde_json::Value {
     let ca = if args.iter().any(|a| a == "--foreign-ca") {
         LocalCa::generate("cluster.local").expect("generate foreign CA")
     } else {
-        LocalCa::load(&PathBuf::from(need(args, "--ca-dir")), "cluster.local").expect("load mesh CA")
+        LocalCa::load(&PathBuf::from(need(args, "--ca-dir")), "cluster.local")
+            .expect("load mesh CA")
     };
     let result = async {
         let cert = ca.sign(&identity, Duration::from_secs(3600))?;
-        // A foreign client still trusts the real mesh root when it has one,
+        // A foreign client still trusts the real mesh roots when it has
+        // them (the signing root and any still trusted during a rotation),
         // so the only thing wrong is its own certificate.
         let trust = match arg(args, "--ca-dir") {
-            Some(dir) => LocalCa::load(&PathBuf::from(dir), "cluster.local")?.trust_bundle(),
+            Some(dir) => {
+                let dir = PathBuf::from(dir);
+                let mut trust = LocalCa::load(&dir, "cluster.local")?.trust_bundle();
+                if let Ok(previous) = std::fs::read_to_string(dir.join("previous-roots.pem")) {
+                    trust = trust.merged(&weft_pki::TrustBundle::from_pem(&previous)?);
+                }
+                trust
+            }
             None => ca.trust_bundle(),
         };
         let cfg = tls::client_config(&cert, &trust, &expect)?;

@@ -41,7 +41,9 @@ pub async fn run(
         let id = pi.conn_id();
         let (pi, pod) = (pi.clone(), pod.clone());
         let span = match kind {
-            Kind::Hbone => tracing::info_span!("inbound_hbone", conn = id, pod = %pod_name, src = %peer),
+            Kind::Hbone => {
+                tracing::info_span!("inbound_hbone", conn = id, pod = %pod_name, src = %peer)
+            }
             Kind::Plaintext => {
                 tracing::info_span!("inbound_plaintext", conn = id, pod = %pod_name, src = %peer)
             }

@@ -105,10 +105,8 @@ async fn handle(pi: Arc<ProxyInputs>, pod: Arc<EnrolledPod>, mut app: TcpStream,
             labels.destination_principal = identity.to_string();
             labels.destination_service = service.unwrap_or_default();
             labels.connection_security_policy = SecurityPolicy::mutual_tls;
-            let headers = tunnel_headers(
-                src_ip,
-                Some((&src.workload.namespace, &src.workload.name)),
-            );
+            let headers =
+                tunnel_headers(src_ip, Some((&src.workload.namespace, &src.workload.name)));
             drop(snap);
             let key = PoolKey {
                 src_netns: pod.netns.cookie(),
@@ -152,6 +150,8 @@ pub(super) fn finish(guard: &ConnectionGuard, res: std::io::Result<()>, kind: &s
     let (sent, received) = guard.bytes();
     match res {
         Ok(()) => debug!(component = "proxy", kind, sent, received, "closed"),
-        Err(e) => debug!(component = "proxy", kind, sent, received, error = %e, "closed with error"),
+        Err(e) => {
+            debug!(component = "proxy", kind, sent, received, error = %e, "closed with error")
+        }
     }
 }

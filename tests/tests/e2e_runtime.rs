@@ -1,0 +1,228 @@
+//! The shared data-plane runtime end to end, with the controller in
+//! embedded mode (no API server can run here: a folder of manifests stands
+//! in for it, through the same reconcile code): workload certificates
+//! renewed in the background under traffic, and a new mesh root reaching
+//! the server TLS of running ztunnels and waypoints. Needs root; fails
+//! loudly without it.
+
+use std::time::{Duration, Instant};
+
+use weft_e2e::cluster::Pod;
+use weft_e2e::mesh::{bin_path, metric_sum, wait_until, Mesh};
+
+fn spiffe(ns: &str, sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+}
+
+/// Seconds of the day of every "certificate issued" line of the
+/// controller's log for `identity`.
+fn issued_at(log: &str, identity: &str) -> Vec<f64> {
+    let field = format!("identity={identity}");
+    log.lines()
+        .filter(|l| l.contains("certificate issued"))
+        .filter(|l| l.split_whitespace().any(|w| w == field))
+        .filter_map(|l| {
+            // 2026-12-01T22:10:11.123456Z ...
+            let time = l.split_whitespace().next()?.split('T').nth(1)?;
+            let mut hms = time.trim_end_matches('Z').split(':');
+            let h: f64 = hms.next()?.parse().ok()?;
+            let m: f64 = hms.next()?.parse().ok()?;
+            let s: f64 = hms.next()?.parse().ok()?;
+            Some(h * 3600.0 + m * 60.0 + s)
+        })
+        .collect()
+}
+
+/// A fresh HBONE connection (its own TLS handshake) from `from` to
+/// `to:15008`, CONNECT `target`, with a client certificate signed by the
+/// controller's current root; the server must prove `expect`.
+fn probe(mesh: &Mesh, from: &Pod, to: &str, target: &str, expect: &str) -> serde_json::Value {
+    let ca = mesh.controller_root().expect("controller mode");
+    let ca_dir = ca.parent().expect("CA directory");
+    let out = from
+        .command_os(bin_path("weft-hbone-probe"))
+        .args([
+            "connect",
+            "--to",
+            &format!("{to}:15008"),
+            "--target",
+            target,
+        ])
+        .args([
+            "--identity",
+            &spiffe("legacy", "default"),
+            "--expect",
+            expect,
+        ])
+        .arg("--ca-dir")
+        .arg(ca_dir)
+        .output()
+        .expect("run weft-hbone-probe");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("probe said: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// With 20 s workload certificates, every ztunnel renews in the background
+/// (at half the remaining life) while traffic runs: at least three renewals
+/// per identity, never two requests at once for one identity (the burst of
+/// first connections shares one CSR), fresh handshakes verify the renewed
+/// certificates, and no connection fails.
+#[test]
+fn e2e_runtime_certificates_renew_in_the_background_under_traffic() {
+    let mut mesh = Mesh::with_controller(2, &["shop"]).expect("mesh with controller");
+    mesh.ztunnel_args = vec!["--cert-ttl".into(), "20s".into()];
+    for node in 0..2 {
+        mesh.stop_ztunnel(node).unwrap();
+        mesh.start_ztunnel(node).unwrap();
+    }
+    let outsider = mesh.add_pod(0, "legacy", "outsider", "default").unwrap();
+    let client = mesh.add_pod(0, "shop", "client", "client").unwrap();
+    let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
+    mesh.wait_enrolled(0, &client, true).unwrap();
+    mesh.wait_enrolled(1, &server, true).unwrap();
+    mesh.serve_testapp(&server, 7000).unwrap();
+    let target = format!("{}:7000", server.ip);
+
+    // A burst of first connections.
+    let burst: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| s.spawn(|| mesh.connect(&client, &target)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for v in &burst {
+        assert_eq!(v["ok"], true, "{v}");
+    }
+
+    mesh.spawn_holder("holder", &client, &target, 4, 400)
+        .unwrap();
+    let start = Instant::now();
+    let (mut connections, mut handshakes, mut failed) = (0, 0, Vec::new());
+    while start.elapsed() < Duration::from_secs(42) {
+        let v = mesh.connect(&client, &target);
+        connections += 1;
+        if v["ok"] != true {
+            failed.push(v);
+        }
+        let v = probe(
+            &mesh,
+            &outsider,
+            &server.ip.to_string(),
+            &target,
+            &spiffe("shop", "server"),
+        );
+        handshakes += 1;
+        if v["ok"] != true {
+            failed.push(v);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {connections} connections and {handshakes} handshakes failed: {failed:?}",
+        failed.len()
+    );
+    let status = wait_until(Duration::from_secs(10), || {
+        mesh.cluster.exit_status("holder")
+    })
+    .expect("the long-lived connections end");
+    assert!(status.success(), "{}", mesh.cluster.log("holder"));
+
+    let log = mesh.controller_log();
+    for sa in ["client", "server"] {
+        let times = issued_at(&log, &spiffe("shop", sa));
+        assert!(
+            times.len() >= 4,
+            "{sa}: first certificate and at least 3 renewals, got {times:?}"
+        );
+        for pair in times.windows(2) {
+            assert!(
+                pair[1] - pair[0] > 5.0,
+                "{sa}: two requests {:.3} s apart (one CSR at a time per identity): {times:?}",
+                pair[1] - pair[0]
+            );
+        }
+    }
+    for node in 0..2 {
+        let m = mesh.metrics(node).unwrap();
+        assert_eq!(
+            metric_sum(&m, "weft_connection_failures_total", &[]),
+            0.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric_sum(&m, "weft_tls_handshake_failures_total", &[]),
+            0.0,
+            "{m}"
+        );
+    }
+}
+
+/// A root added while everything runs (the controller rotates: new signer,
+/// old root still trusted) reaches the server TLS of the running ztunnel
+/// and waypoint: a client whose certificate chains only to the new root is
+/// accepted by both, without restarting either.
+#[test]
+fn e2e_runtime_a_new_root_reaches_ztunnel_and_waypoint_server_tls() {
+    let mut mesh = Mesh::with_controller(2, &["shop"]).expect("mesh with controller");
+    let outsider = mesh.add_pod(0, "legacy", "outsider", "default").unwrap();
+    let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
+    mesh.wait_enrolled(1, &server, true).unwrap();
+    mesh.serve_testapp(&server, 7000).unwrap();
+    let vip = mesh
+        .add_service_selecting("shop", "server", &[("app", "server")], &[(80, 7000)])
+        .unwrap();
+    let waypoint = mesh.add_waypoint(0, "shop", "wp").unwrap();
+    mesh.use_waypoint("shop", "server", Some("wp")).unwrap();
+    let direct = format!("{}:7000", server.ip);
+    let via_waypoint = format!("{vip}:80");
+
+    let root = mesh.controller_root().unwrap();
+    let old_root = std::fs::read_to_string(&root).unwrap();
+    let ca_dir = root.parent().unwrap().to_owned();
+    std::fs::write(ca_dir.join("rotate-root"), "").unwrap();
+    wait_until(Duration::from_secs(20), || {
+        let now = std::fs::read_to_string(&root).ok()?;
+        (now != old_root && ca_dir.join("previous-roots.pem").exists()).then_some(())
+    })
+    .expect("the controller rotates the root");
+    // The client's certificate is signed by the new root only.
+    wait_until(Duration::from_secs(15), || {
+        let v = probe(
+            &mesh,
+            &outsider,
+            &server.ip.to_string(),
+            &direct,
+            &spiffe("shop", "server"),
+        );
+        (v["ok"] == true).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the ztunnel never accepted a certificate of the new root: {e:#}\n{}",
+            mesh.ztunnel_log(1)
+        )
+    });
+    wait_until(Duration::from_secs(15), || {
+        let v = probe(
+            &mesh,
+            &outsider,
+            &waypoint.ip.to_string(),
+            &via_waypoint,
+            &spiffe("shop", "wp"),
+        );
+        (v["ok"] == true).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the waypoint never accepted a certificate of the new root: {e:#}\n{}",
+            mesh.waypoint_log("wp")
+        )
+    });
+    assert!(
+        mesh.cluster.exit_status("waypoint-shop-wp").is_none(),
+        "the waypoint kept running"
+    );
+    let dump = mesh.config_dump(1).unwrap();
+    assert_eq!(dump["trust_roots"], 2, "{dump}");
+}
