@@ -1,126 +1,78 @@
-//! Start-up: certificate and config stream from the controller, the HBONE
-//! listener, and the operator endpoints.
+//! Start-up and shutdown: the config stream and certificates from the
+//! controller, the HBONE listener and the operator endpoints, then, at
+//! SIGTERM or SIGINT, a graceful drain bounded by `--drain-timeout`.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
-use weft_api::{Identity, MeshModel};
-use weft_hbone::control::{
-    CertManager, ConfigSink, ConfigStream, ControllerAddr, GrpcCaProvider, Role, SharedTrustBundle,
-};
+use weft_api::Identity;
+use weft_dataplane::certs::{BoxFuture, CertManager};
+use weft_dataplane::control::{self, ControllerSettings, Role};
+use weft_dataplane::drain;
+use weft_dataplane::logging::shutdown_signal;
+use weft_dataplane::ops::{self, OpsAddrs, OpsHandler, Readiness};
+use weft_dataplane::tls::TlsConfigs;
 
 use crate::config::Config;
+use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::state::WaypointState;
 use crate::telemetry::{AccessLog, SpanExporter};
 use crate::upstream::Upstream;
 
-struct Sink {
-    state: WaypointState,
-    metrics: Arc<Metrics>,
-}
-
-impl ConfigSink for Sink {
-    fn model_changed(&self, model: MeshModel, version: u64, _full: bool) {
-        self.state.store(model, version);
-        self.metrics.config_updates.inc();
-    }
-
-    fn rejected(&self, _version: u64, _error: &str) {
-        self.metrics.config_rejections.inc();
-    }
-}
-
-async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
-}
+/// How often the wait for the first model says it is still waiting.
+const FIRST_MODEL_LOG_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let token = std::fs::read_to_string(&cfg.token_file)
-        .map_err(|e| anyhow::anyhow!("token file {}: {e}", cfg.token_file.display()))?
-        .trim()
-        .to_owned();
-    let uri = cfg.controller_uri();
-    let addr = ControllerAddr {
-        uri: uri.clone(),
-        ca_pem: match &cfg.controller_ca_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f)
-                    .map_err(|e| anyhow::anyhow!("controller CA file {}: {e}", f.display()))?,
-            ),
-            None => None,
-        },
-    };
-    if uri.starts_with("http://") {
-        warn!(component = "waypoint", controller = %uri, "talking to the controller without TLS: the token travels in the clear");
-    }
     let metrics = Metrics::new();
     let state = WaypointState::default();
-    let trust = SharedTrustBundle::default();
-    tokio::spawn(
-        ConfigStream {
-            endpoint: addr.clone(),
+    let certs = control::connect(
+        &ControllerSettings {
+            address: cfg.controller.clone(),
+            ca_file: cfg.controller_ca_file.clone(),
+            token_file: cfg.token_file.clone(),
             node: cfg.node_name.clone(),
-            token: token.clone(),
             role: Role::Waypoint,
-            trust: trust.clone(),
-            sink: Arc::new(Sink {
-                state: state.clone(),
-                metrics: metrics.clone(),
-            }),
-        }
-        .run(),
-    );
-    let provider = GrpcCaProvider::new(addr, token, cfg.cert_ttl, trust.clone())?;
-    let certs = CertManager::new(Arc::new(provider));
+            cert_ttl: cfg.cert_ttl,
+        },
+        state.clone(),
+        &metrics.common,
+    )?;
 
     // Listeners first, so a bad address fails start-up at once.
-    let hbone = bind(cfg.hbone_addr).await?;
-    let metrics_l = bind(cfg.metrics_addr).await?;
-    let ready_l = bind(cfg.readiness_addr).await?;
-    let admin_l = bind(cfg.admin_addr).await?;
+    let hbone = TcpListener::bind(cfg.hbone_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.hbone_addr))?;
+    let ops = ops::bind(OpsAddrs {
+        admin: cfg.admin_addr,
+        metrics: cfg.metrics_addr,
+        readiness: cfg.readiness_addr,
+    })
+    .await?;
+    let readiness = Arc::new(Readiness::default());
+    ops.spawn(
+        Arc::new(Ops {
+            metrics: metrics.clone(),
+            state: state.clone(),
+        }),
+        readiness.clone(),
+    );
 
-    // Wait for the first model: routes and policy must be known before
-    // traffic is accepted, or requests would bypass them.
-    let mut versions = state.subscribe();
-    let mut waited = 0u64;
-    while *versions.borrow_and_update() == 0 {
-        if tokio::time::timeout(Duration::from_secs(5), versions.changed())
-            .await
-            .is_err()
-        {
-            waited += 5;
-            info!(component = "waypoint", controller = %uri, waited_s = waited, "waiting for the first mesh model from the controller");
-        }
-    }
-    let trust_domain = state.load().model.trust_domain.clone();
-    let me = Identity::new(&trust_domain, &cfg.namespace, cfg.service_account());
-    // The certificate too: fail loudly when the CA refuses us.
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match certs.fetch(&me).await {
-            Ok(_) => break,
-            Err(e) => {
-                warn!(component = "waypoint", identity = %me, error = %e, retry_in_ms = delay.as_millis() as u64, "no certificate yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
+    // Routes and policy must be known before traffic is accepted, or
+    // requests would bypass them.
+    let controller = control::controller_uri(&cfg.controller);
+    let first = state.first_model(&controller, FIRST_MODEL_LOG_EVERY).await;
+    let me = Identity::new(
+        &first.model.trust_domain,
+        &cfg.namespace,
+        cfg.service_account(),
+    );
+    drop(first);
+    wait_for_certificate(&certs, &me).await;
+
     let access_log = if cfg.access_log {
         AccessLog::to_writer(std::io::stdout())
     } else {
@@ -131,90 +83,76 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?,
         None => SpanExporter::disabled(),
     };
-    let upstream = Upstream::new(certs.clone(), me.clone());
-    let proxy = Proxy::new(
-        state.clone(),
-        upstream,
-        metrics.clone(),
-        certs,
-        me.clone(),
-        cfg.namespace.clone(),
+    let tls = TlsConfigs::new(certs);
+    let forwarder = Forwarder::new(
+        state,
+        Upstream::new(tls.clone(), me.clone()),
+        metrics,
         cfg.name.clone(),
         access_log,
         spans,
     );
-    let ops = Arc::new(OpsCtx {
-        metrics: metrics.clone(),
-        state: state.clone(),
-        ready: AtomicBool::new(true),
-    });
-    tokio::spawn(serve_ops(metrics_l, ops.clone(), Ops::Metrics));
-    tokio::spawn(serve_ops(ready_l, ops.clone(), Ops::Readiness));
-    tokio::spawn(serve_ops(admin_l, ops, Ops::Admin));
+    let proxy = Proxy::new(forwarder, tls, me.clone());
+    let (trigger, watcher) = drain::channel();
+    tokio::spawn(proxy::serve_hbone(proxy.clone(), hbone, watcher));
+    readiness.set_ready();
     info!(component = "waypoint", identity = %me, hbone = %cfg.hbone_addr, "waypoint ready");
-    tokio::select! {
-        () = proxy::serve_hbone(proxy, hbone) => {}
-        _ = tokio::signal::ctrl_c() => info!(component = "waypoint", "interrupted; exiting"),
+
+    let signal = shutdown_signal().await?;
+    info!(
+        component = "waypoint",
+        signal,
+        drain_timeout_s = cfg.drain_timeout.as_secs_f64(),
+        "shutting down: draining HBONE connections"
+    );
+    readiness.start_drain();
+    let outcome = trigger.drain(cfg.drain_timeout).await;
+    match proxy.open_connections() {
+        0 => info!(
+            component = "waypoint",
+            took_ms = outcome.took.as_millis() as u64,
+            "drained; exiting"
+        ),
+        open => warn!(
+            component = "waypoint",
+            connections = open,
+            "drain deadline reached with HBONE connections still open; exiting"
+        ),
     }
     Ok(())
 }
 
-#[derive(Clone, Copy)]
-enum Ops {
-    Metrics,
-    Readiness,
-    Admin,
-}
-
-struct OpsCtx {
-    metrics: Arc<Metrics>,
-    state: WaypointState,
-    ready: AtomicBool,
-}
-
-fn ops_answer(ctx: &OpsCtx, which: Ops, path: &str) -> (StatusCode, String) {
-    match (which, path) {
-        (Ops::Metrics, "/metrics") => (StatusCode::OK, ctx.metrics.encode()),
-        (Ops::Readiness, "/healthz/ready") if ctx.ready.load(Ordering::SeqCst) => {
-            (StatusCode::OK, "ready\n".to_owned())
-        }
-        (Ops::Readiness, "/healthz/ready") => {
-            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
-        }
-        (Ops::Admin, "/config_dump") => {
-            let snap = ctx.state.load();
-            let dump = serde_json::json!({
-                "model_version": snap.version,
-                "model": snap.model,
-                "route_problems": snap.routes.problems(),
-            });
-            (
-                StatusCode::OK,
-                serde_json::to_string_pretty(&dump).unwrap_or_default(),
-            )
-        }
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+/// Waits for the waypoint's own certificate, saying so loudly while the CA
+/// refuses it (the manager retries on its own; this only waits).
+async fn wait_for_certificate(certs: &Arc<CertManager>, me: &Identity) {
+    let mut delay = Duration::from_millis(200);
+    while let Err(e) = certs.fetch(me).await {
+        warn!(component = "waypoint", identity = %me, error = %e, retry_in_ms = delay.as_millis() as u64, "no certificate yet");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 
-async fn serve_ops(listener: TcpListener, ctx: Arc<OpsCtx>, which: Ops) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let (status, body) = ops_answer(&ctx, which, req.uri().path());
-                async move {
-                    let mut r = Response::new(Full::new(Bytes::from(body)));
-                    *r.status_mut() = status;
-                    Ok::<_, Infallible>(r)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+/// What the ops ports show: the metrics, and the model with what in its
+/// routes did not compile.
+struct Ops {
+    metrics: Arc<Metrics>,
+    state: WaypointState,
+}
+
+impl OpsHandler for Ops {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+
+    fn config_dump(&self) -> BoxFuture<'_, serde_json::Value> {
+        let snap = self.state.load();
+        Box::pin(async move {
+            serde_json::json!({
+                "model_version": snap.version,
+                "model": snap.model,
+                "route_problems": snap.routes.problems,
+            })
+        })
     }
 }

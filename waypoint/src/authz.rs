@@ -100,6 +100,20 @@ impl Authorizer {
         policy::evaluate(applicable.map(|&i| &self.policies[i]), &request)
     }
 
+    /// `Err(policy)` when denied: the deciding policy (`namespace/name`),
+    /// or `no-matching-allow`.
+    pub fn verdict(&self, req: &AuthzRequest<'_>) -> Result<(), String> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        match self.check(req) {
+            Decision::Allow => Ok(()),
+            Decision::Deny { policy } => {
+                Err(policy.unwrap_or_else(|| "no-matching-allow".to_owned()))
+            }
+        }
+    }
+
     /// Whether any policy applies at this waypoint at all (to skip the work
     /// when none does).
     pub fn is_empty(&self) -> bool {

@@ -1,6 +1,6 @@
-//! Body plumbing: boxing, byte counting with a completion hook, replayable
-//! buffered bodies for retries and mirrors, and the prefix a sniffed
-//! stream has to give back.
+//! Body plumbing: the one body type requests and responses travel in,
+//! boxing, byte counting with a completion hook, the response deadline, and
+//! the prefix a sniffed stream has to give back.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,10 +10,14 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::upstream::{Body, BoxError};
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the waypoint handles, boxed: incoming, buffered, local
+/// replies, upstream responses.
+pub type Body = BoxBody<Bytes, BoxError>;
 
 pub fn empty() -> Body {
     Empty::new().map_err(|e| match e {}).boxed()
@@ -29,6 +33,15 @@ where
     B::Error: Into<BoxError>,
 {
     b.map_err(Into::into).boxed()
+}
+
+/// Counts a body's bytes into the `on_end` hook; used for both directions.
+pub fn counted<B>(b: B, on_end: impl FnOnce(u64, bool) + Send + Sync + 'static) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    boxed(Counted::new(b, Arc::default()).on_end(on_end))
 }
 
 /// Counts the data bytes of a body; runs `on_end` once, when the body ends
@@ -166,47 +179,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::AsyncReadExt;
-
-    #[tokio::test]
-    async fn counted_body_reports_once_with_the_byte_count() {
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let b = Counted::new(Full::new(Bytes::from_static(b"hello")), Arc::default())
-            .on_end(move |n, done| s.lock().unwrap().push((n, done)));
-        let collected = b.collect().await.unwrap().to_bytes();
-        assert_eq!(&collected[..], b"hello");
-        assert_eq!(*seen.lock().unwrap(), vec![(5, true)]);
-    }
-
-    #[tokio::test]
-    async fn dropped_body_reports_incomplete() {
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let s = seen.clone();
-        drop(
-            Counted::new(Full::new(Bytes::from_static(b"x")), Arc::default())
-                .on_end(move |n, done| s.lock().unwrap().push((n, done))),
-        );
-        assert_eq!(*seen.lock().unwrap(), vec![(0, false)]);
-    }
-
-    #[tokio::test]
-    async fn prefixed_gives_back_the_sniffed_bytes_first() {
-        let (a, mut b) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut b, b" world")
-            .await
-            .unwrap();
-        drop(b);
-        let mut p = Prefixed::new(Bytes::from_static(b"hello"), a);
-        let mut s = String::new();
-        p.read_to_string(&mut s).await.unwrap();
-        assert_eq!(s, "hello world");
-    }
-}
-
 /// Ends a response body with an error once its deadline passes: the
 /// route's request timeout covers the whole exchange, the body included.
 /// An HTTP/1.1 client sees the connection close before the end, an HTTP/2
@@ -252,5 +224,46 @@ impl HttpBody for Deadline {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn counted_body_reports_once_with_the_byte_count() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let b = Counted::new(Full::new(Bytes::from_static(b"hello")), Arc::default())
+            .on_end(move |n, done| s.lock().unwrap().push((n, done)));
+        let collected = b.collect().await.unwrap().to_bytes();
+        assert_eq!(&collected[..], b"hello");
+        assert_eq!(*seen.lock().unwrap(), vec![(5, true)]);
+    }
+
+    #[tokio::test]
+    async fn dropped_body_reports_incomplete() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        drop(
+            Counted::new(Full::new(Bytes::from_static(b"x")), Arc::default())
+                .on_end(move |n, done| s.lock().unwrap().push((n, done))),
+        );
+        assert_eq!(*seen.lock().unwrap(), vec![(0, false)]);
+    }
+
+    #[tokio::test]
+    async fn prefixed_gives_back_the_sniffed_bytes_first() {
+        let (a, mut b) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut b, b" world")
+            .await
+            .unwrap();
+        drop(b);
+        let mut p = Prefixed::new(Bytes::from_static(b"hello"), a);
+        let mut s = String::new();
+        p.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "hello world");
     }
 }

@@ -49,6 +49,10 @@ pub struct Config {
     /// Certificate lifetime asked for (renewed at half life).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
+    /// At SIGTERM or SIGINT, how long open HBONE connections may take to
+    /// finish their tunnels before the process exits anyway.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     /// Write one JSON access-log line per request to stdout.
     #[arg(long, env = "WEFT_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
@@ -68,14 +72,6 @@ pub struct Config {
 impl Config {
     pub fn service_account(&self) -> &str {
         self.service_account.as_deref().unwrap_or(&self.name)
-    }
-
-    pub fn controller_uri(&self) -> String {
-        if self.controller.contains("://") {
-            self.controller.clone()
-        } else {
-            format!("https://{}", self.controller)
-        }
     }
 }
 

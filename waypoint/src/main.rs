@@ -1,7 +1,6 @@
 //! weft-waypoint entry point.
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 // Every request allocates (headers, bodies, futures): glibc's malloc took
 // about a fifth of the waypoint's CPU under load, mimalloc far less.
@@ -10,21 +9,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cfg = weft_waypoint::config::Config::parse();
-    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    if cfg.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init();
-    } else {
-        use std::io::IsTerminal;
-        tracing_subscriber::fmt()
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .with_env_filter(filter)
-            .init();
-    }
+    weft_dataplane::logging::init(cfg.log_json);
     let mut runtime = match cfg.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         0 => tokio::runtime::Builder::new_multi_thread(),

@@ -1,7 +1,8 @@
 //! Prometheus metrics of the waypoint (`weft_` prefix, mesh-standard
-//! labels). Request counters carry the workload labels; histograms carry
-//! only the destination service and the response class, so their series
-//! stay few.
+//! labels): the families every data-plane process has
+//! (`weft_dataplane::metrics`) and the waypoint's own. Request counters
+//! carry the workload labels; histograms carry only the destination
+//! service and the response class, so their series stay few.
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use weft_dataplane::metrics::{encode, CommonMetrics, ReasonLabels};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -43,11 +45,6 @@ pub struct DenialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceOnly {
     pub destination_service: String,
 }
@@ -64,11 +61,10 @@ pub struct Metrics {
     pub cancelled: Family<ServiceOnly, Counter>,
     pub ejections: Family<ServiceOnly, Counter>,
     pub failures: Family<ReasonLabels, Counter>,
-    pub handshake_failures: Family<ReasonLabels, Counter>,
     pub l4_connections: Family<ServiceOnly, Counter>,
-    pub config_updates: Counter,
-    pub config_rejections: Counter,
     pub active_requests: Gauge,
+    /// Config updates and rejections, inbound handshake failures, build.
+    pub common: CommonMetrics,
     registry: Registry,
 }
 
@@ -85,6 +81,7 @@ fn bytes_histogram() -> Histogram {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("weft");
+        let common = CommonMetrics::register(&mut registry, "waypoint");
         let m = Metrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(seconds_histogram),
@@ -97,11 +94,9 @@ impl Metrics {
             cancelled: Family::default(),
             ejections: Family::default(),
             failures: Family::default(),
-            handshake_failures: Family::default(),
             l4_connections: Family::default(),
-            config_updates: Counter::default(),
-            config_rejections: Counter::default(),
             active_requests: Gauge::default(),
+            common,
             registry: Registry::default(),
         };
         registry.register("requests", "HTTP requests handled", m.requests.clone());
@@ -152,24 +147,9 @@ impl Metrics {
             m.failures.clone(),
         );
         registry.register(
-            "tls_handshake_failures",
-            "Inbound mTLS handshakes rejected, by reason",
-            m.handshake_failures.clone(),
-        );
-        registry.register(
             "tcp_passthrough_connections",
             "Non-HTTP connections carried at L4",
             m.l4_connections.clone(),
-        );
-        registry.register(
-            "config_updates",
-            "Mesh model versions applied",
-            m.config_updates.clone(),
-        );
-        registry.register(
-            "config_rejections",
-            "Mesh model updates rejected (the last good one stays)",
-            m.config_rejections.clone(),
         );
         registry.register(
             "active_requests",
@@ -180,11 +160,7 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        encode(&self.registry)
     }
 
     pub fn failure(&self, reason: &str) {
@@ -194,6 +170,15 @@ impl Metrics {
             })
             .inc();
     }
+}
+
+/// Counts one more for `destination_service` in a per-service family.
+pub fn count_for(family: &Family<ServiceOnly, Counter>, destination_service: String) {
+    family
+        .get_or_create(&ServiceOnly {
+            destination_service,
+        })
+        .inc();
 }
 
 pub fn method_label(m: &http::Method) -> &'static str {

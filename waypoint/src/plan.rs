@@ -1,45 +1,19 @@
-//! From a request to a plan: the adapter between the proxy and the routing
-//! (`route`, Gateway API) and policy (`authz`) engines. A plan borrows the
-//! compiled model version the request started with, so a model swap never
-//! changes a request halfway.
+//! From a request to a plan: what the route tables of the model version
+//! the request started with (`state`, built by `route`) say to do with it.
+//! A plan borrows that version, so a model swap never changes a request
+//! halfway.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use http::request::Parts;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, StatusCode};
 use weft_api::model::{BackendRef, Retry};
-use weft_api::policy::Decision;
-use weft_api::{Identity, MeshModel};
 
-use crate::authz::{Authorizer, AuthzRequest, Target as AuthzTarget};
-use crate::forward::Target;
-use crate::route::{Forward, RouteDecision, RouteTable, DEFAULT_RULE};
-use crate::upstream::Endpoint;
+use crate::context::{Backend, Target};
+use crate::route::{Forward, RouteDecision, DEFAULT_RULE};
+use crate::state::Compiled;
 
-/// Where a request goes.
-#[derive(Clone, Debug)]
-pub enum Backend {
-    Service {
-        namespace: String,
-        name: String,
-        port: u16,
-    },
-    Workload(Endpoint),
-}
-
-impl Backend {
-    pub fn label(&self) -> String {
-        match self {
-            Backend::Service {
-                namespace, name, ..
-            } => format!("{name}.{namespace}"),
-            Backend::Workload(ep) => format!("{}.{}", ep.workload, ep.namespace),
-        }
-    }
-}
-
-/// Everything the proxy does to forward one request.
+/// Everything the waypoint does to forward one request.
 pub struct Plan<'a> {
     /// The route rule (`namespace/route#rule`), empty for the default.
     pub route: String,
@@ -90,120 +64,9 @@ pub enum Verdict<'a> {
     },
 }
 
-/// Gateway API routes of one model version.
-pub struct Routes(RouteTable);
-
-impl Routes {
-    pub fn build(model: &MeshModel) -> Self {
-        Routes(RouteTable::build(model))
-    }
-
-    pub fn problems(&self) -> Vec<String> {
-        self.0.problems.clone()
-    }
-}
-
-/// L7 authorization policies of one model version.
-pub struct Policies(Authorizer);
-
-impl Policies {
-    pub fn build(model: &MeshModel) -> Self {
-        Policies(Authorizer::build(model))
-    }
-
-    /// `Err(policy)` when denied (`namespace/name`, or `no-matching-allow`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn check_http(
-        &self,
-        namespace: &str,
-        service: &str,
-        waypoint: &str,
-        peer: &Identity,
-        src_ip: IpAddr,
-        port: u16,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> Result<(), String> {
-        self.check(
-            namespace,
-            service,
-            waypoint,
-            peer,
-            src_ip,
-            port,
-            method.as_str(),
-            path,
-            headers,
-        )
-    }
-
-    /// A connection that is not HTTP: rules naming HTTP fields fail closed.
-    pub fn check_l4(
-        &self,
-        namespace: &str,
-        service: &str,
-        waypoint: &str,
-        peer: &Identity,
-        src_ip: IpAddr,
-        port: u16,
-    ) -> Result<(), String> {
-        // An empty method marks "no HTTP" for the evaluator's L4 path.
-        self.check(
-            namespace,
-            service,
-            waypoint,
-            peer,
-            src_ip,
-            port,
-            "",
-            "",
-            &HeaderMap::new(),
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn check(
-        &self,
-        namespace: &str,
-        service: &str,
-        waypoint: &str,
-        peer: &Identity,
-        src_ip: IpAddr,
-        port: u16,
-        method: &str,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> Result<(), String> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        let req = AuthzRequest {
-            service: AuthzTarget {
-                namespace,
-                name: service,
-            },
-            waypoint: AuthzTarget {
-                namespace,
-                name: waypoint,
-            },
-            src_ip,
-            src_identity: Some(peer),
-            port,
-            method,
-            path,
-            headers,
-        };
-        match self.0.check(&req) {
-            Decision::Allow => Ok(()),
-            Decision::Deny { policy } => {
-                Err(policy.unwrap_or_else(|| "no-matching-allow".to_owned()))
-            }
-        }
-    }
-}
-
-pub fn plan<'a>(snap: &'a crate::state::Compiled, target: &Target, parts: &Parts) -> Verdict<'a> {
+/// The plan for a request to `target`: a workload addressed directly is
+/// forwarded as is; a service's request goes where its routes say.
+pub fn plan<'a>(snap: &'a Compiled, target: &Target, parts: &Parts) -> Verdict<'a> {
     let (namespace, name, port) = match target {
         Target::Service {
             namespace,
@@ -223,7 +86,7 @@ pub fn plan<'a>(snap: &'a crate::state::Compiled, target: &Target, parts: &Parts
             }))
         }
     };
-    match snap.routes.0.route(namespace, name, port, parts) {
+    match snap.routes.route(namespace, name, port, parts) {
         RouteDecision::Forward(f) => {
             let route = if f.rule == DEFAULT_RULE {
                 String::new()

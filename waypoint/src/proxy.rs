@@ -1,36 +1,33 @@
-//! The waypoint's data path. Each HBONE tunnel from a ztunnel carries one
-//! client connection to a service; the first bytes tell HTTP/2 (prior
-//! knowledge, gRPC included), HTTP/1.1, or something else, which is carried
-//! at L4 to an endpoint after L4 policy. HTTP requests go through L7
-//! policy, rate limits, routing, fault injection and the circuit breaker,
-//! then to an endpoint chosen by least-request with retries and outlier
-//! detection (see `forward`).
+//! Tunnels in: the waypoint's HBONE listener, its connections (mTLS with
+//! the waypoint's current certificate and roots, drained gracefully), and
+//! the tunnels they carry. Each tunnel from a ztunnel carries one client
+//! connection to a service; the first bytes tell HTTP/2 (prior knowledge,
+//! gRPC included), HTTP/1.1, or something else, which is carried at L4.
+//! Requests and L4 connections then go to `forward`.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::IpAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Request, StatusCode};
+use http::{Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn, Instrument};
 use weft_api::Identity;
-use weft_hbone::control::CertManager;
-use weft_hbone::{tls, H2Settings, H2Stream, InboundTunnel};
+use weft_dataplane::drain::DrainWatcher;
+use weft_dataplane::tls::TlsConfigs;
+use weft_hbone::{H2Settings, H2Stream, InboundTunnel};
 
-use crate::body::{self, Counted, Prefixed};
-use crate::forward::{self, Downstream, Target};
-use crate::metrics::Metrics;
-use crate::resilience_registry::Registry as ResilienceRegistry;
-use crate::state::WaypointState;
-use crate::telemetry::{AccessLog, SpanExporter};
-use crate::upstream::{Proto, Upstream};
+use crate::body::Prefixed;
+use crate::context::{ConnCtx, Derived, Proto, Target};
+use crate::forward::Forwarder;
 
 /// How long a new tunnel may stay silent before it is taken for a
 /// server-first protocol and carried at L4.
@@ -40,86 +37,66 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted (431 beyond, per RFC 6585).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// The waypoint's HBONE server side: who it is, the TLS it accepts with,
+/// and where the tunnels' traffic goes.
 pub struct Proxy {
-    pub state: WaypointState,
-    pub upstream: Arc<Upstream>,
-    pub metrics: Arc<Metrics>,
-    pub resilience: ResilienceRegistry,
-    pub certs: Arc<CertManager>,
-    pub me: Identity,
-    /// `namespace/name` of the Gateway.
-    pub name: String,
-    pub namespace: String,
-    pub access_log: AccessLog,
-    pub spans: SpanExporter,
-    pub h2: H2Settings,
-    tls_cache: Mutex<Option<(std::time::SystemTime, Arc<rustls::ServerConfig>)>>,
+    forwarder: Arc<Forwarder>,
+    /// Server configurations of `me`, following certificate renewals and
+    /// trust-bundle changes.
+    tls: Arc<TlsConfigs>,
+    me: Identity,
+    h2: H2Settings,
     conn_ids: AtomicU64,
+    /// HBONE connections being served (what a drain waits for).
+    open: AtomicUsize,
 }
 
 impl Proxy {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        state: WaypointState,
-        upstream: Arc<Upstream>,
-        metrics: Arc<Metrics>,
-        certs: Arc<CertManager>,
-        me: Identity,
-        namespace: String,
-        name: String,
-        access_log: AccessLog,
-        spans: SpanExporter,
-    ) -> Arc<Self> {
+    pub fn new(forwarder: Arc<Forwarder>, tls: Arc<TlsConfigs>, me: Identity) -> Arc<Self> {
         Arc::new(Self {
-            state,
-            upstream,
-            metrics,
-            resilience: ResilienceRegistry::default(),
-            certs,
+            forwarder,
+            tls,
             me,
-            name,
-            namespace,
-            access_log,
-            spans,
             h2: H2Settings::default(),
-            tls_cache: Mutex::new(None),
             conn_ids: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
         })
     }
 
-    /// The TLS server config for the current certificate, rebuilt when the
-    /// certificate was renewed or the trust bundle changed.
-    async fn tls(&self) -> Result<Arc<rustls::ServerConfig>, String> {
-        let cert = self
-            .certs
-            .fetch(&self.me)
-            .await
-            .map_err(|e| e.to_string())?;
-        {
-            let cache = self.tls_cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((not_after, cfg)) = &*cache {
-                if *not_after == cert.not_after {
-                    return Ok(cfg.clone());
-                }
-            }
-        }
-        let cfg =
-            tls::server_config(&cert, &self.certs.trust_bundle()).map_err(|e| e.to_string())?;
-        *self.tls_cache.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((cert.not_after, cfg.clone()));
-        Ok(cfg)
-    }
-
-    /// Drops the cached TLS config (trust bundle changed).
-    pub fn reset_tls(&self) {
-        *self.tls_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    /// HBONE connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 }
 
-/// Accepts HBONE connections until the listener fails.
-pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
+/// Counts one open connection until dropped.
+struct Open<'a>(&'a AtomicUsize);
+
+impl<'a> Open<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts HBONE connections until the drain starts, then closes the
+/// listener. Each connection holds a clone of `drain` until it ends: once
+/// the drain starts it sends GOAWAY, lets its open tunnels finish (the
+/// HTTP connections inside them close after their current request), and
+/// returns.
+pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener, drain: DrainWatcher) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = drain.signaled() => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 warn!(component = "waypoint", error = %e, "accept failed");
@@ -127,91 +104,50 @@ pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            let cfg = match proxy.tls().await {
-                Ok(c) => c,
-                Err(e) => {
-                    proxy.metrics.failure("no_certificate");
-                    warn!(component = "waypoint", error = %e, "no certificate for the waypoint; refusing HBONE");
-                    return;
-                }
-            };
-            let handler_proxy = proxy.clone();
-            let result = weft_hbone::serve(stream, cfg, &proxy.h2, move |t: InboundTunnel| {
-                let proxy = handler_proxy.clone();
-                let id = proxy.conn_ids.fetch_add(1, Ordering::Relaxed);
-                let span =
-                    tracing::info_span!("tunnel", conn = id, target = %t.target, peer = %t.peer);
-                async move { tunnel(proxy, t, peer.ip()).await }.instrument(span)
-            })
-            .await;
-            if let Err(e) = result {
-                let reason = e.reason().as_str();
-                proxy
-                    .metrics
-                    .handshake_failures
-                    .get_or_create(&crate::metrics::ReasonLabels {
-                        reason: reason.to_owned(),
-                    })
-                    .inc();
-                info!(component = "waypoint", peer = %peer, reason, error = %e, "HBONE connection failed");
-            }
-        });
+        tokio::spawn(connection(proxy.clone(), stream, peer.ip(), drain.clone()));
     }
+    info!(
+        component = "waypoint",
+        "draining: no longer accepting HBONE connections"
+    );
 }
 
-/// What the client asked for, from the tunnel.
-#[derive(Clone, Debug)]
-pub struct ConnCtx {
-    pub target: Target,
-    /// The CONNECT authority (service VIP or pod address and port).
-    pub original_dst: SocketAddr,
-    pub peer: Identity,
-    pub src_ip: IpAddr,
-    pub src_workload: String,
-    pub src_namespace: String,
-    pub proto: Proto,
-    /// What every request of the connection derives from the above,
-    /// computed once per connection rather than per request.
-    pub derived: Derived,
-}
-
-#[derive(Clone, Debug)]
-pub struct Derived {
-    /// `name.namespace` of the target (metric label).
-    pub service: String,
-    /// The client's SPIFFE id.
-    pub peer: String,
-    /// `x-forwarded-client-cert` sent upstream.
-    pub xfcc: Option<HeaderValue>,
-    /// Headers of the HBONE CONNECT to an endpoint (`forwarded`).
-    pub tunnel: HeaderMap,
-}
-
-impl Derived {
-    fn new(target: &Target, peer: &Identity, src_ip: IpAddr, me: &Identity) -> Self {
-        let forwarded = match src_ip {
-            IpAddr::V4(v4) => format!("for={v4}"),
-            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-        };
-        let mut tunnel = HeaderMap::new();
-        set_header(&mut tunnel, "forwarded", &forwarded);
-        // The endpoint sees the waypoint's identity in mTLS; this names the
-        // original client for the app (Envoy's XFCC shape).
-        let xfcc = HeaderValue::from_str(&format!("By={me};URI={peer}")).ok();
-        Self {
-            service: target.service_label(),
-            peer: peer.to_string(),
-            xfcc,
-            tunnel,
+/// One HBONE connection, from the TLS handshake to its last tunnel.
+async fn connection(proxy: Arc<Proxy>, stream: TcpStream, peer: IpAddr, drain: DrainWatcher) {
+    let _open = Open::new(&proxy.open);
+    let _ = stream.set_nodelay(true);
+    let metrics = proxy.forwarder.metrics().clone();
+    let cfg = match proxy.tls.server(&proxy.me).await {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.failure("no_certificate");
+            warn!(component = "waypoint", error = %e, "no certificate for the waypoint; refusing HBONE");
+            return;
         }
+    };
+    let handler = {
+        let proxy = proxy.clone();
+        let drain = drain.clone();
+        move |t: InboundTunnel| {
+            let proxy = proxy.clone();
+            let drain = drain.clone();
+            let id = proxy.conn_ids.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::info_span!("tunnel", conn = id, target = %t.target, peer = %t.peer);
+            async move { tunnel(proxy, t, peer, drain).await }.instrument(span)
+        }
+    };
+    let result = weft_hbone::serve_until(stream, cfg, &proxy.h2, handler, drain.signaled()).await;
+    if let Err(e) = result {
+        let reason = e.reason().as_str();
+        metrics.common.handshake_failed(reason);
+        info!(component = "waypoint", peer = %peer, reason, error = %e, "HBONE connection failed");
     }
 }
 
-async fn tunnel(proxy: Arc<Proxy>, t: InboundTunnel, conn_ip: IpAddr) {
-    let snap = proxy.state.load();
+/// One CONNECT: where it points, then the first bytes say HTTP/2, HTTP/1.1
+/// or anything else (carried at L4).
+async fn tunnel(proxy: Arc<Proxy>, t: InboundTunnel, conn_ip: IpAddr, drain: DrainWatcher) {
+    let snap = proxy.forwarder.state().load();
     let target = match snap.service_by_vip(t.target.ip()) {
         Some(svc) => Target::Service {
             namespace: svc.namespace.clone(),
@@ -221,7 +157,7 @@ async fn tunnel(proxy: Arc<Proxy>, t: InboundTunnel, conn_ip: IpAddr) {
         None => match snap.workload_endpoint(t.target) {
             Some(ep) => Target::Workload(ep),
             None => {
-                proxy.metrics.failure("unknown_target");
+                proxy.forwarder.metrics().failure("unknown_target");
                 info!(component = "waypoint", target = %t.target, "CONNECT to an address that is no service or workload; refusing");
                 t.reject(StatusCode::BAD_GATEWAY);
                 return;
@@ -256,13 +192,14 @@ async fn tunnel(proxy: Arc<Proxy>, t: InboundTunnel, conn_ip: IpAddr) {
         proto: Proto::Http1,
         derived,
     };
+    let forwarder = proxy.forwarder.clone();
     match kind {
         Sniffed::Http2 => {
             ctx.proto = Proto::Http2;
-            serve_http(proxy, Arc::new(ctx), io).await
+            serve_http(forwarder, Arc::new(ctx), io, drain).await
         }
-        Sniffed::Http1 => serve_http(proxy, Arc::new(ctx), io).await,
-        Sniffed::Opaque => forward::l4(proxy, ctx, io).await,
+        Sniffed::Http1 => serve_http(forwarder, Arc::new(ctx), io, drain).await,
+        Sniffed::Opaque => forwarder.l4(ctx, io).await,
     }
 }
 
@@ -338,64 +275,71 @@ fn classify(buf: &[u8]) -> Classified {
     }
 }
 
-async fn serve_http<S>(proxy: Arc<Proxy>, ctx: Arc<ConnCtx>, io: S)
+/// Runs a hyper server connection to its end; once the drain starts, asks
+/// it to finish gracefully (HTTP/1.1: close after the current response;
+/// HTTP/2: GOAWAY) and waits for that. A macro: the two connection types
+/// share the method but no trait.
+macro_rules! until_drained {
+    ($conn:expr, $drain:expr) => {{
+        let mut conn = pin!($conn);
+        tokio::select! {
+            // The connection first: a tunnel opened as the drain began
+            // still has its first request (already sniffed) read before
+            // the shutdown is asked for.
+            biased;
+            result = conn.as_mut() => result,
+            () = $drain.signaled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
+/// Serves the HTTP connection inside a tunnel until the client closes it,
+/// or, once the drain starts, until its current requests are answered.
+async fn serve_http<S>(forwarder: Arc<Forwarder>, ctx: Arc<ConnCtx>, io: S, drain: DrainWatcher)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = {
-        let proxy = proxy.clone();
         let ctx = ctx.clone();
         service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
+            let forwarder = forwarder.clone();
             let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(forward::handle(proxy, Downstream { ctx }, req).await) }
+            async move { Ok::<_, Infallible>(forwarder.handle(&ctx, req).await) }
         })
     };
     let result = match ctx.proto {
         Proto::Http1 => {
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES.max(8192))
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(io), svc)
-                .with_upgrades()
-                .await
+            until_drained!(
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEADER_BYTES.max(8192))
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(io), svc)
+                    .with_upgrades(),
+                drain
+            )
         }
         Proto::Http2 => {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(256)
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .initial_stream_window_size(4 * 1024 * 1024)
-                .initial_connection_window_size(16 * 1024 * 1024)
-                .max_pending_accept_reset_streams(64)
-                .serve_connection(TokioIo::new(io), svc)
-                .await
+            until_drained!(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(256)
+                    .max_header_list_size(MAX_HEADER_BYTES as u32)
+                    .initial_stream_window_size(4 * 1024 * 1024)
+                    .initial_connection_window_size(16 * 1024 * 1024)
+                    .max_pending_accept_reset_streams(64)
+                    .serve_connection(TokioIo::new(io), svc),
+                drain
+            )
         }
     };
     if let Err(e) = result {
         debug!(component = "waypoint", error = %e, "client connection ended with an error");
     }
-}
-
-/// Sets the header when the value is valid.
-pub fn set_header(h: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        h.insert(name, v);
-    }
-}
-
-/// Counts a body's bytes into the `on_end` hook; used for both directions.
-pub fn counted<B>(
-    b: B,
-    on_end: impl FnOnce(u64, bool) + Send + Sync + 'static,
-) -> crate::upstream::Body
-where
-    B: http_body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
-    B::Error: Into<crate::upstream::BoxError>,
-{
-    body::boxed(Counted::new(b, Arc::default()).on_end(on_end))
 }
 
 #[cfg(test)]

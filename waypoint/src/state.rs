@@ -1,17 +1,23 @@
 //! The mesh model as the waypoint reads it: one compiled, immutable version
-//! (services by VIP and name, their endpoints, routes, L7 policy), swapped
-//! whole when the controller sends a new model.
+//! (services by VIP and name, their endpoints, the Gateway API route
+//! tables, the L7 authorizer), swapped whole by `weft_dataplane::state`
+//! when the controller sends a new model.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use tokio::sync::watch;
 use weft_api::model::{Service, Workload};
 use weft_api::MeshModel;
+use weft_dataplane::state::ModelState;
 
-use crate::plan::{Policies, Routes};
-use crate::upstream::Endpoint;
+use crate::authz::Authorizer;
+use crate::context::{Endpoint, Target};
+use crate::route::RouteTable;
+
+/// The current compiled model; readers take an `Arc` and keep it for a
+/// request, so a swap never disturbs one in flight.
+pub type WaypointState = ModelState<Compiled>;
 
 pub struct Compiled {
     pub version: u64,
@@ -23,8 +29,18 @@ pub struct Compiled {
     /// Endpoints of each (service index, service port), built once per
     /// model version: requests share them instead of building a list each.
     endpoints: HashMap<(usize, u16), Arc<[Endpoint]>>,
-    pub routes: Routes,
-    pub authz: Policies,
+    pub routes: RouteTable,
+    pub authz: Authorizer,
+}
+
+impl weft_dataplane::state::Compiled for Compiled {
+    fn compile(model: MeshModel, version: u64) -> Self {
+        Compiled::new(model, version)
+    }
+
+    fn version(&self) -> u64 {
+        self.version
+    }
 }
 
 impl Compiled {
@@ -51,13 +67,13 @@ impl Compiled {
             for sp in &model.services[si].ports {
                 let list: Arc<[Endpoint]> = members
                     .iter()
-                    .map(|&i| endpoint_of(&model, &model.workloads[i], sp.target()))
+                    .filter_map(|&i| endpoint_of(&model, &model.workloads[i], sp.target()))
                     .collect();
                 endpoints.insert((si, sp.port), list);
             }
         }
-        let routes = Routes::build(&model);
-        let authz = Policies::build(&model);
+        let routes = RouteTable::build(&model);
+        let authz = Authorizer::build(&model);
         Self {
             version,
             model,
@@ -95,57 +111,32 @@ impl Compiled {
             .unwrap_or_else(|| Arc::from([]))
     }
 
+    /// Where traffic for `target` may go: the service's endpoints for its
+    /// port, or the one workload addressed.
+    pub fn endpoints_of(&self, target: &Target) -> Arc<[Endpoint]> {
+        match target {
+            Target::Service {
+                namespace,
+                name,
+                port,
+            } => self.endpoints(namespace, name, *port),
+            Target::Workload(ep) => Arc::from([ep.clone()]),
+        }
+    }
+
     /// A workload addressed directly (`ip:port` not a service VIP).
     pub fn workload_endpoint(&self, addr: SocketAddr) -> Option<Endpoint> {
         let w = self.workload_by_ip(addr.ip())?;
-        Some(endpoint_of(&self.model, w, addr.port()))
+        endpoint_of(&self.model, w, addr.port())
     }
 }
 
-fn endpoint_of(model: &MeshModel, w: &Workload, port: u16) -> Endpoint {
-    Endpoint {
-        addr: SocketAddr::new(w.ips[0], port),
+/// `w` reached at its first address; `None` for a workload without one.
+fn endpoint_of(model: &MeshModel, w: &Workload, port: u16) -> Option<Endpoint> {
+    Some(Endpoint {
+        addr: SocketAddr::new(*w.ips.first()?, port),
         identity: model.is_captured(w).then(|| Arc::new(model.identity_of(w))),
         workload: Arc::from(w.name.as_str()),
         namespace: Arc::from(w.namespace.as_str()),
-    }
-}
-
-/// The current compiled model; readers take an `Arc` and keep it for a
-/// request, so a swap never disturbs one in flight.
-#[derive(Clone)]
-pub struct WaypointState {
-    current: Arc<RwLock<Arc<Compiled>>>,
-    version_tx: Arc<watch::Sender<u64>>,
-}
-
-impl Default for WaypointState {
-    fn default() -> Self {
-        Self {
-            current: Arc::new(RwLock::new(Arc::new(Compiled::new(
-                MeshModel::default(),
-                0,
-            )))),
-            version_tx: Arc::new(watch::channel(0).0),
-        }
-    }
-}
-
-impl WaypointState {
-    pub fn load(&self) -> Arc<Compiled> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn store(&self, model: MeshModel, version: u64) {
-        let compiled = Arc::new(Compiled::new(model, version));
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = compiled;
-        self.version_tx.send_replace(version);
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.version_tx.subscribe()
-    }
+    })
 }

@@ -12,50 +12,28 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
-use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::debug;
 use weft_api::Identity;
-use weft_hbone::control::CertManager;
-use weft_hbone::{client, tls, H2Settings, HboneError, Pool};
+use weft_dataplane::dial::{Dial, HboneDialer};
+use weft_dataplane::tls::TlsConfigs;
+use weft_hbone::{H2Settings, HboneError};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
+use crate::body::{self, Body};
+use crate::context::{Endpoint, Proto};
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 256;
-
-/// One endpoint of a service, as the waypoint reaches it. Cheap to clone
-/// (shared strings): every request copies the one it picked.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    /// Pod IP and target port.
-    pub addr: SocketAddr,
-    /// `Some` for a mesh workload (HBONE to its 15008 with this identity),
-    /// `None` for plain TCP.
-    pub identity: Option<Arc<Identity>>,
-    pub workload: Arc<str>,
-    pub namespace: Arc<str>,
-}
-
-/// Hashes the address only (equal endpoints share it): the connection
-/// pools look endpoints up on every request.
-impl std::hash::Hash for Endpoint {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.addr.hash(state);
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Proto {
-    Http1,
-    Http2,
-}
+/// CONNECT streams per pooled HBONE connection before another is dialled.
+const MAX_STREAMS_PER_HBONE: usize = 100;
+/// An HBONE connection with no stream for this long is closed.
+const HBONE_IDLE: Duration = Duration::from_secs(60);
+/// Plain TCP connect deadline (HBONE's handshake has its own).
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why an attempt got no response: the retry logic needs to know whether
 /// the request may have reached the app.
@@ -63,10 +41,25 @@ pub enum Proto {
 pub enum UpstreamError {
     /// Nothing was sent: safe to retry anything.
     #[error("connect to {0}: {1}")]
-    Connect(SocketAddr, String),
+    Connect(SocketAddr, #[source] ConnectError),
     /// Sent (maybe partly), then the connection or stream broke.
     #[error("upstream reset: {0}")]
-    Reset(String),
+    Reset(#[source] hyper::Error),
+}
+
+/// What failed while reaching an endpoint, before the request was sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("HBONE: {0}")]
+    Hbone(#[from] HboneError),
+    #[error("TCP: {0}")]
+    Tcp(#[from] std::io::Error),
+    /// The HTTP handshake on the stream, or a connection that closed
+    /// before taking the request.
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -76,21 +69,23 @@ struct HboneKey {
 }
 
 pub struct Upstream {
-    certs: Arc<CertManager>,
     me: Identity,
-    h2: H2Settings,
-    hbone: Pool<HboneKey>,
+    hbone: HboneDialer<HboneKey>,
     h1_idle: Mutex<HashMap<Endpoint, Vec<H1Conn>>>,
     h2_conns: Mutex<HashMap<Endpoint, http2::SendRequest<Body>>>,
 }
 
 impl Upstream {
-    pub fn new(certs: Arc<CertManager>, me: Identity) -> Arc<Self> {
+    /// Dials endpoints as `me`, with client configurations from `tls`.
+    pub fn new(tls: Arc<TlsConfigs>, me: Identity) -> Arc<Self> {
         Arc::new(Self {
-            certs,
             me,
-            h2: H2Settings::default(),
-            hbone: Pool::new(100, Duration::from_secs(60)),
+            hbone: HboneDialer::new(
+                tls,
+                H2Settings::default(),
+                MAX_STREAMS_PER_HBONE,
+                HBONE_IDLE,
+            ),
             h1_idle: Mutex::new(HashMap::new()),
             h2_conns: Mutex::new(HashMap::new()),
         })
@@ -102,37 +97,37 @@ impl Upstream {
         ep: &Endpoint,
         headers: HeaderMap,
     ) -> Result<Box<dyn Io>, UpstreamError> {
-        let connect_err = |e: String| UpstreamError::Connect(ep.addr, e);
+        self.connect(ep, headers)
+            .await
+            .map_err(|e| UpstreamError::Connect(ep.addr, e))
+    }
+
+    async fn connect(
+        &self,
+        ep: &Endpoint,
+        headers: HeaderMap,
+    ) -> Result<Box<dyn Io>, ConnectError> {
         match &ep.identity {
             Some(identity) => {
-                let hbone_addr = SocketAddr::new(ep.addr.ip(), weft_hbone::HBONE_PORT);
+                let hbone = SocketAddr::new(ep.addr.ip(), weft_hbone::HBONE_PORT);
                 let key = HboneKey {
-                    dst: hbone_addr,
+                    dst: hbone,
                     identity: Identity::clone(identity),
                 };
-                let dial = || async {
-                    let cert = self
-                        .certs
-                        .fetch(&self.me)
-                        .await
-                        .map_err(|e| HboneError::Io(std::io::Error::other(e.to_string())))?;
-                    let cfg = tls::client_config(&cert, &self.certs.trust_bundle(), identity)?;
-                    let tcp = TcpStream::connect(hbone_addr).await?;
-                    let _ = tcp.set_nodelay(true);
-                    client::connect(tcp, cfg, &self.h2).await
+                let dial = Dial {
+                    me: &self.me,
+                    peer: identity,
+                    hbone,
+                    target: ep.addr,
+                    headers,
                 };
-                let stream = self
-                    .hbone
-                    .open(&key, dial, ep.addr, headers)
-                    .await
-                    .map_err(|e| connect_err(e.to_string()))?;
+                let stream = self.hbone.open(&key, dial, TcpStream::connect).await?;
                 Ok(Box::new(stream))
             }
             None => {
-                let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(ep.addr))
+                let tcp = tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect(ep.addr))
                     .await
-                    .map_err(|_| connect_err("timed out".into()))?
-                    .map_err(|e| connect_err(e.to_string()))?;
+                    .map_err(|_| ConnectError::Timeout(TCP_CONNECT_TIMEOUT))??;
                 let _ = tcp.set_nodelay(true);
                 Ok(Box::new(tcp))
             }
@@ -152,7 +147,7 @@ impl Upstream {
             Proto::Http2 => self
                 .send_h2(ep, req, tunnel_headers)
                 .await
-                .map(|r| r.map(crate::body::boxed)),
+                .map(|r| r.map(body::boxed)),
         }
     }
 
@@ -169,7 +164,7 @@ impl Upstream {
                 let (sender, conn) = http1::Builder::new()
                     .handshake(TokioIo::new(io))
                     .await
-                    .map_err(|e| UpstreamError::Connect(ep.addr, e.to_string()))?;
+                    .map_err(|e| UpstreamError::Connect(ep.addr, e.into()))?;
                 let task = tokio::spawn(async move {
                     // With upgrades: a 101 hands the connection to the
                     // tunnel (WebSocket and the like).
@@ -200,18 +195,14 @@ impl Upstream {
                 Ok(resp.map(|b| {
                     if http_body::Body::is_end_stream(&b) {
                         guard.disarm();
-                        return crate::body::boxed(b);
+                        return body::boxed(b);
                     }
-                    crate::body::boxed(GuardedBody { inner: b, guard })
+                    body::boxed(GuardedBody { inner: b, guard })
                 }))
-            }
-            Err(e) if e.is_canceled() => {
-                guard.disarm();
-                Err(UpstreamError::Connect(ep.addr, e.to_string()))
             }
             Err(e) => {
                 guard.disarm();
-                Err(UpstreamError::Reset(e.to_string()))
+                Err(sent_error(ep, e))
             }
         }
     }
@@ -246,7 +237,7 @@ impl Upstream {
                     .keep_alive_interval(Duration::from_secs(30))
                     .handshake(TokioIo::new(io))
                     .await
-                    .map_err(|e| UpstreamError::Connect(ep.addr, e.to_string()))?;
+                    .map_err(|e| UpstreamError::Connect(ep.addr, e.into()))?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         debug!(component = "upstream", error = %e, "HTTP/2 upstream connection ended");
@@ -262,14 +253,11 @@ impl Upstream {
         sender
             .ready()
             .await
-            .map_err(|e| UpstreamError::Connect(ep.addr, e.to_string()))?;
-        sender.send_request(req).await.map_err(|e| {
-            if e.is_canceled() {
-                UpstreamError::Connect(ep.addr, e.to_string())
-            } else {
-                UpstreamError::Reset(e.to_string())
-            }
-        })
+            .map_err(|e| UpstreamError::Connect(ep.addr, e.into()))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| sent_error(ep, e))
     }
 
     /// Forgets pooled connections to endpoints no longer in `keep`.
@@ -282,6 +270,17 @@ impl Upstream {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|ep, _| keep(ep));
+    }
+}
+
+/// A request hyper gave up on: cancelled means the connection closed
+/// before taking it (nothing sent), anything else broke an exchange that
+/// had started.
+fn sent_error(ep: &Endpoint, e: hyper::Error) -> UpstreamError {
+    if e.is_canceled() {
+        UpstreamError::Connect(ep.addr, e.into())
+    } else {
+        UpstreamError::Reset(e)
     }
 }
 

@@ -1,18 +1,20 @@
-//! Resilience building blocks the proxy calls per request: retries and their
-//! budget, outlier detection, least-request load balancing, circuit
+//! Resilience building blocks the waypoint calls per request: retries and
+//! their budget, outlier detection, least-request load balancing, circuit
 //! breaking, fault injection and local rate limiting. None of them does I/O
 //! or reads the clock: the caller passes `now`, so tests control time.
 //!
-//! The proxy keeps one [`ServiceResilience`] per service and calls
-//! [`ServiceResilience::refresh`] when that service's TrafficPolicy changes.
-//! Retry policies are per route rule and built with
-//! [`RetryPolicy::from_config`] alongside the route.
+//! [`registry`] keeps one [`ServiceResilience`] per service across model
+//! versions, calls [`ServiceResilience::refresh`] when that service's
+//! TrafficPolicy changes, and is what requests talk to. Retry policies are
+//! per route rule and built with [`RetryPolicy::from_config`] alongside the
+//! route.
 
 pub mod balancer;
 pub mod fault;
 pub mod limits;
 pub mod outlier;
 pub mod ratelimit;
+pub mod registry;
 pub mod retry;
 
 use std::net::SocketAddr;

@@ -1,8 +1,9 @@
 //! Per-service resilience state, kept across model versions (an ejected
 //! endpoint stays ejected, a rate-limit bucket keeps its tokens) and
-//! rebuilt only where the service's TrafficPolicy changed. The proxy asks
-//! for a [`ServiceState`] per request and calls its small API; the building
-//! blocks live in `resilience`.
+//! rebuilt only where the service's TrafficPolicy changed. The forwarding
+//! stages ask for a [`ServiceState`] per request and call its small API,
+//! which reads the clock and the random source for the building blocks
+//! next to it (which do neither).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,13 +13,12 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, Method};
 use weft_api::model::{Retry, TrafficPolicy};
 
-pub use crate::resilience::Outcome;
-use crate::resilience::{
-    rate_limit_key, FaultAction, InFlightGuard, Overflow, RequestPermit, RetryPolicy,
+use super::{
+    rate_limit_key, FaultAction, InFlightGuard, Outcome, Overflow, RequestPermit, RetryPolicy,
     ServiceResilience,
 };
+use crate::context::{Backend, Endpoint};
 use crate::state::Compiled;
-use crate::upstream::Endpoint;
 
 /// One service's resilience, as a request sees it.
 pub struct ServiceState {
@@ -146,6 +146,17 @@ impl Registry {
             rate_key: policy
                 .and_then(|p| p.rate_limit.as_ref())
                 .map(|r| r.key.clone()),
+        }
+    }
+
+    /// The state of where a request goes: its service's, or none for a
+    /// workload addressed directly.
+    pub fn for_backend(&self, snap: &Compiled, backend: &Backend) -> ServiceState {
+        match backend {
+            Backend::Service {
+                namespace, name, ..
+            } => self.for_service(snap, namespace, name),
+            Backend::Workload(_) => self.default_service(),
         }
     }
 

@@ -1,0 +1,102 @@
+//! L7 authorization, the first stage: the AuthorizationPolicies that target
+//! the tunnel's service or this waypoint, evaluated for the request (403
+//! when denied) or, for a connection that is not HTTP, for the connection
+//! (where rules naming HTTP fields fail closed).
+
+use http::request::Parts;
+use http::{HeaderMap, StatusCode};
+use tracing::info;
+
+use super::reply::{LocalReply, Stage};
+use crate::authz::{Authorizer, AuthzRequest, Target as AuthzTarget};
+use crate::context::{ConnCtx, Target};
+use crate::metrics::{DenialLabels, Metrics};
+
+/// One HTTP request. `Err` names the denying policy in `policy`.
+pub fn request(
+    authz: &Authorizer,
+    waypoint: &str,
+    ctx: &ConnCtx,
+    parts: &Parts,
+    metrics: &Metrics,
+    policy: &mut String,
+) -> Stage<()> {
+    let http = Http {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    };
+    match check(authz, waypoint, ctx, http) {
+        Ok(()) => Ok(()),
+        Err(denied) => {
+            info!(component = "authz", policy = denied, src = %ctx.peer, method = %parts.method, path = parts.uri.path(), "request denied by policy");
+            count(metrics, ctx, &denied);
+            *policy = denied;
+            Err(LocalReply::new(
+                "denied",
+                StatusCode::FORBIDDEN,
+                "RBAC: access denied\n",
+            ))
+        }
+    }
+}
+
+/// A connection carried at L4; `false` when denied.
+pub fn connection(authz: &Authorizer, waypoint: &str, ctx: &ConnCtx, metrics: &Metrics) -> bool {
+    // An empty method marks "no HTTP" for the evaluator's L4 path.
+    let none = HeaderMap::new();
+    let http = Http {
+        method: "",
+        path: "",
+        headers: &none,
+    };
+    match check(authz, waypoint, ctx, http) {
+        Ok(()) => true,
+        Err(denied) => {
+            info!(component = "authz", policy = denied, src = %ctx.peer, "L4 connection denied by policy");
+            count(metrics, ctx, &denied);
+            false
+        }
+    }
+}
+
+/// The HTTP attributes policies may name.
+struct Http<'a> {
+    method: &'a str,
+    path: &'a str,
+    headers: &'a HeaderMap,
+}
+
+/// `Err(policy)` when denied. Only services have policies: a workload
+/// addressed directly is not checked here.
+fn check(authz: &Authorizer, waypoint: &str, ctx: &ConnCtx, http: Http) -> Result<(), String> {
+    let Target::Service {
+        namespace, name, ..
+    } = &ctx.target
+    else {
+        return Ok(());
+    };
+    authz.verdict(&AuthzRequest {
+        service: AuthzTarget { namespace, name },
+        waypoint: AuthzTarget {
+            namespace,
+            name: waypoint,
+        },
+        src_ip: ctx.src_ip,
+        src_identity: Some(&ctx.peer),
+        port: ctx.original_dst.port(),
+        method: http.method,
+        path: http.path,
+        headers: http.headers,
+    })
+}
+
+fn count(metrics: &Metrics, ctx: &ConnCtx, policy: &str) {
+    metrics
+        .denials
+        .get_or_create(&DenialLabels {
+            policy: policy.to_owned(),
+            destination_service: ctx.derived.service.clone(),
+        })
+        .inc();
+}
