@@ -57,6 +57,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Arc::new(Ops {
             metrics: metrics.clone(),
             state: state.clone(),
+            certs: certs.clone(),
         }),
         readiness.clone(),
     );
@@ -138,6 +139,7 @@ async fn wait_for_certificate(certs: &Arc<CertManager>, me: &Identity) {
 struct Ops {
     metrics: Arc<Metrics>,
     state: WaypointState,
+    certs: Arc<CertManager>,
 }
 
 impl OpsHandler for Ops {
@@ -152,6 +154,8 @@ impl OpsHandler for Ops {
                 "model_version": snap.version,
                 "model": snap.model,
                 "route_problems": snap.routes.problems,
+                "certificates": self.certs.to_json(),
+                "trust_roots": self.certs.trust().get().roots.len(),
             })
         })
     }

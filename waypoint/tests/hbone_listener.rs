@@ -190,7 +190,7 @@ async fn a_drain_refuses_new_connections_and_waits_for_open_tunnels() {
         .await
         .expect("exchange");
 
-    let drained = tokio::spawn(drain.drain(Duration::from_secs(20)));
+    let drained = tokio::spawn(async move { drain.drain(Duration::from_secs(20)).await });
     // The listener closes: a new connection is refused.
     let mut refused = false;
     for _ in 0..100 {

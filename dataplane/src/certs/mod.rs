@@ -190,6 +190,27 @@ impl CertManager {
         out
     }
 
+    /// The managed certificates (`identity`, `expires_unix`, `renew_unix`,
+    /// `last_error`) as `/config_dump` shows them.
+    pub fn to_json(&self) -> serde_json::Value {
+        let unix = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        self.status()
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "identity": c.identity.to_string(),
+                    "expires_unix": unix(c.not_after),
+                    "renew_unix": unix(c.renew_at),
+                    "last_error": c.last_error,
+                })
+            })
+            .collect()
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<Identity, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
