@@ -166,15 +166,19 @@ fn e2e_runtime_certificates_renew_in_the_background_under_traffic() {
 fn e2e_runtime_a_new_root_reaches_ztunnel_and_waypoint_server_tls() {
     let mut mesh = Mesh::with_controller(2, &["shop"]).expect("mesh with controller");
     let outsider = mesh.add_pod(0, "legacy", "outsider", "default").unwrap();
+    // `direct` is reached without a waypoint; `server` only through one.
+    let direct_pod = mesh.add_pod(1, "shop", "direct", "direct").unwrap();
     let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
+    mesh.wait_enrolled(1, &direct_pod, true).unwrap();
     mesh.wait_enrolled(1, &server, true).unwrap();
+    mesh.serve_testapp(&direct_pod, 7000).unwrap();
     mesh.serve_testapp(&server, 7000).unwrap();
     let vip = mesh
         .add_service_selecting("shop", "server", &[("app", "server")], &[(80, 7000)])
         .unwrap();
     let waypoint = mesh.add_waypoint(0, "shop", "wp").unwrap();
     mesh.use_waypoint("shop", "server", Some("wp")).unwrap();
-    let direct = format!("{}:7000", server.ip);
+    let direct = format!("{}:7000", direct_pod.ip);
     let via_waypoint = format!("{vip}:80");
 
     let root = mesh.controller_root().unwrap();
@@ -187,35 +191,38 @@ fn e2e_runtime_a_new_root_reaches_ztunnel_and_waypoint_server_tls() {
     })
     .expect("the controller rotates the root");
     // The client's certificate is signed by the new root only.
+    let mut last = serde_json::Value::Null;
+    let direct_ip = direct_pod.ip.to_string();
     wait_until(Duration::from_secs(15), || {
-        let v = probe(
+        last = probe(
             &mesh,
             &outsider,
-            &server.ip.to_string(),
+            &direct_ip,
             &direct,
-            &spiffe("shop", "server"),
+            &spiffe("shop", "direct"),
         );
-        (v["ok"] == true).then_some(())
+        (last["ok"] == true).then_some(())
     })
     .unwrap_or_else(|e| {
         panic!(
-            "the ztunnel never accepted a certificate of the new root: {e:#}\n{}",
+            "the ztunnel never accepted a certificate of the new root: {e:#}: {last}\n{}",
             mesh.ztunnel_log(1)
         )
     });
+    let waypoint_ip = waypoint.ip.to_string();
     wait_until(Duration::from_secs(15), || {
-        let v = probe(
+        last = probe(
             &mesh,
             &outsider,
-            &waypoint.ip.to_string(),
+            &waypoint_ip,
             &via_waypoint,
             &spiffe("shop", "wp"),
         );
-        (v["ok"] == true).then_some(())
+        (last["ok"] == true).then_some(())
     })
     .unwrap_or_else(|e| {
         panic!(
-            "the waypoint never accepted a certificate of the new root: {e:#}\n{}",
+            "the waypoint never accepted a certificate of the new root: {e:#}: {last}\n{}",
             mesh.waypoint_log("wp")
         )
     });
