@@ -1,7 +1,6 @@
 //! weft-controller entry point.
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "weft-controller", version, about = "Weft's control plane")]
@@ -27,22 +26,7 @@ fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::Run(cfg) => {
-            use std::io::IsTerminal;
-            let filter =
-                EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-            if cfg.log_json {
-                tracing_subscriber::fmt()
-                    .json()
-                    .with_writer(std::io::stderr)
-                    .with_env_filter(filter)
-                    .init();
-            } else {
-                tracing_subscriber::fmt()
-                    .with_ansi(std::io::stderr().is_terminal())
-                    .with_writer(std::io::stderr)
-                    .with_env_filter(filter)
-                    .init();
-            }
+            weft_dataplane::logging::init(cfg.log_json);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
