@@ -51,6 +51,32 @@ impl HeaderLookup for HeaderPairs<'_> {
     }
 }
 
+/// The `policy` label of a tunnel refused because it claimed a source
+/// address its identity does not hold.
+pub const FORGED_SOURCE: &str = "forged-source-address";
+
+/// The client address a policy may see for a tunnel that arrived on a
+/// connection from `conn_ip`, authenticated as `peer`, claiming `claimed`
+/// (the `forwarded` header). The connection's own address needs no belief:
+/// the source ztunnel dials from inside the client pod. A different claimed
+/// address is believed only when the mesh model says it belongs to a
+/// workload of `peer`'s identity (`identity_at` answers that); any other
+/// claim is refused (`Err` with the address claimed), never passed to
+/// ipBlock rules or metrics.
+pub fn source_address(
+    conn_ip: IpAddr,
+    claimed: Option<IpAddr>,
+    peer: &Identity,
+    identity_at: impl Fn(IpAddr) -> Option<Identity>,
+) -> Result<IpAddr, IpAddr> {
+    match claimed {
+        None => Ok(conn_ip),
+        Some(ip) if ip.to_canonical() == conn_ip.to_canonical() => Ok(conn_ip),
+        Some(ip) if identity_at(ip).as_ref() == Some(peer) => Ok(ip),
+        Some(ip) => Err(ip),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow,
@@ -210,6 +236,35 @@ pub fn cidr_contains(block: &str, ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claimed_source_is_believed_only_for_the_peer_s_own_workloads() {
+        let web = Identity::new("cluster.local", "shop", "web");
+        let db = Identity::new("cluster.local", "shop", "db");
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let at = |a: IpAddr| match a.to_string().as_str() {
+            "10.0.0.2" | "10.0.0.3" => Some(web.clone()),
+            "10.0.0.9" => Some(db.clone()),
+            _ => None,
+        };
+        let conn = ip("10.0.0.2");
+        assert_eq!(source_address(conn, None, &web, at), Ok(conn));
+        assert_eq!(source_address(conn, Some(conn), &web, at), Ok(conn));
+        // Another address of the same identity is believed.
+        assert_eq!(
+            source_address(conn, Some(ip("10.0.0.3")), &web, at),
+            Ok(ip("10.0.0.3"))
+        );
+        // Someone else's address, or one nobody holds, is refused.
+        assert_eq!(
+            source_address(conn, Some(ip("10.0.0.9")), &web, at),
+            Err(ip("10.0.0.9"))
+        );
+        assert_eq!(
+            source_address(conn, Some(ip("192.0.2.1")), &web, at),
+            Err(ip("192.0.2.1"))
+        );
+    }
     use crate::MeshModel;
 
     fn policies(yaml: &str) -> Vec<AuthorizationPolicy> {

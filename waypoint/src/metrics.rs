@@ -163,6 +163,16 @@ impl Metrics {
         encode(&self.registry)
     }
 
+    /// Counts a request or tunnel `policy` denied for `destination_service`.
+    pub fn denied(&self, policy: &str, destination_service: String) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                policy: policy.to_owned(),
+                destination_service,
+            })
+            .inc();
+    }
+
     pub fn failure(&self, reason: &str) {
         self.failures
             .get_or_create(&ReasonLabels {

@@ -164,7 +164,23 @@ async fn tunnel(proxy: Arc<Proxy>, t: InboundTunnel, conn_ip: IpAddr, drain: Dra
             }
         },
     };
-    let src_ip = t.forwarded_for().unwrap_or(conn_ip);
+    // The address policies and metrics see is bound to the peer's
+    // identity: a claim of someone else's address is refused.
+    let claimed = t.forwarded_for();
+    let src_ip = match weft_api::policy::source_address(conn_ip, claimed, &t.peer, |ip| {
+        snap.workload_by_ip(ip).map(|w| snap.model.identity_of(w))
+    }) {
+        Ok(ip) => ip,
+        Err(forged) => {
+            proxy
+                .forwarder
+                .metrics()
+                .denied(weft_api::policy::FORGED_SOURCE, target.label());
+            warn!(component = "waypoint", peer = %t.peer, conn = %conn_ip, claimed = %forged, "tunnel claims a source address its identity does not hold; refusing");
+            t.reject(StatusCode::UNAUTHORIZED);
+            return;
+        }
+    };
     let (src_workload, src_namespace) = snap
         .workload_by_ip(src_ip)
         .map(|w| (w.name.clone(), w.namespace.clone()))

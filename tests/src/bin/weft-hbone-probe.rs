@@ -34,7 +34,7 @@ async fn main() {
         Some("raw") => raw(&args).await,
         Some("csr") => csr(&args).await,
         _ => {
-            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca)\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller https://IP:PORT --ca-file ROOT.pem --token T --identity SPIFFE");
+            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca) [--forwarded IP]\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller https://IP:PORT --ca-file ROOT.pem --token T --identity SPIFFE");
             std::process::exit(2)
         }
     };
@@ -78,11 +78,14 @@ async fn connect(args: &[String]) -> serde_json::Value {
             client::connect(tcp, cfg, &Default::default()),
         )
         .await??;
-        let mut stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            conn.open(target, Default::default()),
-        )
-        .await??;
+        // `--forwarded IP`: claim a client address, as a source ztunnel's
+        // `forwarded` header does.
+        let mut headers = http::HeaderMap::new();
+        if let Some(ip) = arg(args, "--forwarded") {
+            headers.insert(http::header::FORWARDED, format!("for={ip}").parse()?);
+        }
+        let mut stream =
+            tokio::time::timeout(Duration::from_secs(5), conn.open(target, headers)).await??;
         stream.write_all(b"WHO\n").await?;
         let mut buf = vec![0u8; 256];
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;

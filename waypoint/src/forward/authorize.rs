@@ -10,7 +10,7 @@ use tracing::info;
 use super::reply::{LocalReply, Stage};
 use crate::authz::{Authorizer, AuthzRequest, Target as AuthzTarget};
 use crate::context::{ConnCtx, Target};
-use crate::metrics::{DenialLabels, Metrics};
+use crate::metrics::Metrics;
 
 /// One HTTP request. `Err` names the denying policy in `policy`.
 pub fn request(
@@ -92,11 +92,5 @@ fn check(authz: &Authorizer, waypoint: &str, ctx: &ConnCtx, http: Http) -> Resul
 }
 
 fn count(metrics: &Metrics, ctx: &ConnCtx, policy: &str) {
-    metrics
-        .denials
-        .get_or_create(&DenialLabels {
-            policy: policy.to_owned(),
-            destination_service: ctx.derived.service.clone(),
-        })
-        .inc();
+    metrics.denied(policy, ctx.derived.service.clone());
 }
