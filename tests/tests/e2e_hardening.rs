@@ -143,3 +143,139 @@ fn e2e_hardening_a_forged_forwarded_address_is_refused_by_the_waypoint() {
         "{log}"
     );
 }
+
+/// The circuit breaker's `maxConnections` and `maxPendingRequests` are
+/// enforced at the waypoint: with one connection and one waiting request
+/// allowed, of three concurrent slow HTTP/1.1 requests one waits and gets
+/// through and one is answered 503 with `x-weft-overflow` (counted as a
+/// pending overflow); a second concurrent TCP connection to a one-connection
+/// service is turned away (counted as a connections overflow).
+#[test]
+fn e2e_hardening_max_connections_and_max_pending_requests_are_enforced() {
+    use weft_api::model::{ConnectionLimits, TrafficPolicy};
+    let mut mesh = Mesh::with_controller(2, &["shop"]).expect("mesh with controller");
+    let client = mesh.add_pod(0, "shop", "client", "client").unwrap();
+    let slow = mesh.add_pod(1, "shop", "slow", "slow").unwrap();
+    let tcp = mesh.add_pod(1, "shop", "tcp", "tcp").unwrap();
+    mesh.wait_enrolled(0, &client, true).unwrap();
+    mesh.serve_httpapp(&slow, 8080, None).unwrap();
+    mesh.serve_testapp(&tcp, 7000).unwrap();
+    let slow_vip = mesh
+        .add_service_selecting("shop", "slow", &[("app", "slow")], &[(80, 8080)])
+        .unwrap();
+    let tcp_vip = mesh
+        .add_service_selecting("shop", "tcp", &[("app", "tcp")], &[(70, 7000)])
+        .unwrap();
+    mesh.add_waypoint(1, "shop", "wp").unwrap();
+    mesh.use_waypoint("shop", "slow", Some("wp")).unwrap();
+    mesh.use_waypoint("shop", "tcp", Some("wp")).unwrap();
+    for (name, pending) in [("slow", Some(1)), ("tcp", None)] {
+        mesh.model.traffic_policies.push(TrafficPolicy {
+            name: format!("{name}-limits"),
+            namespace: "shop".into(),
+            target: name.into(),
+            limits: Some(ConnectionLimits {
+                max_connections: Some(1),
+                max_pending_requests: pending,
+                max_requests: None,
+            }),
+            ..Default::default()
+        });
+    }
+    mesh.write_model().unwrap();
+    let url = format!("http://{slow_vip}:80/slow?ms=1500");
+    // Warm up: the route and policy are in place and the path works.
+    let warm = mesh
+        .curl(
+            &client,
+            &[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{slow_vip}:80/slow?ms=1"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&warm.stdout), "200");
+
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let out = mesh
+                        .curl(
+                            &client,
+                            &[
+                                "-o",
+                                "/dev/null",
+                                "-w",
+                                "%{http_code} %header{x-weft-overflow}",
+                                &url,
+                            ],
+                        )
+                        .unwrap();
+                    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let overflowed = answers.iter().filter(|a| a.as_str() == "503 true").count();
+    let served = answers.iter().filter(|a| a.as_str() == "200").count();
+    assert_eq!(
+        (served, overflowed),
+        (2, 1),
+        "one waits, one overflows: {answers:?}"
+    );
+    let m = mesh.waypoint_metrics("wp").unwrap();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "weft_circuit_breaker_overflows_total",
+            &[("destination_service", "slow.shop"), ("limit", "pending")]
+        ),
+        1.0,
+        "{m}"
+    );
+
+    // TCP through the waypoint: one connection held, a second refused.
+    let target = format!("{tcp_vip}:70");
+    mesh.spawn_holder("holder", &client, &target, 1, 40)
+        .unwrap();
+    wait_until(Duration::from_secs(5), || {
+        let m = mesh.waypoint_metrics("wp").ok()?;
+        (metric_sum(
+            &m,
+            "weft_tcp_passthrough_connections_total",
+            &[("destination_service", "tcp.shop")],
+        ) >= 1.0)
+            .then_some(())
+    })
+    .expect("the held connection goes through");
+    let v = mesh.connect(&client, &target);
+    assert_eq!(
+        v["ok"], false,
+        "a second connection is over maxConnections: {v}"
+    );
+    let m = mesh.waypoint_metrics("wp").unwrap();
+    assert_eq!(
+        metric_sum(
+            &m,
+            "weft_circuit_breaker_overflows_total",
+            &[
+                ("destination_service", "tcp.shop"),
+                ("limit", "connections")
+            ]
+        ),
+        1.0,
+        "{m}"
+    );
+    let status = wait_until(Duration::from_secs(10), || {
+        mesh.cluster.exit_status("holder")
+    })
+    .expect("the held connection ends");
+    assert!(status.success(), "{}", mesh.cluster.log("holder"));
+    let v = mesh.connect(&client, &target);
+    assert_eq!(v["ok"], true, "the slot is free again: {v}");
+}

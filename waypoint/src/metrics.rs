@@ -45,6 +45,13 @@ pub struct DenialLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub destination_service: String,
+    /// Which limit: `requests`, `pending`, `connections`.
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceOnly {
     pub destination_service: String,
 }
@@ -57,7 +64,7 @@ pub struct Metrics {
     pub denials: Family<DenialLabels, Counter>,
     pub retries: Family<ServiceOnly, Counter>,
     pub rate_limited: Family<ServiceOnly, Counter>,
-    pub overflows: Family<ServiceOnly, Counter>,
+    pub overflows: Family<OverflowLabels, Counter>,
     pub cancelled: Family<ServiceOnly, Counter>,
     pub ejections: Family<ServiceOnly, Counter>,
     pub failures: Family<ReasonLabels, Counter>,
@@ -161,6 +168,16 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         encode(&self.registry)
+    }
+
+    /// Counts a request or connection a circuit-breaker limit turned away.
+    pub fn overflowed(&self, destination_service: String, limit: crate::resilience::Overflow) {
+        self.overflows
+            .get_or_create(&OverflowLabels {
+                destination_service,
+                limit: limit.as_str(),
+            })
+            .inc();
     }
 
     /// Counts a request or tunnel `policy` denied for `destination_service`.

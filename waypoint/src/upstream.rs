@@ -5,12 +5,18 @@
 //!
 //! HTTP/2 endpoints share one client connection (multiplexed); HTTP/1.1
 //! endpoints keep a bounded stack of idle connections, each on its own
-//! CONNECT stream (the HBONE connection underneath is shared).
+//! CONNECT stream (the HBONE connection underneath is shared). Every new
+//! connection takes a slot under the service's `maxConnections` for as
+//! long as it is open; an HTTP/1.1 request that finds no idle connection
+//! and no free slot waits (one of `maxPendingRequests`) for either, and
+//! past that is turned away as an overflow.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
@@ -25,6 +31,7 @@ use weft_hbone::{H2Settings, HboneError};
 
 use crate::body::{self, Body};
 use crate::context::{Endpoint, Proto};
+use crate::resilience::{Admission, ConnectionPermit, Limits, Overflow};
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_H1: usize = 256;
@@ -34,6 +41,12 @@ const MAX_STREAMS_PER_HBONE: usize = 100;
 const HBONE_IDLE: Duration = Duration::from_secs(60);
 /// Plain TCP connect deadline (HBONE's handshake has its own).
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a request waits for an HTTP/1.1 connection past
+/// `maxConnections` before it is turned away as a pending overflow.
+const PENDING_TIMEOUT: Duration = Duration::from_secs(5);
+/// A waiting request looks again at least this often (a connection turns
+/// reusable inside hyper a moment after its body ends).
+const PENDING_RECHECK: Duration = Duration::from_millis(10);
 
 /// Why an attempt got no response: the retry logic needs to know whether
 /// the request may have reached the app.
@@ -45,6 +58,10 @@ pub enum UpstreamError {
     /// Sent (maybe partly), then the connection or stream broke.
     #[error("upstream reset: {0}")]
     Reset(#[source] hyper::Error),
+    /// Not sent: a circuit-breaker limit (connections, pending requests)
+    /// turned it away.
+    #[error("{0}")]
+    Overflow(Overflow),
 }
 
 /// What failed while reaching an endpoint, before the request was sent.
@@ -73,6 +90,9 @@ pub struct Upstream {
     hbone: HboneDialer<HboneKey>,
     h1_idle: Mutex<HashMap<Endpoint, Vec<H1Conn>>>,
     h2_conns: Mutex<HashMap<Endpoint, http2::SendRequest<Body>>>,
+    /// Per endpoint: woken when an HTTP/1.1 connection may have become
+    /// reusable or closed (requests waiting past `maxConnections`).
+    h1_freed: Mutex<HashMap<SocketAddr, Arc<Notify>>>,
 }
 
 impl Upstream {
@@ -88,6 +108,7 @@ impl Upstream {
             ),
             h1_idle: Mutex::new(HashMap::new()),
             h2_conns: Mutex::new(HashMap::new()),
+            h1_freed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -134,18 +155,20 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` to `ep` over a pooled HTTP connection of `proto`.
+    /// Sends `req` to `ep` over a pooled HTTP connection of `proto`; a new
+    /// connection counts against `limits`.
     pub async fn send(
         &self,
         ep: &Endpoint,
         proto: Proto,
         req: Request<Body>,
         tunnel_headers: &HeaderMap,
+        limits: &Limits,
     ) -> Result<Response<Body>, UpstreamError> {
         match proto {
-            Proto::Http1 => self.send_h1(ep, req, tunnel_headers).await,
+            Proto::Http1 => self.send_h1(ep, req, tunnel_headers, limits).await,
             Proto::Http2 => self
-                .send_h2(ep, req, tunnel_headers)
+                .send_h2(ep, req, tunnel_headers, limits)
                 .await
                 .map(|r| r.map(body::boxed)),
         }
@@ -156,32 +179,14 @@ impl Upstream {
         ep: &Endpoint,
         req: Request<Body>,
         tunnel_headers: &HeaderMap,
+        limits: &Limits,
     ) -> Result<Response<Body>, UpstreamError> {
-        let mut conn = match self.idle_h1(ep) {
-            Some(c) => c,
-            None => {
-                let io = self.open_stream(ep, tunnel_headers.clone()).await?;
-                let (sender, conn) = http1::Builder::new()
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| UpstreamError::Connect(ep.addr, e.into()))?;
-                let task = tokio::spawn(async move {
-                    // With upgrades: a 101 hands the connection to the
-                    // tunnel (WebSocket and the like).
-                    if let Err(e) = conn.with_upgrades().await {
-                        debug!(component = "upstream", error = %e, "HTTP/1.1 upstream connection ended");
-                    }
-                });
-                H1Conn {
-                    sender,
-                    abort: task.abort_handle(),
-                }
-            }
-        };
+        let mut conn = self.h1_conn(ep, tunnel_headers, limits).await?;
         // HTTP/1.1 cannot cancel one request: if the client goes away before
         // the exchange ends, the upstream connection is closed so the app
         // sees the cancellation (and the connection is not reused mid-way).
         let guard = AbortOnDrop(Some(conn.abort.clone()));
+        let freed = self.freed(ep.addr);
         let res = conn.sender.send_request(req).await;
         match res {
             Ok(resp) => {
@@ -195,9 +200,14 @@ impl Upstream {
                 Ok(resp.map(|b| {
                     if http_body::Body::is_end_stream(&b) {
                         guard.disarm();
+                        freed.notify_waiters();
                         return body::boxed(b);
                     }
-                    body::boxed(GuardedBody { inner: b, guard })
+                    body::boxed(GuardedBody {
+                        inner: b,
+                        guard,
+                        freed: Some(freed),
+                    })
                 }))
             }
             Err(e) => {
@@ -205,6 +215,83 @@ impl Upstream {
                 Err(sent_error(ep, e))
             }
         }
+    }
+
+    /// An idle HTTP/1.1 connection to `ep`, or a new one under
+    /// `maxConnections`, or (waiting as one of `maxPendingRequests`) the
+    /// first of those to come free.
+    async fn h1_conn(
+        &self,
+        ep: &Endpoint,
+        tunnel_headers: &HeaderMap,
+        limits: &Limits,
+    ) -> Result<H1Conn, UpstreamError> {
+        if let Some(c) = self.idle_h1(ep) {
+            return Ok(c);
+        }
+        let _waiting = match limits
+            .connect_or_queue(ep.addr)
+            .map_err(UpstreamError::Overflow)?
+        {
+            Admission::Connect(slot) => return self.new_h1(ep, tunnel_headers, slot).await,
+            Admission::Wait(place) => place,
+        };
+        let freed = self.freed(ep.addr);
+        let deadline = tokio::time::Instant::now() + PENDING_TIMEOUT;
+        loop {
+            let notified = freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(c) = self.idle_h1(ep) {
+                return Ok(c);
+            }
+            if let Some(slot) = limits.try_connect_waiting(ep.addr) {
+                return self.new_h1(ep, tunnel_headers, slot).await;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(UpstreamError::Overflow(Overflow::Pending));
+            }
+            let _ = tokio::time::timeout((deadline - now).min(PENDING_RECHECK), notified).await;
+        }
+    }
+
+    /// A new HTTP/1.1 connection to `ep`, holding `slot` while it is open.
+    async fn new_h1(
+        &self,
+        ep: &Endpoint,
+        tunnel_headers: &HeaderMap,
+        slot: ConnectionPermit,
+    ) -> Result<H1Conn, UpstreamError> {
+        let io = self.open_stream(ep, tunnel_headers.clone()).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Connect(ep.addr, e.into()))?;
+        let freed = self.freed(ep.addr);
+        let task = tokio::spawn(async move {
+            // With upgrades: a 101 hands the connection to the tunnel
+            // (WebSocket and the like).
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(component = "upstream", error = %e, "HTTP/1.1 upstream connection ended");
+            }
+            drop(slot);
+            freed.notify_waiters();
+        });
+        Ok(H1Conn {
+            sender,
+            abort: task.abort_handle(),
+        })
+    }
+
+    /// The wake-up of requests waiting for a connection to `addr`.
+    fn freed(&self, addr: SocketAddr) -> Arc<Notify> {
+        self.h1_freed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(addr)
+            .or_default()
+            .clone()
     }
 
     fn idle_h1(&self, ep: &Endpoint) -> Option<H1Conn> {
@@ -220,6 +307,7 @@ impl Upstream {
         ep: &Endpoint,
         req: Request<Body>,
         tunnel_headers: &HeaderMap,
+        limits: &Limits,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let existing = {
             let conns = self.h2_conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -228,6 +316,11 @@ impl Upstream {
         let mut sender = match existing {
             Some(s) => s,
             None => {
+                // One multiplexed connection per endpoint: only a limit of
+                // zero connections turns it away.
+                let slot = limits
+                    .try_connect(ep.addr)
+                    .map_err(UpstreamError::Overflow)?;
                 let io = self.open_stream(ep, tunnel_headers.clone()).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -242,6 +335,7 @@ impl Upstream {
                     if let Err(e) = conn.await {
                         debug!(component = "upstream", error = %e, "HTTP/2 upstream connection ended");
                     }
+                    drop(slot);
                 });
                 self.h2_conns
                     .lock()
@@ -270,6 +364,11 @@ impl Upstream {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|ep, _| keep(ep));
+        self.h1_freed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            // Held by nobody: no connection, body or waiter of it is left.
+            .retain(|_, freed| Arc::strong_count(freed) > 1);
     }
 }
 
@@ -312,10 +411,29 @@ impl Drop for AbortOnDrop {
 }
 
 /// A response body that closes its HTTP/1.1 connection if dropped before
-/// its end.
+/// its end, and at its end (or drop) wakes requests waiting for a
+/// connection.
 struct GuardedBody {
     inner: Incoming,
     guard: AbortOnDrop,
+    freed: Option<Arc<Notify>>,
+}
+
+impl GuardedBody {
+    fn ended(&mut self) {
+        self.guard.0 = None;
+        if let Some(f) = self.freed.take() {
+            f.notify_waiters();
+        }
+    }
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        if let Some(f) = self.freed.take() {
+            f.notify_waiters();
+        }
+    }
 }
 
 impl http_body::Body for GuardedBody {
@@ -332,10 +450,8 @@ impl http_body::Body for GuardedBody {
         // server does when the length is known) as `is_end_stream` after
         // the last frame.
         match &polled {
-            std::task::Poll::Ready(None) => this.guard.0 = None,
-            std::task::Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
-                this.guard.0 = None
-            }
+            std::task::Poll::Ready(None) => this.ended(),
+            std::task::Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended(),
             _ => {}
         }
         polled

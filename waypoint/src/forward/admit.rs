@@ -35,8 +35,8 @@ pub fn rate_limit(
 /// A slot under the service's concurrent-request limit, held until the
 /// response headers are back.
 pub fn admit(service: &ServiceState, backend: &Backend, metrics: &Metrics) -> Stage<RequestPermit> {
-    service.start_request().map_err(|_| {
-        count_for(&metrics.overflows, backend.label());
+    service.start_request().map_err(|limit| {
+        metrics.overflowed(backend.label(), limit);
         LocalReply::new(
             "overflow",
             StatusCode::SERVICE_UNAVAILABLE,

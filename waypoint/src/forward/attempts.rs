@@ -17,7 +17,7 @@ use crate::context::{ConnCtx, Endpoint, Proto};
 use crate::metrics::{count_for, Metrics};
 use crate::plan::Plan;
 use crate::resilience::registry::ServiceState;
-use crate::resilience::Outcome;
+use crate::resilience::{Outcome, OVERFLOW_HEADER};
 use crate::state::Compiled;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -169,9 +169,13 @@ impl Attempts<'_> {
             Proto::Http1 => http::Version::HTTP_11,
             Proto::Http2 => http::Version::HTTP_2,
         };
-        let sent = self
-            .upstream
-            .send(&ep, self.ctx.proto, req, &self.ctx.derived.tunnel);
+        let sent = self.upstream.send(
+            &ep,
+            self.ctx.proto,
+            req,
+            &self.ctx.derived.tunnel,
+            self.service.limits(),
+        );
         let result = match self.plan.try_timeout {
             Some(t) => match tokio::time::timeout(t, sent).await {
                 Ok(r) => r.map_err(AttemptError::Upstream),
@@ -193,6 +197,9 @@ impl Attempts<'_> {
             Ok(resp) if retryable => Ok(Tried::Again(Some(resp))),
             Ok(resp) => Ok(Tried::Final(resp)),
             Err(e) => {
+                if let AttemptError::Upstream(UpstreamError::Overflow(limit)) = &e {
+                    self.metrics.overflowed(self.plan.backend.label(), *limit);
+                }
                 self.metrics.failure(e.reason());
                 debug!(component = "waypoint", endpoint = %ep.addr, error = %e, "upstream attempt failed");
                 if retryable {
@@ -224,6 +231,8 @@ impl AttemptError {
         match self {
             AttemptError::Upstream(UpstreamError::Connect(..)) => Outcome::ConnectFailed,
             AttemptError::Upstream(UpstreamError::Reset(_)) => Outcome::Reset,
+            // Turned away before sending: nothing the endpoint did.
+            AttemptError::Upstream(UpstreamError::Overflow(_)) => Outcome::Overflow,
             AttemptError::Timeout => Outcome::Timeout,
         }
     }
@@ -233,6 +242,7 @@ impl AttemptError {
         match self {
             AttemptError::Upstream(UpstreamError::Connect(..)) => "connect",
             AttemptError::Upstream(UpstreamError::Reset(_)) => "reset",
+            AttemptError::Upstream(UpstreamError::Overflow(_)) => "overflow",
             AttemptError::Timeout => "timeout",
         }
     }
@@ -255,6 +265,12 @@ impl AttemptError {
                 StatusCode::BAD_GATEWAY,
                 "upstream reset before response\n",
             ),
+            AttemptError::Upstream(UpstreamError::Overflow(_)) => LocalReply::new(
+                "overflow",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream overflow\n",
+            )
+            .with_header(OVERFLOW_HEADER, "true"),
         }
     }
 }

@@ -26,6 +26,16 @@ pub async fn carry<S>(
         metrics.failure("no_healthy_upstream");
         return;
     };
+    // Each carried connection is an upstream connection: it takes a slot
+    // under the service's maxConnections for as long as it lasts.
+    let _slot = match service.limits().try_connect(ep.addr) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            metrics.overflowed(ctx.derived.service.clone(), limit);
+            info!(component = "waypoint", endpoint = %ep.addr, "L4 connection turned away: maxConnections reached");
+            return;
+        }
+    };
     let mut stream = match upstream.open_stream(&ep, ctx.derived.tunnel.clone()).await {
         Ok(s) => s,
         Err(e) => {

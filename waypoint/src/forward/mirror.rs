@@ -15,6 +15,7 @@ use weft_api::model::BackendRef;
 use super::head::clone_head;
 use crate::body;
 use crate::context::ConnCtx;
+use crate::resilience::registry::Registry;
 use crate::state::Compiled;
 use crate::upstream::Upstream;
 
@@ -24,6 +25,7 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
 /// Sends `head` + `body` to one endpoint of each of `mirrors`.
 pub fn spawn_all(
     upstream: &Arc<Upstream>,
+    resilience: &Registry,
     snap: &Arc<Compiled>,
     ctx: &ConnCtx,
     head: &Parts,
@@ -37,14 +39,19 @@ pub fn spawn_all(
         let body = body.clone();
         let proto = ctx.proto;
         let tunnel = ctx.derived.tunnel.clone();
+        // The mirror's own circuit breaker bounds its connections.
+        let service = resilience.for_service(&snap, &mirror.namespace, &mirror.name);
         tokio::spawn(async move {
             let eps = snap.endpoints(&mirror.namespace, &mirror.name, mirror.port);
             let Some(ep) = eps.get(rand::random::<usize>() % eps.len().max(1)).cloned() else {
                 return;
             };
             let req = Request::from_parts(head, body::full(body));
-            match tokio::time::timeout(MIRROR_TIMEOUT, upstream.send(&ep, proto, req, &tunnel))
-                .await
+            match tokio::time::timeout(
+                MIRROR_TIMEOUT,
+                upstream.send(&ep, proto, req, &tunnel, service.limits()),
+            )
+            .await
             {
                 Ok(Ok(resp)) => {
                     let _ = resp.into_body().collect().await;

@@ -140,7 +140,15 @@ impl Forwarder {
         }
         let body = RequestBody::read(incoming, &ledger.request_bytes).await?;
         if let Some(bytes) = body.replayable() {
-            mirror::spawn_all(&self.upstream, snap, ctx, parts, bytes, plan.mirrors());
+            mirror::spawn_all(
+                &self.upstream,
+                &self.resilience,
+                snap,
+                ctx,
+                parts,
+                bytes,
+                plan.mirrors(),
+            );
         }
 
         let attempts = Attempts {
@@ -171,7 +179,9 @@ impl Forwarder {
             return;
         }
         let endpoints = snap.endpoints_of(&ctx.target);
-        let service = self.resilience.default_service();
+        // The service's own resilience (balancer, ejections, limits), as
+        // for its HTTP requests.
+        let service = self.resilience.for_backend(&snap, &ctx.target);
         l4::carry(
             &self.upstream,
             self.metrics(),

@@ -55,6 +55,29 @@ pub struct Limits {
     overflows: [AtomicU64; 3],
 }
 
+/// A slot of `counter` under `max` (unset: unlimited), if there is one.
+fn take(counter: &Arc<AtomicU32>, max: Option<u32>) -> Option<Permit> {
+    let max = max.unwrap_or(u32::MAX);
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Permit {
+            counter: counter.clone(),
+        })
+}
+
+/// What a request needing a new connection got.
+#[derive(Debug)]
+pub enum Admission {
+    /// A connection slot: open one.
+    Connect(ConnectionPermit),
+    /// The connection limit is reached: wait (holding the place) for an
+    /// idle connection or a freed slot.
+    Wait(PendingPermit),
+}
+
 /// Holds one slot of a [`Limits`] counter; the slot is released on drop.
 #[derive(Debug)]
 #[must_use = "dropping the permit releases the slot at once"]
@@ -115,6 +138,23 @@ impl Limits {
         self.acquire(&counter, self.max_connections, Overflow::Connections)
     }
 
+    /// For a request that needs a new connection to `ep` (HTTP/1.1 has no
+    /// idle one): a connection slot, or else a place among the requests
+    /// waiting for one; past both limits, the pending overflow.
+    pub fn connect_or_queue(&self, ep: SocketAddr) -> Result<Admission, Overflow> {
+        let counter = self.connection_counter(ep);
+        if let Some(permit) = take(&counter, self.max_connections) {
+            return Ok(Admission::Connect(permit));
+        }
+        self.try_queue().map(Admission::Wait)
+    }
+
+    /// For a request already waiting: a connection slot if one freed up
+    /// (not counted as an overflow when none has).
+    pub fn try_connect_waiting(&self, ep: SocketAddr) -> Option<ConnectionPermit> {
+        take(&self.connection_counter(ep), self.max_connections)
+    }
+
     /// Forgets connection counters of endpoints not in `endpoints`.
     pub fn retain(&self, endpoints: &[SocketAddr]) {
         self.connections
@@ -148,19 +188,10 @@ impl Limits {
         max: Option<u32>,
         reason: Overflow,
     ) -> Result<Permit, Overflow> {
-        let max = max.unwrap_or(u32::MAX);
-        let taken = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        });
-        match taken {
-            Ok(_) => Ok(Permit {
-                counter: counter.clone(),
-            }),
-            Err(_) => {
-                self.overflows[reason as usize].fetch_add(1, Ordering::Relaxed);
-                Err(reason)
-            }
-        }
+        take(counter, max).ok_or_else(|| {
+            self.overflows[reason as usize].fetch_add(1, Ordering::Relaxed);
+            reason
+        })
     }
 
     fn connection_counter(&self, ep: SocketAddr) -> Arc<AtomicU32> {
@@ -193,6 +224,35 @@ mod tests {
             max_pending_requests: pending,
             max_requests: requests,
         })
+    }
+
+    #[test]
+    fn past_max_connections_requests_queue_up_to_max_pending() {
+        let ep = addrs(1)[0];
+        let l = limits(Some(1), Some(1), None);
+        let conn = match l.connect_or_queue(ep) {
+            Ok(Admission::Connect(p)) => p,
+            other => panic!("want a connection slot, got {other:?}"),
+        };
+        let waiting = match l.connect_or_queue(ep) {
+            Ok(Admission::Wait(p)) => p,
+            other => panic!("want a place in the queue, got {other:?}"),
+        };
+        assert!(matches!(l.connect_or_queue(ep), Err(Overflow::Pending)));
+        assert_eq!(l.overflows_total(Overflow::Pending), 1);
+        assert!(l.try_connect_waiting(ep).is_none());
+        drop(conn);
+        assert!(
+            l.try_connect_waiting(ep).is_some(),
+            "the freed slot goes to the waiter"
+        );
+        drop(waiting);
+        assert_eq!(l.pending_requests(), 0);
+        assert_eq!(
+            l.overflows_total(Overflow::Connections),
+            0,
+            "queueing is no overflow"
+        );
     }
 
     #[test]

@@ -26,7 +26,8 @@ use weft_api::model::TrafficPolicy;
 pub use balancer::{Balancer, InFlightGuard};
 pub use fault::{FaultAction, FaultInjector};
 pub use limits::{
-    ConnectionPermit, Limits, Overflow, PendingPermit, Permit, RequestPermit, OVERFLOW_HEADER,
+    Admission, ConnectionPermit, Limits, Overflow, PendingPermit, Permit, RequestPermit,
+    OVERFLOW_HEADER,
 };
 pub use outlier::OutlierDetector;
 pub use ratelimit::{key_for as rate_limit_key, RateLimiter, RetryAfter};

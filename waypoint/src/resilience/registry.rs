@@ -14,8 +14,8 @@ use http::{HeaderMap, Method};
 use weft_api::model::{Retry, TrafficPolicy};
 
 use super::{
-    rate_limit_key, FaultAction, InFlightGuard, Outcome, Overflow, RequestPermit, RetryPolicy,
-    ServiceResilience,
+    rate_limit_key, FaultAction, InFlightGuard, Limits, Outcome, Overflow, RequestPermit,
+    RetryPolicy, ServiceResilience,
 };
 use crate::context::{Backend, Endpoint};
 use crate::state::Compiled;
@@ -48,6 +48,12 @@ impl ServiceState {
         let permit = self.inner.limits.try_start_request()?;
         self.inner.budget.record_request(Instant::now());
         Ok(permit)
+    }
+
+    /// The service's circuit breaker, for the connections its requests
+    /// need.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     pub fn try_retry(&self) -> bool {

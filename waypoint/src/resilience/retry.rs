@@ -27,6 +27,10 @@ pub enum Outcome {
     Status(u16),
     /// The per-try timeout fired.
     Timeout,
+    /// The service's circuit breaker turned the attempt away before it was
+    /// sent: the overload is the answer (never retried, never the
+    /// endpoint's fault).
+    Overflow,
 }
 
 impl Outcome {
@@ -37,6 +41,7 @@ impl Outcome {
         match *self {
             Outcome::Status(code) => (500..=599).contains(&code),
             Outcome::ConnectFailed | Outcome::Reset | Outcome::Timeout => true,
+            Outcome::Overflow => false,
         }
     }
 }
@@ -112,6 +117,7 @@ impl RetryPolicy {
         let replay_safe = self.non_idempotent || is_idempotent(method);
         match *outcome {
             Outcome::ConnectFailed => true,
+            Outcome::Overflow => false,
             Outcome::Reset | Outcome::Timeout => replay_safe,
             Outcome::Status(code) => replay_safe && self.codes.binary_search(&code).is_ok(),
         }
