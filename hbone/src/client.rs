@@ -34,6 +34,15 @@ pub struct H2Settings {
     pub max_header_list_size: u32,
     /// TLS plus HTTP/2 handshake deadline.
     pub handshake_timeout: Duration,
+    /// Client connections send an HTTP/2 PING this often; a peer that does
+    /// not answer within `keepalive_timeout` is taken for dead and the
+    /// connection is retired (the pool dials a new one). `None`: no PINGs.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+    /// Server connections with no open stream for this long are closed
+    /// with GOAWAY (an authenticated peer cannot hold a connection it does
+    /// not use). `None`: kept while the peer keeps it.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for H2Settings {
@@ -46,6 +55,9 @@ impl Default for H2Settings {
             max_send_buffer_size: 1024 * 1024,
             max_header_list_size: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -112,7 +124,7 @@ where
     }
     let peer = tls::peer_identity(conn)?;
 
-    let (send, connection) = h2::client::Builder::new()
+    let (send, mut connection) = h2::client::Builder::new()
         .initial_window_size(settings.initial_stream_window)
         .initial_connection_window_size(settings.initial_connection_window)
         .max_frame_size(settings.max_frame_size)
@@ -124,11 +136,26 @@ where
 
     let closed = Arc::new(AtomicBool::new(false));
     let driver_closed = closed.clone();
+    let pings = connection.ping_pong();
+    let keepalive = settings
+        .keepalive_interval
+        .map(|every| (every, settings.keepalive_timeout));
     let span = tracing::debug_span!("hbone_client_conn", peer = %peer);
     tokio::spawn(
         async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "HBONE connection ended with error");
+            let driven = async {
+                if let Err(e) = connection.await {
+                    debug!(error = %e, "HBONE connection ended with error");
+                }
+            };
+            match (pings, keepalive) {
+                (Some(pings), Some((every, timeout))) => tokio::select! {
+                    () = driven => {}
+                    () = keep_alive(pings, every, timeout) => {
+                        debug!("HBONE peer did not answer PING; retiring the connection");
+                    }
+                },
+                _ => driven.await,
             }
             driver_closed.store(true, Ordering::Release);
         }
@@ -143,6 +170,18 @@ where
             streams: Arc::new(StreamCounter::new()),
         }),
     })
+}
+
+/// Sends a PING every `every`; returns when one is not answered within
+/// `timeout` (or the connection is gone).
+async fn keep_alive(mut pings: h2::PingPong, every: Duration, timeout: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(timeout, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
 }
 
 impl HboneConnection {

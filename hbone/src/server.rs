@@ -16,7 +16,7 @@ use weft_api::Identity;
 
 use crate::client::H2Settings;
 use crate::error::HboneError;
-use crate::stream::H2Stream;
+use crate::stream::{H2Stream, StreamCounter, StreamSlot};
 use crate::tls::{self, TlsError, ALPN_H2};
 
 /// One CONNECT request waiting for the handler's verdict.
@@ -134,7 +134,8 @@ where
 
 /// [`serve`] with graceful drain: once `drain` completes, the server sends
 /// GOAWAY (the client stops opening streams here and dials elsewhere),
-/// lets open tunnels finish, and returns.
+/// lets open tunnels finish, and returns. A connection without an open
+/// tunnel for `settings.idle_timeout` is closed the same way.
 pub async fn serve_until<IO, H, Fut, D>(
     io: IO,
     tls: Arc<rustls::ServerConfig>,
@@ -159,15 +160,36 @@ where
         () = &mut drain => return Ok(()),
     };
 
+    let tunnels = Arc::new(StreamCounter::new());
+    let idle_check = settings
+        .idle_timeout
+        .map(|t| (t, (t / 4).max(std::time::Duration::from_millis(50))));
     let mut draining = false;
     loop {
         let next = if draining {
             connection.accept().await
         } else {
+            let idle = async {
+                let Some((limit, every)) = idle_check else {
+                    return std::future::pending().await;
+                };
+                loop {
+                    tokio::time::sleep(every).await;
+                    if tunnels.idle_for().is_some_and(|idle| idle >= limit) {
+                        return;
+                    }
+                }
+            };
             tokio::select! {
                 next = connection.accept() => next,
                 () = &mut drain => {
                     debug!("draining HBONE connection");
+                    connection.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
+                () = idle => {
+                    debug!(peer = %peer, "HBONE connection idle with no tunnel; closing it");
                     connection.graceful_shutdown();
                     draining = true;
                     continue;
@@ -209,7 +231,15 @@ where
             recv: Some(recv),
         };
         let span = tracing::debug_span!("hbone_tunnel", src = %peer, dst = %target);
-        tokio::spawn(handler.clone()(tunnel).instrument(span));
+        let slot = StreamSlot::acquire(&tunnels);
+        let tunnel_done = handler.clone()(tunnel);
+        tokio::spawn(
+            async move {
+                tunnel_done.await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
     }
 }
 

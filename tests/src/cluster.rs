@@ -548,6 +548,24 @@ impl Cluster {
             .and_then(|c| c.exited)
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to a running spawned process.
+    pub fn signal(&mut self, name: &str, signal: libc::c_int) -> Result<()> {
+        let Some(t) = self.children.iter().find(|c| c.name == name) else {
+            bail!("no process named {name:?} was spawned");
+        };
+        if t.exited.is_some() {
+            bail!("{name} has exited");
+        }
+        // SAFETY: plain kill(2) on our own child.
+        if unsafe { libc::kill(t.child.id() as i32, signal) } != 0 {
+            bail!(
+                "kill({name}, {signal}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
     /// Sends SIGTERM to a spawned process group, SIGKILL after `grace`, and reaps it.
     pub fn stop(&mut self, name: &str, grace: Duration) -> Result<Option<ExitStatus>> {
         let Some(t) = self.children.iter_mut().find(|c| c.name == name) else {

@@ -283,6 +283,11 @@ impl Mesh {
         Ok(())
     }
 
+    /// The spawn name of the node's running ztunnel.
+    pub fn ztunnel_name(&self, node: usize) -> Option<&str> {
+        self.ztunnel_names[node].as_deref()
+    }
+
     pub fn ztunnel_log(&self, node: usize) -> String {
         self.ztunnel_names[node]
             .as_ref()

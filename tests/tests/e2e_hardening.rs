@@ -279,3 +279,130 @@ fn e2e_hardening_max_connections_and_max_pending_requests_are_enforced() {
     let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], true, "the slot is free again: {v}");
 }
+
+/// Runs `weft-hbone-probe <args>` in `cmd`'s namespace; its JSON answer.
+fn run_probe(mut cmd: std::process::Command, args: &[&str]) -> serde_json::Value {
+    let out = cmd.args(args).output().expect("run weft-hbone-probe");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("probe said: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// 500 authenticated HBONE connections that open no tunnel are closed by
+/// the destination ztunnel after its idle bound, while a normal client's
+/// connections keep being served.
+#[test]
+fn e2e_hardening_idle_hbone_connections_are_shed_while_clients_are_served() {
+    let mut mesh = Mesh::new(2, &["shop"]).expect("mesh");
+    mesh.ztunnel_args = vec!["--hbone-idle-timeout".into(), "2s".into()];
+    mesh.stop_ztunnel(1).unwrap();
+    mesh.start_ztunnel(1).unwrap();
+    let outsider = mesh.add_pod(0, "legacy", "outsider", "default").unwrap();
+    let client = mesh.add_pod(0, "shop", "client", "client").unwrap();
+    let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
+    mesh.wait_enrolled(0, &client, true).unwrap();
+    mesh.wait_enrolled(1, &server, true).unwrap();
+    mesh.serve_testapp(&server, 7000).unwrap();
+    let target = format!("{}:7000", server.ip);
+    let to = format!("{}:15008", server.ip);
+    let ca = mesh.ca_dir().to_str().unwrap().to_owned();
+    let flood = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            run_probe(
+                outsider.command_os(bin_path("weft-hbone-probe")),
+                &[
+                    "idle-flood",
+                    "--to",
+                    &to,
+                    "--count",
+                    "500",
+                    "--hold-secs",
+                    "15",
+                    "--identity",
+                    &spiffe("legacy", "default"),
+                    "--expect",
+                    &spiffe("shop", "server"),
+                    "--ca-dir",
+                    &ca,
+                ],
+            )
+        });
+        for _ in 0..20 {
+            let v = mesh.connect(&client, &target);
+            assert_eq!(v["ok"], true, "a normal client is served meanwhile: {v}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        flood.join().unwrap()
+    });
+    assert_eq!(flood["ok"], true, "{flood}");
+    assert_eq!(flood["opened"], 500, "{flood}");
+    assert_eq!(flood["closed_by_server"], 500, "{flood}");
+}
+
+/// A pooled HBONE connection whose peer stops answering (its ztunnel
+/// frozen) is found dead by keepalive PINGs and retired; once the peer is
+/// back, the next connection dials a new one and gets through.
+#[test]
+fn e2e_hardening_a_dead_peer_is_detected_by_keepalive_and_replaced() {
+    let mut mesh = Mesh::new(2, &["shop"]).expect("mesh");
+    mesh.ztunnel_args = vec![
+        "--hbone-keepalive".into(),
+        "1s".into(),
+        "--hbone-keepalive-timeout".into(),
+        "1s".into(),
+    ];
+    mesh.stop_ztunnel(0).unwrap();
+    mesh.start_ztunnel(0).unwrap();
+    let client = mesh.add_pod(0, "shop", "client", "client").unwrap();
+    let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
+    mesh.wait_enrolled(0, &client, true).unwrap();
+    mesh.wait_enrolled(1, &server, true).unwrap();
+    mesh.serve_testapp(&server, 7000).unwrap();
+    let target = format!("{}:7000", server.ip);
+    let pooled = |mesh: &Mesh| mesh.config_dump(0).ok()?["pooled_connections"].as_u64();
+    assert_eq!(mesh.connect(&client, &target)["ok"], true);
+    assert_eq!(pooled(&mesh), Some(1));
+
+    let peer = mesh.ztunnel_name(1).unwrap().to_owned();
+    mesh.cluster.signal(&peer, libc::SIGSTOP).unwrap();
+    let retired = wait_until(Duration::from_secs(10), || {
+        (pooled(&mesh)? == 0).then_some(())
+    });
+    mesh.cluster.signal(&peer, libc::SIGCONT).unwrap();
+    retired.expect("the unanswered connection is retired");
+
+    let v = mesh.connect(&client, &target);
+    assert_eq!(v["ok"], true, "a new connection replaces it: {v}");
+    assert_eq!(pooled(&mesh), Some(1));
+}
+
+/// 200 connections that never finish a request head on the metrics port
+/// are closed after the header deadline, while a scrape succeeds.
+#[test]
+fn e2e_hardening_a_slowloris_on_the_metrics_port_is_shed_while_a_scrape_succeeds() {
+    let mesh = Mesh::new(1, &[]).expect("mesh");
+    let node = mesh.cluster.node(0).clone();
+    let to = format!("{}:15020", node.ip);
+    let flood = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            run_probe(
+                node.command_os(bin_path("weft-hbone-probe")),
+                &[
+                    "slowloris",
+                    "--to",
+                    &to,
+                    "--count",
+                    "200",
+                    "--hold-secs",
+                    "12",
+                ],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let m = mesh.metrics(0).expect("a scrape during the slowloris");
+        assert!(m.contains("weft_build_info"), "{m}");
+        flood.join().unwrap()
+    });
+    assert_eq!(flood["ok"], true, "{flood}");
+    assert_eq!(flood["opened"], 200, "{flood}");
+    assert_eq!(flood["closed_by_server"], 200, "{flood}");
+}

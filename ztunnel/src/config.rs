@@ -60,6 +60,33 @@ pub struct Config {
     /// Log as JSON lines.
     #[arg(long, env = "WEFT_LOG_JSON")]
     pub log_json: bool,
+    /// Connections this ztunnel proxies at once, all pods together; more
+    /// are closed on accept (counted as `node_connection_limit`).
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = 65_536)]
+    pub max_connections: usize,
+    /// Connections at once per pod and direction (its outbound, its
+    /// inbound); more are closed on accept (`pod_connection_limit`).
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS_PER_POD", default_value_t = 8_192)]
+    pub max_connections_per_pod: usize,
+    /// A plaintext inbound connection (15006) over which no byte has moved
+    /// either way by then is closed (`first_byte_timeout`).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub first_byte_timeout: Duration,
+    /// Connecting to the app inside its pod; past it the tunnel is
+    /// answered 503 (`app_unreachable`).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub app_connect_timeout: Duration,
+    /// An inbound HBONE connection with no open tunnel for this long is
+    /// closed with GOAWAY.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub hbone_idle_timeout: Duration,
+    /// Pooled outbound HBONE connections send an HTTP/2 PING this often;
+    /// one unanswered within `--hbone-keepalive-timeout` retires the
+    /// connection (a dead peer) and the next tunnel dials a new one.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub hbone_keepalive: Duration,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub hbone_keepalive_timeout: Duration,
     /// At SIGTERM: how long open connections may run on after the pods'
     /// listeners have closed, before the process exits anyway. Keep it
     /// below the pod's terminationGracePeriodSeconds.

@@ -283,6 +283,8 @@ impl InPod {
             name: info.name.clone(),
             ips: info.ips.clone(),
             netns,
+            outbound_open: Default::default(),
+            inbound_open: Default::default(),
         });
         let cancel = CancellationToken::new();
         let pi = &self.pi;

@@ -68,8 +68,15 @@ pub enum Failure {
     NoCertificate,
     /// Inbound: the CONNECT target is not this pod (or a proxy port).
     BadTarget,
-    /// Inbound: the app did not accept the connection.
+    /// Inbound: the app did not accept the connection (or not in time).
     AppUnreachable,
+    /// The node's `--max-connections` was reached.
+    NodeConnectionLimit,
+    /// The pod's `--max-connections-per-pod` was reached.
+    PodConnectionLimit,
+    /// Plaintext inbound: no byte moved either way within
+    /// `--first-byte-timeout`.
+    FirstByteTimeout,
 }
 
 impl Failure {
@@ -87,6 +94,9 @@ impl Failure {
             Failure::NoCertificate => "no_certificate".into(),
             Failure::BadTarget => "bad_target".into(),
             Failure::AppUnreachable => "app_unreachable".into(),
+            Failure::NodeConnectionLimit => "node_connection_limit".into(),
+            Failure::PodConnectionLimit => "pod_connection_limit".into(),
+            Failure::FirstByteTimeout => "first_byte_timeout".into(),
         }
     }
 

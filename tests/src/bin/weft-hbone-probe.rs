@@ -33,8 +33,10 @@ async fn main() {
         Some("connect") => connect(&args).await,
         Some("raw") => raw(&args).await,
         Some("csr") => csr(&args).await,
+        Some("idle-flood") => idle_flood(&args).await,
+        Some("slowloris") => slowloris(&args).await,
         _ => {
-            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca) [--forwarded IP]\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller https://IP:PORT --ca-file ROOT.pem --token T --identity SPIFFE");
+            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca) [--forwarded IP]\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller https://IP:PORT --ca-file ROOT.pem --token T --identity SPIFFE\n       weft-hbone-probe idle-flood --to IP:15008 --count N --hold-secs S --identity SPIFFE --expect SPIFFE --ca-dir DIR");
             std::process::exit(2)
         }
     };
@@ -131,6 +133,97 @@ async fn raw(args: &[String]) -> serde_json::Value {
             "response_bytes": got.len(),
             "response_text": String::from_utf8_lossy(&got).chars().filter(|c| !c.is_control()).take(200).collect::<String>(),
         }),
+        Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
+    }
+}
+
+/// Opens `--count` authenticated HBONE connections that open no stream and
+/// holds them up to `--hold-secs`; reports how many were established and
+/// how many the server closed meanwhile.
+async fn idle_flood(args: &[String]) -> serde_json::Value {
+    let to: SocketAddr = need(args, "--to").parse().expect("--to ip:port");
+    let count: usize = need(args, "--count").parse().expect("--count N");
+    let hold = Duration::from_secs(need(args, "--hold-secs").parse().expect("--hold-secs S"));
+    let identity: Identity = need(args, "--identity")
+        .parse()
+        .expect("--identity spiffe id");
+    let expect: Identity = need(args, "--expect").parse().expect("--expect spiffe id");
+    let dir = PathBuf::from(need(args, "--ca-dir"));
+    let result = async {
+        let ca = LocalCa::load(&dir, "cluster.local")?;
+        let cert = ca.sign(&identity, Duration::from_secs(3600))?;
+        let cfg = tls::client_config(&cert, &ca.trust_bundle(), &expect)?;
+        let mut conns = Vec::with_capacity(count);
+        for _ in 0..count {
+            let tcp =
+                tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
+                    .await??;
+            let conn = tokio::time::timeout(
+                Duration::from_secs(5),
+                client::connect(
+                    tcp,
+                    cfg.clone(),
+                    &weft_hbone::H2Settings {
+                        keepalive_interval: None,
+                        ..Default::default()
+                    },
+                ),
+            )
+            .await??;
+            conns.push(conn);
+        }
+        let deadline = tokio::time::Instant::now() + hold;
+        while tokio::time::Instant::now() < deadline && conns.iter().any(|c| !c.is_closed()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let closed = conns.iter().filter(|c| c.is_closed()).count();
+        anyhow::Ok((conns.len(), closed))
+    }
+    .await;
+    match result {
+        Ok((opened, closed)) => json!({ "ok": true, "opened": opened, "closed_by_server": closed }),
+        Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
+    }
+}
+
+/// Opens `--count` plain TCP connections to an HTTP port, sends half a
+/// request head on each and nothing more, and holds them up to
+/// `--hold-secs`; reports how many the server closed meanwhile.
+async fn slowloris(args: &[String]) -> serde_json::Value {
+    let to: SocketAddr = need(args, "--to").parse().expect("--to ip:port");
+    let count: usize = need(args, "--count").parse().expect("--count N");
+    let hold = Duration::from_secs(need(args, "--hold-secs").parse().expect("--hold-secs S"));
+    let result = async {
+        let mut conns = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut s =
+                tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
+                    .await??;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await?;
+            conns.push(s);
+        }
+        let deadline = tokio::time::Instant::now() + hold;
+        let mut closed = vec![false; conns.len()];
+        while tokio::time::Instant::now() < deadline && closed.iter().any(|c| !c) {
+            for (c, done) in conns.iter_mut().zip(closed.iter_mut()) {
+                if *done {
+                    continue;
+                }
+                let mut buf = [0u8; 512];
+                if let Ok(r) =
+                    tokio::time::timeout(Duration::from_millis(1), c.read(&mut buf)).await
+                {
+                    // EOF, an error, or an answer (a 408) all end it.
+                    *done = matches!(r, Ok(0) | Err(_)) || r.is_ok();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok((conns.len(), closed.iter().filter(|c| **c).count()))
+    }
+    .await;
+    match result {
+        Ok((opened, closed)) => json!({ "ok": true, "opened": opened, "closed_by_server": closed }),
         Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
     }
 }

@@ -18,7 +18,7 @@ use weft_hbone::stream::{copy_bidirectional, copy_tunnel};
 
 use super::connections;
 use super::outbound::{finish, MODEL_WAIT};
-use super::{accept_loop, socket, EnrolledPod, ProxyInputs};
+use super::{accept_loop, socket, EnrolledPod, ProxyInputs, Side};
 use crate::metrics::{ConnectionGuard, ConnectionLabels, Failure, Reporter, SecurityPolicy};
 
 #[derive(Clone, Copy)]
@@ -35,7 +35,11 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let pod_name = format!("{}/{}", pod.namespace, pod.name);
-    accept_loop(&pi, listener, cancel, "inbound", |stream, peer| {
+    let side = Side {
+        reporter: Reporter::destination,
+        open: pod.inbound_open.clone(),
+    };
+    accept_loop(&pi, &side, listener, cancel, "inbound", |stream, peer| {
         // Dual-stack listeners report IPv4 peers as mapped IPv6.
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let id = pi.conn_id();
@@ -136,7 +140,7 @@ async fn tunnel_to_app(
             return;
         }
     }
-    let mut app = match connect_app(&pod, peer_ip, target).await {
+    let mut app = match connect_app(&pod, peer_ip, target, pi.cfg.app_connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             info!(component = "inbound", dst = %target, error = %e, "app unreachable");
@@ -189,7 +193,7 @@ async fn plaintext(
             return;
         }
     }
-    let mut app = match connect_app(&pod, peer.ip(), target).await {
+    let mut app = match connect_app(&pod, peer.ip(), target, pi.cfg.app_connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             info!(component = "inbound", dst = %target, error = %e, "app unreachable");
@@ -198,9 +202,14 @@ async fn plaintext(
     };
     guard.established();
     let reg = pi.connections.register(peer.ip(), None, target);
+    let first_byte = pi.cfg.first_byte_timeout;
     tokio::select! {
         res = copy_bidirectional(&mut client, &mut app, guard.moved()) => finish(&guard, res, "inbound_plaintext"),
         _ = reg.closed_by_policy.cancelled() => {}
+        () = silent_for(&guard, first_byte) => {
+            info!(component = "inbound", src = %peer, dst = %target, "no byte either way within the first-byte timeout; closing");
+            guard.fail(Failure::FirstByteTimeout);
+        }
     }
 }
 
@@ -256,13 +265,24 @@ async fn authorize(
     })
 }
 
+/// Resolves once `limit` has passed with no byte copied either way (never,
+/// once one has).
+async fn silent_for(guard: &ConnectionGuard, limit: std::time::Duration) {
+    tokio::time::sleep(limit).await;
+    if guard.bytes() == (0, 0) {
+        return;
+    }
+    std::future::pending().await
+}
+
 /// Connects to the app inside the pod's netns with the client's IP as the
 /// source (IP_TRANSPARENT + the inbound mark, routed back by the pod's
-/// fwmark rule).
+/// fwmark rule), within `timeout`.
 async fn connect_app(
     pod: &EnrolledPod,
     src: IpAddr,
     target: SocketAddr,
+    timeout: std::time::Duration,
 ) -> std::io::Result<TcpStream> {
     let transparent = if src.is_ipv4() == target.is_ipv4() && !src.is_loopback() {
         Some(src)
@@ -270,7 +290,14 @@ async fn connect_app(
         None
     };
     let sock = socket::tcp_in(&pod.netns, target, MARK_INBOUND, transparent)?;
-    let s = sock.connect(target).await?;
+    let s = tokio::time::timeout(timeout, sock.connect(target))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the app did not accept within {timeout:?}"),
+            )
+        })??;
     s.set_nodelay(true)?;
     Ok(s)
 }

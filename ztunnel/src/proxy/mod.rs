@@ -11,13 +11,13 @@ pub mod socket;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 use weft_api::Identity;
 use weft_dataplane::certs::CertManager;
 use weft_dataplane::dial::HboneDialer;
@@ -27,7 +27,7 @@ use weft_hbone::client::H2Settings;
 
 use crate::capture::ebpf::Capture;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Failure, Metrics, Reporter};
 use crate::state::MeshState;
 
 /// Pooled HBONE connections are per source pod (their sockets live in its
@@ -53,6 +53,8 @@ pub struct ProxyInputs {
     /// Hands out the drain watcher every accept loop and connection holds
     /// until it is done.
     pub drain: Arc<DrainTrigger>,
+    /// Connections proxied now, all pods together (`--max-connections`).
+    open_connections: Arc<AtomicUsize>,
     next_conn_id: AtomicU64,
 }
 
@@ -66,7 +68,12 @@ impl ProxyInputs {
         drain: Arc<DrainTrigger>,
     ) -> Arc<Self> {
         let tls = TlsConfigs::new(certs);
-        let h2 = H2Settings::default();
+        let h2 = H2Settings {
+            keepalive_interval: Some(cfg.hbone_keepalive),
+            keepalive_timeout: cfg.hbone_keepalive_timeout,
+            idle_timeout: Some(cfg.hbone_idle_timeout),
+            ..H2Settings::default()
+        };
         Arc::new(Self {
             dialer: HboneDialer::new(
                 tls.clone(),
@@ -82,6 +89,7 @@ impl ProxyInputs {
             h2,
             connections: Default::default(),
             drain,
+            open_connections: Arc::default(),
             next_conn_id: AtomicU64::new(1),
         })
     }
@@ -95,13 +103,60 @@ impl ProxyInputs {
     }
 }
 
+/// A connection's place under the node's and its pod's limits, given
+/// back on drop.
+struct Place {
+    node: Arc<AtomicUsize>,
+    pod: Arc<AtomicUsize>,
+}
+
+impl Place {
+    fn take(pi: &ProxyInputs, side: &Side) -> Result<Place, Failure> {
+        let take = |counter: &AtomicUsize, max: usize| {
+            counter
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if !take(&pi.open_connections, pi.cfg.max_connections) {
+            return Err(Failure::NodeConnectionLimit);
+        }
+        if !take(&side.open, pi.cfg.max_connections_per_pod) {
+            pi.open_connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(Failure::PodConnectionLimit);
+        }
+        Ok(Place {
+            node: pi.open_connections.clone(),
+            pod: side.open.clone(),
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.node.fetch_sub(1, Ordering::AcqRel);
+        self.pod.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One side of a pod's traffic, for its connection limit and metrics.
+pub(crate) struct Side {
+    pub reporter: Reporter,
+    /// Connections open now on this side of the pod.
+    pub open: Arc<AtomicUsize>,
+}
+
 /// Accepts on one of a pod's listeners until the pod is unenrolled
 /// (`cancel`) or the ztunnel drains; each connection runs `handle` in its
-/// own task holding a drain watcher, so a drain waits for it. Returning
-/// drops the listener: new connections are refused (fail closed), never
-/// sent around the proxy.
+/// own task holding a drain watcher (a drain waits for it) and a place
+/// under the node's and the pod's connection limits (past either the
+/// connection is closed at once and counted). Returning drops the
+/// listener: new connections are refused (fail closed), never sent around
+/// the proxy.
 pub(crate) async fn accept_loop<F, Fut>(
     pi: &ProxyInputs,
+    side: &Side,
     listener: TcpListener,
     cancel: CancellationToken,
     component: &'static str,
@@ -119,11 +174,20 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let place = match Place::take(pi, side) {
+                    Ok(place) => place,
+                    Err(failure) => {
+                        pi.metrics.failure(side.reporter, failure);
+                        debug!(component, src = %peer, reason = failure.label(), "connection limit reached; closing");
+                        drop(stream);
+                        continue;
+                    }
+                };
                 let connection = handle(stream, peer);
                 let holds = drain.clone();
                 tokio::spawn(async move {
                     connection.await;
-                    drop(holds);
+                    drop((holds, place));
                 });
             }
             Err(e) => {
@@ -140,6 +204,10 @@ pub struct EnrolledPod {
     pub name: String,
     pub ips: Vec<IpAddr>,
     pub netns: crate::capture::netns::Netns,
+    /// Connections open now from the pod's apps (outbound) and to them
+    /// (inbound), for `--max-connections-per-pod`.
+    pub outbound_open: Arc<AtomicUsize>,
+    pub inbound_open: Arc<AtomicUsize>,
 }
 
 impl EnrolledPod {

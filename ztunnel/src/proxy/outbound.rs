@@ -13,7 +13,7 @@ use weft_dataplane::dial::{tunnel_headers, Dial};
 use weft_ebpf_common::MARK_OUTBOUND;
 use weft_hbone::stream::{copy_bidirectional, copy_tunnel};
 
-use super::{accept_loop, socket, EnrolledPod, PoolKey, ProxyInputs};
+use super::{accept_loop, socket, EnrolledPod, PoolKey, ProxyInputs, Side};
 use crate::metrics::{ConnectionGuard, Failure, Reporter, SecurityPolicy};
 use crate::state::OutboundRoute;
 
@@ -27,7 +27,11 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let pod_name = format!("{}/{}", pod.namespace, pod.name);
-    accept_loop(&pi, listener, cancel, "outbound", |stream, peer| {
+    let side = Side {
+        reporter: Reporter::source,
+        open: pod.outbound_open.clone(),
+    };
+    accept_loop(&pi, &side, listener, cancel, "outbound", |stream, peer| {
         let id = pi.conn_id();
         let span = tracing::info_span!("outbound", conn = id, pod = %pod_name);
         handle(pi.clone(), pod.clone(), stream, peer).instrument(span)
