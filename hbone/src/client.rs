@@ -73,6 +73,8 @@ pub struct HboneConnection {
 struct ConnInner {
     send: h2::client::SendRequest<Bytes>,
     peer: Identity,
+    /// The TLS key-exchange group negotiated (`X25519MLKEM768`, ...).
+    kx_group: Option<rustls::NamedGroup>,
     closed: Arc<AtomicBool>,
     /// Open streams plus slots reserved by the pool.
     streams: Arc<StreamCounter>,
@@ -123,6 +125,7 @@ where
         return Err(TlsError::NoH2.into());
     }
     let peer = tls::peer_identity(conn)?;
+    let kx_group = conn.negotiated_key_exchange_group().map(|g| g.name());
 
     let (send, mut connection) = h2::client::Builder::new()
         .initial_window_size(settings.initial_stream_window)
@@ -166,6 +169,7 @@ where
         inner: Arc::new(ConnInner {
             send,
             peer,
+            kx_group,
             closed,
             streams: Arc::new(StreamCounter::new()),
         }),
@@ -249,6 +253,11 @@ impl HboneConnection {
     /// The SPIFFE id the peer proved in the handshake.
     pub fn peer_identity(&self) -> &Identity {
         &self.inner.peer
+    }
+
+    /// The TLS key-exchange group the handshake settled on.
+    pub fn key_exchange_group(&self) -> Option<rustls::NamedGroup> {
+        self.inner.kx_group
     }
 
     /// Tunnels open (or being opened) on this connection.

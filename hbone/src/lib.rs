@@ -18,7 +18,9 @@ pub use error::{FailureReason, HboneError};
 pub use pool::Pool;
 pub use server::{serve, serve_until, InboundTunnel};
 pub use stream::{copy_bidirectional, copy_tunnel, H2Stream, Transferred};
-pub use tls::{client_config, identity_of_cert, peer_identity, server_config, TlsError};
+pub use tls::{
+    client_config, client_config_with, identity_of_cert, peer_identity, server_config, TlsError,
+};
 pub use weft_pki::{TrustBundle, WorkloadCert};
 
 /// The HBONE port on every mesh workload and waypoint.

@@ -117,9 +117,10 @@ impl TlsError {
     }
 }
 
-/// The crypto provider every Weft TLS configuration uses (ring).
+/// The crypto provider every Weft TLS configuration uses (aws-lc-rs; it
+/// offers X25519MLKEM768 first, then x25519 and the NIST curves).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Server side of HBONE: TLS 1.3 only, ALPN h2, a client certificate is
@@ -156,7 +157,17 @@ pub fn client_config(
     trust: &TrustBundle,
     expected_peer: &Identity,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = provider();
+    client_config_with(cert, trust, expected_peer, provider())
+}
+
+/// [`client_config`] with another crypto provider (tests that offer only
+/// some key-exchange groups, say).
+pub fn client_config_with(
+    cert: &WorkloadCert,
+    trust: &TrustBundle,
+    expected_peer: &Identity,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let verifier = Arc::new(SpiffeServerVerifier::new(
         trust,
         expected_peer.clone(),

@@ -378,3 +378,109 @@ async fn random_garbage_never_hangs_serve() {
         drop(client);
     }
 }
+
+/// The hybrid post-quantum group X25519MLKEM768: a client offering only it
+/// completes an HBONE handshake with a Weft server, and a Weft client with
+/// its default offer settles on it too (it is offered first).
+#[tokio::test]
+async fn post_quantum_key_exchange_is_supported_and_preferred() {
+    use rustls::NamedGroup;
+    let mesh = Mesh::new();
+    let (addr, _results) = start_server(mesh.server_tls(&server_id()), fast_settings(), echo).await;
+    let mut only_pq = rustls::crypto::aws_lc_rs::default_provider();
+    only_pq
+        .kx_groups
+        .retain(|g| g.name() == NamedGroup::X25519MLKEM768);
+    assert_eq!(
+        only_pq.kx_groups.len(),
+        1,
+        "the provider has X25519MLKEM768"
+    );
+    let cfg = weft_hbone::client_config_with(
+        &mesh.cert(&client_id()),
+        &mesh.trust,
+        &server_id(),
+        std::sync::Arc::new(only_pq),
+    )
+    .expect("client config");
+    let conn = within("pq-only connect", dial(addr, cfg))
+        .await
+        .expect("handshake");
+    assert_eq!(conn.key_exchange_group(), Some(NamedGroup::X25519MLKEM768));
+    let stream = conn.open(target(), HeaderMap::new()).await.expect("open");
+    assert_eq!(within("echo", echo_round_trip(stream, b"pq")).await, b"pq");
+
+    let default = within(
+        "default connect",
+        dial(addr, mesh.client_tls(&client_id(), &server_id())),
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(
+        default.key_exchange_group(),
+        Some(NamedGroup::X25519MLKEM768)
+    );
+    assert_eq!(
+        weft_hbone::tls::provider().kx_groups[0].name(),
+        NamedGroup::X25519MLKEM768,
+        "offered first"
+    );
+    assert!(weft_hbone::tls::provider()
+        .kx_groups
+        .iter()
+        .any(|g| g.name() == NamedGroup::X25519));
+}
+
+/// A root that copies the mesh root's subject but has its own key (another
+/// mesh with the same names, or an impostor) is an unknown CA, on both
+/// sides, whatever its key type: the label must send the operator to the
+/// trust bundle, not to the certificate.
+#[tokio::test]
+async fn an_impostor_root_with_a_familiar_subject_is_an_unknown_ca() {
+    let ours = Mesh::new();
+    let root_pem = ours.ca.root_pem();
+    for alg in [
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        &rcgen::PKCS_ECDSA_P384_SHA384,
+    ] {
+        let key = rcgen::KeyPair::generate_for(alg).expect("key");
+        let params = rcgen::CertificateParams::from_ca_cert_pem(&root_pem).expect("params");
+        let impostor = params.self_signed(&key).expect("impostor root");
+        let signer = weft_pki::Signer::from_pem(&impostor.pem(), &key.serialize_pem(), vec![], TD)
+            .expect("impostor signer");
+        let leaf = signer
+            .sign_workload(&client_id(), DAY)
+            .expect("impostor leaf");
+
+        // Its client is refused by our server...
+        let (addr, mut results) =
+            start_server(ours.server_tls(&server_id()), fast_settings(), echo).await;
+        let tls = client_config(&leaf, &ours.trust, &server_id()).expect("cfg");
+        let _ = within("client", async {
+            let conn = dial(addr, tls).await?;
+            conn.open(target(), HeaderMap::new()).await.map(drop)
+        })
+        .await;
+        let server_err = within("serve", results.recv())
+            .await
+            .expect("result")
+            .expect_err("fails");
+        assert_eq!(
+            server_err.reason(),
+            FailureReason::UnknownCa,
+            "{alg:?}: {server_err:?}"
+        );
+
+        // ... and its server by our client.
+        let server_leaf = signer.sign_workload(&server_id(), DAY).expect("leaf");
+        let theirs = weft_hbone::server_config(&server_leaf, &ours.trust).expect("cfg");
+        let (addr, _results) = start_server(theirs, fast_settings(), echo).await;
+        let err = within(
+            "dial",
+            dial(addr, ours.client_tls(&client_id(), &server_id())),
+        )
+        .await
+        .expect_err("must fail");
+        assert_eq!(err.reason(), FailureReason::UnknownCa, "{alg:?}: {err:?}");
+    }
+}

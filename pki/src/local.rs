@@ -108,3 +108,52 @@ impl LocalCa {
         self.signer.sign_workload(identity, ttl)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::write_atomic;
+
+    #[test]
+    fn any_ca_certificate_and_key_can_be_the_standalone_root() {
+        // An operator's own root: its subject is nothing Weft would write.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Acme Platform Root");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Acme");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let root = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(&dir.path().join(ROOT_CERT_FILE), root.pem().as_bytes(), 0o644).unwrap();
+        write_atomic(&dir.path().join(ROOT_KEY_FILE), key.serialize_pem().as_bytes(), 0o600)
+            .unwrap();
+
+        let ca = LocalCa::load_or_generate(dir.path(), "cluster.local").unwrap();
+        let id = Identity::new("cluster.local", "shop", "cart");
+        let leaf = ca.sign(&id, Duration::from_secs(60)).unwrap();
+        assert_eq!(leaf.identity, id);
+        assert_eq!(ca.trust_bundle().roots[0].as_ref(), root.der().as_ref());
+        // The leaf chains to the operator's root.
+        let bundle = ca.trust_bundle();
+        let anchor = webpki::anchor_from_trusted_cert(&bundle.roots[0]).unwrap();
+        let ee = webpki::EndEntityCert::try_from(&leaf.chain[0]).unwrap();
+        ee.verify_for_usage(
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .all,
+            &[anchor],
+            &[],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .expect("the leaf verifies under the operator's root");
+    }
+}

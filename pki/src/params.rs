@@ -130,7 +130,7 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     // A failing system RNG would make the keys weak as well; a time-based
     // value still keeps serials distinct in that (theoretical) case.
-    if rustls::crypto::ring::default_provider()
+    if rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
         .fill(&mut bytes)
         .is_err()

@@ -24,6 +24,18 @@ fn probe(
     expect: &str,
     forwarded: Option<&str>,
 ) -> serde_json::Value {
+    probe_with(mesh, from, to, target, expect, forwarded, &[])
+}
+
+fn probe_with(
+    mesh: &Mesh,
+    from: &Pod,
+    to: &str,
+    target: &str,
+    expect: &str,
+    forwarded: Option<&str>,
+    extra: &[&str],
+) -> serde_json::Value {
     let root = mesh.controller_root().expect("controller mode");
     let mut cmd = from.command_os(bin_path("weft-hbone-probe"));
     cmd.args([
@@ -44,6 +56,7 @@ fn probe(
     if let Some(ip) = forwarded {
         cmd.args(["--forwarded", ip]);
     }
+    cmd.args(extra);
     let out = cmd.output().expect("run weft-hbone-probe");
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| panic!("probe said: {}", String::from_utf8_lossy(&out.stderr)))
@@ -405,4 +418,42 @@ fn e2e_hardening_a_slowloris_on_the_metrics_port_is_shed_while_a_scrape_succeeds
     assert_eq!(flood["ok"], true, "{flood}");
     assert_eq!(flood["opened"], 200, "{flood}");
     assert_eq!(flood["closed_by_server"], 200, "{flood}");
+}
+
+/// A client offering only the hybrid post-quantum group X25519MLKEM768 (as
+/// Istio's ztunnel does under its post-quantum policy) completes HBONE
+/// handshakes with a ztunnel and a waypoint; a client with Weft's default
+/// offer settles on it as well.
+#[test]
+fn e2e_hardening_post_quantum_key_exchange_with_ztunnel_and_waypoint() {
+    let mut mesh = Mesh::with_controller(2, &["shop"]).expect("mesh with controller");
+    let outsider = mesh.add_pod(0, "legacy", "outsider", "default").unwrap();
+    let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
+    let other = mesh.add_pod(1, "shop", "other", "other").unwrap();
+    mesh.wait_enrolled(1, &server, true).unwrap();
+    mesh.wait_enrolled(1, &other, true).unwrap();
+    mesh.serve_testapp(&server, 7000).unwrap();
+    mesh.serve_testapp(&other, 7000).unwrap();
+    let vip = mesh
+        .add_service_selecting("shop", "other", &[("app", "other")], &[(80, 7000)])
+        .unwrap();
+    let waypoint = mesh.add_waypoint(0, "shop", "wp").unwrap();
+    mesh.use_waypoint("shop", "other", Some("wp")).unwrap();
+    let direct = format!("{}:7000", server.ip);
+    let via = format!("{vip}:80");
+    let cases = [
+        (
+            server.ip.to_string(),
+            direct.as_str(),
+            spiffe("shop", "server"),
+        ),
+        (waypoint.ip.to_string(), via.as_str(), spiffe("shop", "wp")),
+    ];
+    for (to, target, expect) in &cases {
+        for extra in [&["--pq-only"][..], &[][..]] {
+            let v = probe_with(&mesh, &outsider, to, target, expect, None, extra);
+            assert_eq!(v["ok"], true, "{to} {extra:?}: {v}");
+            assert_eq!(v["kx_group"], "Some(X25519MLKEM768)", "{to} {extra:?}: {v}");
+        }
+    }
 }

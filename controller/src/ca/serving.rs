@@ -399,4 +399,37 @@ mod tests {
         let (mut ok, _) = connect(&ca, addr).await;
         echo(&mut ok, b"served").await;
     }
+
+    #[tokio::test]
+    async fn a_post_quantum_only_client_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _serving, addr) = setup(dir.path(), Duration::from_secs(3600)).await;
+        let mut only_pq = rustls::crypto::aws_lc_rs::default_provider();
+        only_pq
+            .kx_groups
+            .retain(|g| g.name() == rustls::NamedGroup::X25519MLKEM768);
+        let mut roots = rustls::RootCertStore::empty();
+        for r in &ca.trust_bundle().roots {
+            roots.add(r.clone()).unwrap();
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(only_pq))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from(CONTROLLER_SERVER_NAME)
+            .unwrap()
+            .to_owned();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .expect("a handshake offering only X25519MLKEM768");
+        assert_eq!(
+            tls.get_ref().1.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::X25519MLKEM768)
+        );
+        echo(&mut tls, b"pq").await;
+    }
 }

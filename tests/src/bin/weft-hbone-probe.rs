@@ -36,7 +36,7 @@ async fn main() {
         Some("idle-flood") => idle_flood(&args).await,
         Some("slowloris") => slowloris(&args).await,
         _ => {
-            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca) [--forwarded IP]\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller https://IP:PORT --ca-file ROOT.pem --token T --identity SPIFFE\n       weft-hbone-probe idle-flood --to IP:15008 --count N --hold-secs S --identity SPIFFE --expect SPIFFE --ca-dir DIR");
+            eprintln!("usage: weft-hbone-probe connect --to IP:15008 --target IP:PORT --identity SPIFFE --expect SPIFFE (--ca-dir DIR | --foreign-ca) [--forwarded IP] [--pq-only]\n       weft-hbone-probe raw --to IP:PORT --kind garbage|http1|truncated-tls\n       weft-hbone-probe csr --controller https://IP:PORT --ca-file ROOT.pem --token T --identity SPIFFE\n       weft-hbone-probe idle-flood --to IP:15008 --count N --hold-secs S --identity SPIFFE --expect SPIFFE --ca-dir DIR");
             std::process::exit(2)
         }
     };
@@ -72,7 +72,16 @@ async fn connect(args: &[String]) -> serde_json::Value {
             }
             None => ca.trust_bundle(),
         };
-        let cfg = tls::client_config(&cert, &trust, &expect)?;
+        // `--pq-only`: offer only the hybrid post-quantum group.
+        let cfg = if args.iter().any(|a| a == "--pq-only") {
+            let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+            provider
+                .kx_groups
+                .retain(|g| g.name() == rustls::NamedGroup::X25519MLKEM768);
+            tls::client_config_with(&cert, &trust, &expect, std::sync::Arc::new(provider))?
+        } else {
+            tls::client_config(&cert, &trust, &expect)?
+        };
         let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(to))
             .await??;
         let conn = tokio::time::timeout(
@@ -80,6 +89,7 @@ async fn connect(args: &[String]) -> serde_json::Value {
             client::connect(tcp, cfg, &Default::default()),
         )
         .await??;
+        let kx_group = format!("{:?}", conn.key_exchange_group());
         // `--forwarded IP`: claim a client address, as a source ztunnel's
         // `forwarded` header does.
         let mut headers = http::HeaderMap::new();
@@ -91,11 +101,14 @@ async fn connect(args: &[String]) -> serde_json::Value {
         stream.write_all(b"WHO\n").await?;
         let mut buf = vec![0u8; 256];
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
-        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+        anyhow::Ok((
+            String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
+            kx_group,
+        ))
     }
     .await;
     match result {
-        Ok(reply) => json!({ "ok": true, "reply": reply }),
+        Ok((reply, kx_group)) => json!({ "ok": true, "reply": reply, "kx_group": kx_group }),
         Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
     }
 }
