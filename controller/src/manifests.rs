@@ -148,7 +148,9 @@ fn split_documents(text: &str) -> Vec<String> {
     docs
 }
 
-fn read_text(file: &str, text: &str, state: &mut ClusterState, problems: &mut Vec<String>) {
+/// Adds every object of one manifest file's text (`file` names it in
+/// problems) to `state`; malformed documents are reported and skipped.
+pub fn read_text(file: &str, text: &str, state: &mut ClusterState, problems: &mut Vec<String>) {
     let mut index = 0;
     for doc in split_documents(text) {
         if doc.lines().all(|l| {

@@ -152,14 +152,57 @@ where
     let deadline = settings.handshake_timeout;
     let handshake = tokio::time::timeout(deadline, handshake(io, tls, settings));
     tokio::pin!(drain);
-    let (mut connection, peer) = tokio::select! {
+    let (connection, peer) = tokio::select! {
         result = handshake => match result {
             Ok(result) => result.map_err(HboneError::classify)?,
             Err(_) => return Err(HboneError::HandshakeTimeout(deadline)),
         },
         () = &mut drain => return Ok(()),
     };
+    serve_tunnels(connection, peer, settings, handler, drain).await
+}
 
+/// The HBONE server above TLS: an HTTP/2 server on `io` for a client
+/// already authenticated as `peer`. For driving the CONNECT handling with
+/// arbitrary HTTP/2 input (fuzzing) and in-memory tests; production
+/// connections go through [`serve_until`], which authenticates first.
+pub async fn serve_h2<IO, H, Fut, D>(
+    io: IO,
+    peer: Identity,
+    settings: &H2Settings,
+    handler: H,
+    drain: D,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(InboundTunnel) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
+    let deadline = settings.handshake_timeout;
+    let connection = match tokio::time::timeout(deadline, h2_handshake(io, settings)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(HboneError::HandshakeTimeout(deadline)),
+    };
+    tokio::pin!(drain);
+    serve_tunnels(connection, peer, settings, handler, drain).await
+}
+
+/// Accepts CONNECT streams on an established HTTP/2 connection until the
+/// client goes away, the drain starts, or the connection idles out.
+async fn serve_tunnels<IO, H, Fut, D>(
+    mut connection: h2::server::Connection<IO, Bytes>,
+    peer: Identity,
+    settings: &H2Settings,
+    handler: H,
+    mut drain: std::pin::Pin<&mut D>,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(InboundTunnel) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+    D: Future<Output = ()>,
+{
     let tunnels = Arc::new(StreamCounter::new());
     let idle_check = settings
         .idle_timeout
@@ -268,14 +311,24 @@ where
         return Err(TlsError::NoH2.into());
     }
     let peer = tls::peer_identity(conn)?;
-    let connection = h2::server::Builder::new()
+    let connection = h2_handshake(tls_stream, settings).await?;
+    Ok((connection, peer))
+}
+
+async fn h2_handshake<IO>(
+    io: IO,
+    settings: &H2Settings,
+) -> Result<h2::server::Connection<IO, Bytes>, HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    Ok(h2::server::Builder::new()
         .initial_window_size(settings.initial_stream_window)
         .initial_connection_window_size(settings.initial_connection_window)
         .max_frame_size(settings.max_frame_size)
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_send_buffer_size(settings.max_send_buffer_size)
         .max_header_list_size(settings.max_header_list_size)
-        .handshake::<_, Bytes>(tls_stream)
-        .await?;
-    Ok((connection, peer))
+        .handshake::<_, Bytes>(io)
+        .await?)
 }

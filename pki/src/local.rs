@@ -130,9 +130,18 @@ mod tests {
         params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
         let root = params.self_signed(&key).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        write_atomic(&dir.path().join(ROOT_CERT_FILE), root.pem().as_bytes(), 0o644).unwrap();
-        write_atomic(&dir.path().join(ROOT_KEY_FILE), key.serialize_pem().as_bytes(), 0o600)
-            .unwrap();
+        write_atomic(
+            &dir.path().join(ROOT_CERT_FILE),
+            root.pem().as_bytes(),
+            0o644,
+        )
+        .unwrap();
+        write_atomic(
+            &dir.path().join(ROOT_KEY_FILE),
+            key.serialize_pem().as_bytes(),
+            0o600,
+        )
+        .unwrap();
 
         let ca = LocalCa::load_or_generate(dir.path(), "cluster.local").unwrap();
         let id = Identity::new("cluster.local", "shop", "cart");

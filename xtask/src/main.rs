@@ -44,6 +44,18 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the parsers that face hostile input (cargo fuzz on the nightly
+    /// toolchain, libFuzzer): every target, or one, for `--time` seconds
+    /// each, from the seed corpora in fuzz/corpus/. Prints executions per
+    /// target; a crash stops with the input's path.
+    Fuzz {
+        /// One target (hbone_connect, config_update, policy_eval,
+        /// route_match, manifests); all when left out.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+    },
     /// Regenerate the chart's CRDs (charts/weft/crds/weft.dev.yaml) from
     /// weft-api's Rust types, via `weft-controller print-crds`.
     Chart {
@@ -84,6 +96,7 @@ fn main() -> ExitCode {
             _ => setup().and_then(|_| bench(quick, true, true)),
         },
         Cmd::Chart { check } => chart(check),
+        Cmd::Fuzz { target, time } => setup().and_then(|_| fuzz(target.as_deref(), time)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -186,6 +199,9 @@ fn setup() -> Result<()> {
     if !have("cargo-nextest") {
         run(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
     }
+    if !have("cargo-fuzz") {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
     mount_bpffs()?;
     chart_tools()?;
     Ok(())
@@ -256,6 +272,82 @@ fn mount_bpffs() -> Result<()> {
         .context("bpffs is needed to pin Weft's eBPF maps and links")
 }
 
+/// Seconds per fuzz target within `cargo xtask test` (longer runs by hand:
+/// `cargo xtask fuzz --time 1800`).
+const CI_FUZZ_SECONDS: u64 = 20;
+
+/// The fuzz targets (their bodies are in fuzz/src/lib.rs).
+const FUZZ_TARGETS: &[&str] = &[
+    "hbone_connect",
+    "config_update",
+    "policy_eval",
+    "route_match",
+    "manifests",
+];
+
+/// Runs each target (or `only`) for `seconds` from a scratch copy of its
+/// seed corpus (the repository's seeds stay as they are), and prints how
+/// many inputs each ran. libFuzzer's crash input is kept under
+/// target/fuzz/artifacts/ and named in the error.
+fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
+    let targets: Vec<&str> = match only {
+        Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
+        Some(t) => bail!("unknown fuzz target {t:?}; the targets are {FUZZ_TARGETS:?}"),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    let root = root_dir();
+    let fuzz_dir = root.join("fuzz/targets");
+    // Without sanitizers: Weft is safe Rust above its dependencies, and a
+    // panic is what the targets look for; it also keeps the build short.
+    run(cargo()
+        .args(["+nightly", "fuzz", "build", "-s", "none", "--fuzz-dir"])
+        .arg(&fuzz_dir))
+    .context("building the fuzz targets (needs the nightly toolchain and cargo-fuzz: `cargo xtask setup`)")?;
+    let mut summary = Vec::new();
+    for t in targets {
+        let scratch = root.join("target/fuzz/corpus").join(t);
+        let artifacts = root.join("target/fuzz/artifacts").join(t);
+        std::fs::create_dir_all(&scratch)?;
+        std::fs::create_dir_all(&artifacts)?;
+        let out = cargo()
+            .args(["+nightly", "fuzz", "run", "-s", "none", "--fuzz-dir"])
+            .arg(&fuzz_dir)
+            .arg(t)
+            .arg(&scratch)
+            .arg(root.join("fuzz/corpus").join(t))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .args([
+                "-rss_limit_mb=2048",
+                "-max_len=65536",
+                "-print_final_stats=1",
+            ])
+            .output()
+            .with_context(|| format!("running fuzz target {t}"))?;
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        let runs = log
+            .lines()
+            .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+            .map(|n| n.trim().to_owned())
+            .unwrap_or_else(|| "?".into());
+        if !out.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "fuzz target {t} failed after {runs} runs; the crashing input is in {} (once fixed, copy it to fuzz/regressions/{t}/ so it stays a test):\n{}",
+                artifacts.display(),
+                tail.join("\n")
+            );
+        }
+        summary.push((t, runs));
+    }
+    for (t, runs) in summary {
+        eprintln!("xtask: fuzz {t}: {runs} inputs in {seconds} s, no crash");
+    }
+    Ok(())
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root_dir());
@@ -273,9 +365,11 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The Helm chart (lint, render, validate, CRDs fresh) before the tests,
-    // so the run ends with the test runner's summary.
+    // The Helm chart (lint, render, validate, CRDs fresh) and a short run
+    // of every fuzz target before the tests, so the run ends with the test
+    // runner's summary.
     chart_checks()?;
+    fuzz(None, CI_FUZZ_SECONDS)?;
     // End-to-end tests start these binaries.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo()

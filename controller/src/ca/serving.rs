@@ -427,7 +427,10 @@ mod tests {
             .await
             .expect("a handshake offering only X25519MLKEM768");
         assert_eq!(
-            tls.get_ref().1.negotiated_key_exchange_group().map(|g| g.name()),
+            tls.get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name()),
             Some(rustls::NamedGroup::X25519MLKEM768)
         );
         echo(&mut tls, b"pq").await;
