@@ -46,8 +46,9 @@ pub struct Config {
     /// any when unset.
     #[arg(long, env = "WEFT_POD_IP")]
     pub pod_ip: Option<IpAddr>,
-    /// Certificate lifetime asked for (renewed at half life).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    /// Certificate lifetime asked for (renewed at half life); 0s: the
+    /// controller's default (its `--cert-ttl`).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub cert_ttl: Duration,
     /// At SIGTERM or SIGINT, how long open HBONE connections may take to
     /// finish their tunnels before the process exits anyway.
