@@ -243,7 +243,7 @@ impl Mesh {
             // gateway address it uses toward its pods.
             .args([
                 "--node-ip",
-                &format!("{},{}", n.ip, crate::cluster::POD_GATEWAY),
+                &format!("{},{},{}", n.ip, crate::cluster::POD_GATEWAY, n.ip6),
             ])
             .args(self.control_args(&n.name))
             .arg("--state-dir")
@@ -409,7 +409,7 @@ impl Mesh {
             namespace: namespace.into(),
             service_account: service_account.into(),
             node: self.cluster.node(node).name.clone(),
-            ips: vec![IpAddr::V4(pod.ip)],
+            ips: vec![IpAddr::V4(pod.ip), IpAddr::V6(pod.ip6)],
             labels,
         });
         self.write_model()?;

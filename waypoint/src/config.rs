@@ -32,8 +32,10 @@ pub struct Config {
     /// File with the bearer token for the controller.
     #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
     pub token_file: PathBuf,
-    /// Address HBONE is served on.
-    #[arg(long, default_value = "0.0.0.0:15008")]
+    /// Address HBONE is served on; the default takes both IPv4 and IPv6
+    /// (dual-stack pods are dialled on either), or IPv4 alone on a node
+    /// without IPv6.
+    #[arg(long, default_value = "[::]:15008")]
     pub hbone_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
