@@ -39,17 +39,18 @@ use crate::certs::TrustRoots;
 pub enum ControllerConnectError {
     #[error("bad controller address {0}")]
     Address(String),
+    #[error("controller CA file {path}: {reason}")]
+    CaFile { path: String, reason: String },
     #[error("cannot reach the controller at {addr}: {error}")]
     Tcp { addr: String, error: io::Error },
     #[error("TLS with the controller at {addr}: {cause}")]
     Tls { addr: String, cause: String },
 }
 
-/// Roots that verify the controller: a file (re-read), fixed roots, and
-/// the mesh roots as last delivered.
+/// Roots that verify the controller: a file (re-read) and the mesh roots
+/// as last delivered.
 pub struct ControllerTrust {
-    file: Option<PathBuf>,
-    fixed: Vec<CertificateDer<'static>>,
+    file: PathBuf,
     mesh: TrustRoots,
     /// What the file held at its last good read (its text, its roots).
     last_file: Mutex<Option<(String, Vec<CertificateDer<'static>>)>>,
@@ -66,35 +67,19 @@ impl ControllerTrust {
         who: &'static str,
     ) -> Result<Self, ControllerConnectError> {
         let trust = Self {
-            file: Some(file.to_owned()),
-            fixed: Vec::new(),
+            file: file.to_owned(),
             mesh,
             last_file: Mutex::new(None),
             who,
         };
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            ControllerConnectError::Address(format!("controller CA file {}: {e}", file.display()))
-        })?;
-        let roots = parse_roots(&text).map_err(|e| {
-            ControllerConnectError::Address(format!("controller CA file {}: {e}", file.display()))
-        })?;
+        let bad = |reason: String| ControllerConnectError::CaFile {
+            path: file.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+        let roots = parse_roots(&text).map_err(bad)?;
         *trust.lock() = Some((text, roots));
         Ok(trust)
-    }
-
-    /// Trusts the roots of `pem` and the mesh roots in `mesh`.
-    pub fn from_pem(
-        pem: &str,
-        mesh: TrustRoots,
-        who: &'static str,
-    ) -> Result<Self, ControllerConnectError> {
-        Ok(Self {
-            file: None,
-            fixed: parse_roots(pem).map_err(ControllerConnectError::Address)?,
-            mesh,
-            last_file: Mutex::new(None),
-            who,
-        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<(String, Vec<CertificateDer<'static>>)>> {
@@ -105,9 +90,7 @@ impl ControllerTrust {
     /// the last good roots (a ConfigMap update is never half-visible, but
     /// an operator's edit can be).
     fn file_roots(&self) -> Vec<CertificateDer<'static>> {
-        let Some(path) = &self.file else {
-            return Vec::new();
-        };
+        let path = &self.file;
         let mut last = self.lock();
         let read = std::fs::read_to_string(path)
             .map_err(|e| e.to_string())
@@ -131,24 +114,20 @@ impl ControllerTrust {
     pub fn roots(&self) -> (Vec<CertificateDer<'static>>, String) {
         let file = self.file_roots();
         let mesh = self.mesh.get();
-        let mut all = self.fixed.clone();
+        let mut all: Vec<CertificateDer<'static>> = Vec::new();
         for r in file.iter().chain(&mesh.roots) {
             if !all.contains(r) {
                 all.push(r.clone());
             }
         }
-        let mut from = Vec::new();
-        if let Some(f) = &self.file {
-            from.push(format!("{} from {}", file.len(), f.display()));
-        }
-        if !self.fixed.is_empty() {
-            from.push(format!("{} given at start", self.fixed.len()));
-        }
-        from.push(format!("{} from the mesh trust bundle", mesh.roots.len()));
-        (
-            all.clone(),
-            format!("{} roots: {}", all.len(), from.join(", ")),
-        )
+        let summary = format!(
+            "{} roots: {} from {}, {} from the mesh trust bundle",
+            all.len(),
+            file.len(),
+            self.file.display(),
+            mesh.roots.len()
+        );
+        (all, summary)
     }
 
     fn client_config(&self) -> Result<(Arc<rustls::ClientConfig>, String), String> {
