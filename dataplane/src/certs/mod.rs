@@ -369,9 +369,10 @@ mod tests {
     use super::*;
     use weft_pki::LocalCa;
 
-    /// Signs locally, counting requests, optionally slowly or failing.
+    /// Signs locally (with whichever root is current), counting requests,
+    /// optionally slowly or failing.
     struct Counting {
-        ca: LocalCa,
+        ca: Mutex<Arc<LocalCa>>,
         ttl: Duration,
         delay: Duration,
         fail: std::sync::atomic::AtomicBool,
@@ -389,14 +390,15 @@ mod tests {
                 if self.fail.load(Ordering::SeqCst) {
                     return Err(IdentityError::Unavailable("down".into()));
                 }
-                Ok(self.ca.sign(id, self.ttl).expect("sign"))
+                let ca = self.ca.lock().unwrap().clone();
+                Ok(ca.sign(id, self.ttl).expect("sign"))
             })
         }
     }
 
     fn counting(ttl: Duration, delay: Duration) -> Arc<Counting> {
         Arc::new(Counting {
-            ca: LocalCa::generate("cluster.local").unwrap(),
+            ca: Mutex::new(Arc::new(LocalCa::generate("cluster.local").unwrap())),
             ttl,
             delay,
             fail: Default::default(),
@@ -460,33 +462,11 @@ mod tests {
         assert!(status[0].last_error.is_none());
     }
 
-    /// Signs with whichever root is current.
-    struct Switchable {
-        ca: Mutex<Arc<LocalCa>>,
-        calls: AtomicU64,
-    }
-
-    impl CertProvider for Switchable {
-        fn fetch<'a>(
-            &'a self,
-            id: &'a Identity,
-        ) -> BoxFuture<'a, Result<WorkloadCert, IdentityError>> {
-            Box::pin(async move {
-                self.calls.fetch_add(1, Ordering::SeqCst);
-                let ca = self.ca.lock().unwrap().clone();
-                Ok(ca.sign(id, Duration::from_secs(3600)).expect("sign"))
-            })
-        }
-    }
-
     #[tokio::test]
     async fn a_new_signing_root_renews_certificates_that_do_not_chain_to_it() {
-        let old = Arc::new(LocalCa::generate("cluster.local").unwrap());
+        let p = counting(Duration::from_secs(3600), Duration::ZERO);
+        let old = p.ca.lock().unwrap().clone();
         let new = Arc::new(LocalCa::generate("cluster.local").unwrap());
-        let p = Arc::new(Switchable {
-            ca: Mutex::new(old.clone()),
-            calls: Default::default(),
-        });
         let trust = TrustRoots::new(old.trust_bundle());
         let m = CertManager::new(p.clone(), trust.clone());
         let first = m.fetch(&id("cart")).await.unwrap();
