@@ -73,9 +73,14 @@ pub struct Config {
         default_value = "weft-controller-leader"
     )]
     pub leader_lease: String,
-    /// Lifetime of workload certificates.
+    /// Lifetime of workload certificates when the request does not ask for
+    /// one (ztunnels and waypoints ask for none unless given `--cert-ttl`).
     #[arg(long, env = "WEFT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
+    /// Longest workload certificate lifetime granted (longer requests are
+    /// capped); defaults to `--cert-ttl`. At least one minute.
+    #[arg(long, env = "WEFT_MAX_CERT_TTL", value_parser = parse_duration)]
+    pub max_cert_ttl: Option<Duration>,
     /// Lifetime of the gRPC port's own serving certificate; it is renewed
     /// at two thirds of it (and when the root rotates) without a restart.
     #[arg(long, env = "WEFT_SERVING_CERT_TTL", default_value = "720h", value_parser = parse_duration)]
@@ -83,7 +88,8 @@ pub struct Config {
     /// After a root rotation (annotation `weft.dev/rotate-root` on the root
     /// Secret, or the file `rotate-root` in the CA directory), how long the
     /// previous root stays trusted. At least the longest workload
-    /// certificate lifetime, so every certificate is renewed in time.
+    /// certificate lifetime (`--max-cert-ttl`), so every certificate is
+    /// renewed in time.
     #[arg(long, env = "WEFT_ROOT_OVERLAP", default_value = "48h", value_parser = parse_duration)]
     pub root_overlap: Duration,
     #[arg(long, env = "WEFT_LOG_JSON")]
@@ -104,6 +110,10 @@ pub struct Config {
     pub waypoint_image_pull_policy: String,
 }
 
+/// Shortest workload certificate lifetime the CA issues (renewal at half
+/// life must stay well above the round trip to the CA).
+const MIN_CERT_TTL: Duration = Duration::from_secs(60);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -120,6 +130,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let max_ttl = cfg.max_cert_ttl.unwrap_or(cfg.cert_ttl);
+    if max_ttl < MIN_CERT_TTL || cfg.cert_ttl < MIN_CERT_TTL {
+        anyhow::bail!("--cert-ttl and --max-cert-ttl must be at least {MIN_CERT_TTL:?}");
+    }
+    if cfg.cert_ttl > max_ttl {
+        anyhow::bail!(
+            "--cert-ttl {:?} is longer than --max-cert-ttl {max_ttl:?}",
+            cfg.cert_ttl
+        );
+    }
     let (model_tx, model_rx) = watch::channel(Arc::new(MeshModel::default()));
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::<PolicyStatus>::new()));
     let (gateway_tx, gateway_rx) = watch::channel(Arc::new(GatewayApiOutput::default()));
@@ -154,7 +174,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 "building the mesh from manifests"
             );
             (
-                Arc::new(ca.with_ttl(cfg.cert_ttl, cfg.cert_ttl.max(Duration::from_secs(86400)))),
+                Arc::new(ca.with_ttl(cfg.cert_ttl, max_ttl)),
                 Arc::new(tokens),
             )
         }
@@ -237,10 +257,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 mode = "cluster",
                 "watching the Kubernetes API"
             );
-            (
-                Arc::new(ca.with_ttl(cfg.cert_ttl, cfg.cert_ttl.max(Duration::from_secs(86400)))),
-                Arc::new(auth),
-            )
+            (Arc::new(ca.with_ttl(cfg.cert_ttl, max_ttl)), Arc::new(auth))
         }
     };
 

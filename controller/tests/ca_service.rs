@@ -234,8 +234,17 @@ async fn ca_rotation_overlap_keeps_old_leaves_trusted_until_retired() {
     let new_leaf = issue(&ca, &pay());
     assert!(mtls_ok(&old_leaf, &new_leaf, &overlap).await);
     assert!(mtls_ok(&new_leaf, &old_leaf, &overlap).await);
-    // The new leaf really is from the new root.
-    assert!(!mtls_ok(&new_leaf, &issue(&ca, &cart()), &before).await);
+    // The new leaf is from the new root, and carries it cross-signed by
+    // the old one: a peer that still trusts only the old root (it has not
+    // got the new bundle yet) accepts it either way round; stripped of the
+    // cross-signed certificate it would not.
+    assert_eq!(new_leaf.chain.len(), 2);
+    assert!(mtls_ok(&new_leaf, &old_leaf, &before).await);
+    assert!(mtls_ok(&old_leaf, &new_leaf, &before).await);
+    let mut bare = new_leaf.clone();
+    bare.chain.truncate(1);
+    assert!(!mtls_ok(&bare, &old_leaf, &before).await);
+    assert!(mtls_ok(&bare, &issue(&ca, &cart()), &overlap).await);
 
     // A restart during the overlap comes back with the same two roots.
     let reloaded = MeshCa::load_or_generate(store.clone(), "cluster.local")
@@ -247,7 +256,12 @@ async fn ca_rotation_overlap_keeps_old_leaves_trusted_until_retired() {
     let after = ca.trust_bundle();
     assert_eq!(after.roots, vec![overlap.roots[0].clone()]);
     assert!(!mtls_ok(&old_leaf, &new_leaf, &after).await);
-    assert!(mtls_ok(&issue(&ca, &cart()), &new_leaf, &after).await);
+    // Leaves of the overlap (with the cross-signed root) keep working;
+    // new ones are the leaf alone.
+    let fresh = issue(&ca, &cart());
+    assert_eq!(fresh.chain.len(), 1);
+    assert!(mtls_ok(&fresh, &new_leaf, &after).await);
+    assert!(mtls_ok(&new_leaf, &fresh, &after).await);
     let reloaded = MeshCa::load_or_generate(store, "cluster.local")
         .await
         .unwrap();

@@ -102,6 +102,31 @@ impl WorkloadCert {
     pub fn is_expired(&self, now: SystemTime) -> bool {
         now >= self.not_after
     }
+
+    /// Whether this chain verifies, now, up to `root` (directly, or through
+    /// the intermediates or cross-signed certificates it carries): after a
+    /// root rotation, a certificate for which this is false for the new
+    /// signing root is due for renewal.
+    pub fn chains_to(&self, root: &CertificateDer<'_>) -> bool {
+        let (Some(leaf), Ok(anchor)) = (self.chain.first(), webpki::anchor_from_trusted_cert(root))
+        else {
+            return false;
+        };
+        let Ok(leaf) = webpki::EndEntityCert::try_from(leaf) else {
+            return false;
+        };
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        leaf.verify_for_usage(
+            algs.all,
+            &[anchor],
+            &self.chain[1..],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .is_ok()
+    }
 }
 
 /// The CA certificates a workload trusts. More than one root is allowed so a

@@ -104,6 +104,20 @@ pub fn serving_params(
     Ok(params)
 }
 
+/// The cross-signed form of the CA certificate `ca_cert_pem` (a new root
+/// during a rotation): the same subject, public key, subject key
+/// identifier, basic constraints, key usages and validity, a new random
+/// serial, and an authority key identifier naming the issuer that signs it
+/// (the root it replaces). Sent after the leaf while both roots are
+/// trusted, it lets a peer that knows only the old root verify leaves of
+/// the new one.
+pub fn cross_signed_params(ca_cert_pem: &str) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::from_ca_cert_pem(ca_cert_pem)?;
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
 /// DER of `GeneralNames ::= SEQUENCE { uniformResourceIdentifier [6] IA5String }`.
 fn uri_san_der(uri: &[u8]) -> Vec<u8> {
     let mut inner = vec![0x86];

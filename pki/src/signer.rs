@@ -8,7 +8,7 @@ use rcgen::{CertificateParams, CertificateSigningRequestParams, KeyPair, SanType
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use weft_api::Identity;
 
-use crate::params::{root_params, workload_leaf_params};
+use crate::params::{cross_signed_params, root_params, workload_leaf_params};
 use crate::pem::cert_der;
 use crate::{PkiError, WorkloadCert};
 
@@ -175,6 +175,19 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// Cross-signs another CA (the root replacing this one): its
+    /// certificate re-issued by this signer, for the key in `ca_key_pem`
+    /// (see [`cross_signed_params`]). Returns the PEM.
+    pub fn cross_sign(&self, ca_cert_pem: &str, ca_key_pem: &str) -> Result<String, PkiError> {
+        let key = KeyPair::from_pem(ca_key_pem)
+            .map_err(|e| PkiError::InvalidCa(format!("no usable private key: {e}")))?;
+        let params = cross_signed_params(ca_cert_pem)
+            .map_err(|e| PkiError::InvalidCa(format!("CA certificate to cross-sign: {e}")))?;
+        Ok(params.signed_by(&key, &self.issuer, &self.key)?.pem())
+    }
+}
+
 /// A signed workload leaf, as the controller's CA answers it.
 #[derive(Debug, Clone)]
 pub struct IssuedCert {
@@ -254,6 +267,56 @@ mod tests {
             signer.sign_workload(&foreign, Duration::from_secs(60)),
             Err(PkiError::WrongTrustDomain { .. })
         ));
+    }
+
+    #[test]
+    fn a_cross_signed_root_lets_the_old_root_verify_new_leaves() {
+        let old = generate_root("td").unwrap();
+        let new = generate_root("td").unwrap();
+        let old_signer = Signer::from_pem(&old.cert_pem, &old.key_pem, vec![], "td").unwrap();
+        let cross = old_signer.cross_sign(&new.cert_pem, &new.key_pem).unwrap();
+        let new_der = cert_der(&new.cert_pem).unwrap();
+        let old_der = cert_der(&old.cert_pem).unwrap();
+        // Same subject, key and key identifier as the new root; issued by
+        // the old one.
+        let cross_der = cert_der(&cross).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(cross_der.as_ref()).unwrap();
+        let (_, n) = x509_parser::parse_x509_certificate(new_der.as_ref()).unwrap();
+        let (_, o) = x509_parser::parse_x509_certificate(old_der.as_ref()).unwrap();
+        assert_eq!(c.subject().as_raw(), n.subject().as_raw());
+        assert_eq!(c.issuer().as_raw(), o.subject().as_raw());
+        assert_eq!(c.public_key().raw, n.public_key().raw);
+        assert!(c.is_ca());
+        assert_ne!(c.serial, n.serial);
+        let ski = |x: &x509_parser::certificate::X509Certificate<'_>| {
+            x.iter_extensions()
+                .find_map(|e| match e.parsed_extension() {
+                    x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                        Some(k.0.to_vec())
+                    }
+                    _ => None,
+                })
+        };
+        assert_eq!(ski(&c), ski(&n));
+
+        let id = Identity::new("td", "shop", "cart");
+        let plain = Signer::from_pem(&new.cert_pem, &new.key_pem, vec![], "td").unwrap();
+        let bridged =
+            Signer::from_pem(&new.cert_pem, &new.key_pem, vec![cross.clone()], "td").unwrap();
+        let alone = plain.sign_workload(&id, Duration::from_secs(60)).unwrap();
+        let with_cross = bridged.sign_workload(&id, Duration::from_secs(60)).unwrap();
+        assert_eq!(with_cross.chain.len(), 2);
+        assert!(alone.chains_to(&new_der));
+        assert!(!alone.chains_to(&old_der), "no path to the old root alone");
+        assert!(with_cross.chains_to(&new_der));
+        assert!(
+            with_cross.chains_to(&old_der),
+            "through the cross-signed root"
+        );
+        let old_leaf = old_signer
+            .sign_workload(&id, Duration::from_secs(60))
+            .unwrap();
+        assert!(!old_leaf.chains_to(&new_der));
     }
 
     #[test]

@@ -6,13 +6,17 @@
 //! - fabric netns `wft<n>-fabric` holding bridge `wft<n>-br`; nothing else is
 //!   attached to it, so no traffic can leave the simulated cluster;
 //! - node `i` (0-based): netns `wft<n>-n<i+1>`, `eth0` at `10.(64+n).255.(i+1)/24`
-//!   on the bridge (fabric side veth `wft<n>-n<i+1>`), pod CIDR
-//!   `10.(64+n).(i+1).0/24`, routes to the other nodes' pod CIDRs, no default route;
-//! - pod: netns `wft<n>-p<k>-<namespace>-<name>`, `eth0` with a /32 and
-//!   `default via 169.254.1.1 dev eth0 onlink`; node side veth `wft<n>p<k>` with
-//!   proxy_arp and a /32 route; a `sleep infinity` pause process in the pod's
-//!   netns and cgroup `<cgroup2>/weft-e2e-<n>/node<i+1>/pods/p<k>-<namespace>-<name>`;
-//! - service VIPs: `10.(64+n).200.0/24`, model addresses only;
+//!   and `fd00:<n>:ff::<i+1>/64` on the bridge (fabric side veth `wft<n>-n<i+1>`),
+//!   pod CIDRs `10.(64+n).(i+1).0/24` and `fd00:<n>:<i+1>::/64`, routes to the
+//!   other nodes' pod CIDRs, no default route;
+//! - pod: netns `wft<n>-p<k>-<namespace>-<name>`, `eth0` with a /32 and a /128
+//!   (both families, like a dual-stack cluster), `default via 169.254.1.1 dev eth0
+//!   onlink` and `default via fe80::1 dev eth0`; node side veth `wft<n>p<k>` with
+//!   proxy_arp, the address `fe80::1`, and a /32 and a /128 route; a `sleep
+//!   infinity` pause process in the pod's netns and cgroup
+//!   `<cgroup2>/weft-e2e-<n>/node<i+1>/pods/p<k>-<namespace>-<name>`;
+//! - service VIPs: `10.(64+n).200.0/24` and `fd00:<n>:c8::/64`, model addresses only;
+//! - IPv6 addresses skip duplicate address detection, so they are usable at once;
 //! - `/run/weft-e2e/<n>/` run dir, `/sys/fs/bpf/weft-e2e-<n>` pin dir.
 //!
 //! Dropping the `Cluster` (also while a test panics) kills everything it
@@ -26,7 +30,7 @@ mod sys;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -46,6 +50,9 @@ pub const MAX_SLOTS: u32 = 64;
 pub const MAX_NODES: usize = 16;
 /// The pods' default gateway; every node answers ARP for it on pod veths.
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pods' IPv6 default gateway: a link-local address every node's pod
+/// veth carries.
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// Root of all per-slot run dirs and slot locks.
 pub const RUN_ROOT: &str = "/run/weft-e2e";
 
@@ -85,7 +92,10 @@ pub struct Node {
     pub netns_path: PathBuf,
     /// Address on the fabric bridge (`eth0` in the node netns).
     pub ip: Ipv4Addr,
+    /// IPv6 address on the fabric bridge.
+    pub ip6: Ipv6Addr,
     pub pod_cidr: (Ipv4Addr, u8),
+    pub pod_cidr6: (Ipv6Addr, u8),
     /// Parent cgroup of every pod on this node: the attach point for this
     /// node's cgroup eBPF programs. Holds no processes itself.
     pub pods_cgroup: PathBuf,
@@ -104,6 +114,8 @@ pub struct Pod {
     /// `/run/netns/<netns>`, what a runtime passes as CNI_NETNS.
     pub netns_path: PathBuf,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (every pod has both families).
+    pub ip6: Ipv6Addr,
     pub cgroup: PathBuf,
     /// 64 hex characters, like a containerd sandbox id.
     pub container_id: String,
@@ -205,7 +217,9 @@ impl Cluster {
                 netns_path: Path::new("/run/netns").join(&netns),
                 netns,
                 ip: Ipv4Addr::new(10, self.net_octet(), 255, n as u8),
+                ip6: self.v6(0xff, n as u16),
                 pod_cidr: (Ipv4Addr::new(10, self.net_octet(), n as u8, 0), 24),
+                pod_cidr6: (self.v6(n as u16, 0), 64),
                 pods_cgroup: node_cgroup.join("pods"),
                 system_cgroup: node_cgroup.join("system"),
             };
@@ -214,6 +228,7 @@ impl Cluster {
             let ns = node.netns.as_str();
             let fab_veth = format!("wft{slot}-n{n}");
             sys::ip(&["netns", "add", ns])?;
+            no_dad(&node.netns_path)?;
             sys::ip(&["-n", ns, "link", "set", "lo", "up"])?;
             sys::ip(&[
                 "-n", &fab, "link", "add", "name", &fab_veth, "type", "veth", "peer", "name",
@@ -238,6 +253,16 @@ impl Cluster {
                 "dev",
                 "eth0",
             ])?;
+            sys::ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/64", node.ip6),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             sys::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
             // Pods ARP for the gateway; it is local to every node. Scope
             // link keeps it from ever being picked as a source address.
@@ -248,7 +273,15 @@ impl Cluster {
             // Unknown addresses in our own pod CIDR fail fast.
             let cidr = format!("{}/{}", node.pod_cidr.0, node.pod_cidr.1);
             sys::ip(&["-n", ns, "route", "add", "unreachable", &cidr])?;
-            sysctl(&node.netns_path, &[("net/ipv4/ip_forward", "1")])?;
+            let cidr6 = format!("{}/{}", node.pod_cidr6.0, node.pod_cidr6.1);
+            sys::ip(&["-n", ns, "route", "add", "unreachable", &cidr6])?;
+            sysctl(
+                &node.netns_path,
+                &[
+                    ("net/ipv4/ip_forward", "1"),
+                    ("net/ipv6/conf/all/forwarding", "1"),
+                ],
+            )?;
             self.nodes.push(node);
         }
         for node in &self.nodes {
@@ -265,6 +298,18 @@ impl Cluster {
                     "dev",
                     "eth0",
                 ])?;
+                let cidr6 = format!("{}/{}", other.pod_cidr6.0, other.pod_cidr6.1);
+                sys::ip(&[
+                    "-n",
+                    &node.netns,
+                    "route",
+                    "add",
+                    &cidr6,
+                    "via",
+                    &other.ip6.to_string(),
+                    "dev",
+                    "eth0",
+                ])?;
             }
         }
         Ok(())
@@ -272,6 +317,11 @@ impl Cluster {
 
     fn net_octet(&self) -> u8 {
         64 + self.slot as u8
+    }
+
+    /// `fd00:<slot>:<net>::<host>`: this slot's IPv6 addresses (ULA).
+    fn v6(&self, net: u16, host: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, self.slot as u16, net, 0, 0, 0, 0, host)
     }
 
     pub fn slot(&self) -> u32 {
@@ -339,6 +389,12 @@ impl Cluster {
         Ipv4Addr::new(10, self.net_octet(), 200, index)
     }
 
+    /// Address `index` of the IPv6 service VIP range `fd00:<slot>:c8::/64`
+    /// (model addresses only, like `vip`).
+    pub fn vip6(&self, index: u8) -> Ipv6Addr {
+        self.v6(0xc8, u16::from(index))
+    }
+
     /// The netns holding the bridge, for tcpdump.
     pub fn fabric_netns(&self) -> &str {
         &self.fabric_netns
@@ -377,6 +433,7 @@ impl Cluster {
         let netns = format!("wft{slot}-{label}");
         let host_veth = format!("wft{slot}p{seq}");
         let ip = Ipv4Addr::new(10, self.net_octet(), n.pod_cidr.0.octets()[2], host);
+        let ip6 = self.v6(n.index as u16 + 1, u16::from(host));
         let mut rng = rand::thread_rng();
         let container_id: String = (0..32)
             .map(|_| format!("{:02x}", rng.gen::<u8>()))
@@ -397,6 +454,7 @@ impl Cluster {
             netns_path: Path::new("/run/netns").join(&netns),
             netns,
             ip,
+            ip6,
             cgroup: n.pods_cgroup.join(&label),
             container_id,
             uid,
@@ -407,12 +465,23 @@ impl Cluster {
         fs::create_dir_all(&pod.cgroup)
             .with_context(|| format!("creating cgroup {}", pod.cgroup.display()))?;
         sys::ip(&["netns", "add", pns])?;
+        no_dad(&pod.netns_path)?;
         sys::ip(&["-n", pns, "link", "set", "lo", "up"])?;
         sys::ip(&[
             "-n", nns, "link", "add", "name", veth, "type", "veth", "peer", "name", "eth0",
             "netns", pns,
         ])?;
         sys::ip(&["-n", pns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        sys::ip(&[
+            "-n",
+            pns,
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         sys::ip(&["-n", pns, "link", "set", "eth0", "up"])?;
         sys::ip(&[
             "-n",
@@ -427,6 +496,27 @@ impl Cluster {
             "onlink",
         ])?;
         sys::ip(&["-n", nns, "link", "set", veth, "up"])?;
+        sys::ip(&[
+            "-n",
+            nns,
+            "addr",
+            "add",
+            &format!("{POD_GATEWAY6}/64"),
+            "dev",
+            veth,
+            "nodad",
+        ])?;
+        sys::ip(&[
+            "-n",
+            pns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &POD_GATEWAY6.to_string(),
+            "dev",
+            "eth0",
+        ])?;
         // Node-originated traffic to the pod (kubelet probes) leaves from
         // the node IP, as on a real node.
         let node_ip = n.ip.to_string();
@@ -440,6 +530,17 @@ impl Cluster {
             veth,
             "src",
             &node_ip,
+        ])?;
+        sys::ip(&[
+            "-n",
+            nns,
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            veth,
+            "src",
+            &n.ip6.to_string(),
         ])?;
         sysctl(
             &n.netns_path,
@@ -799,6 +900,19 @@ fn sysctl(netns_path: &Path, settings: &[(&str, &str)]) -> Result<()> {
     sys::run(sys::command_in("sh", netns_path, None).args(["-c", &script]))
         .with_context(|| format!("setting sysctls in {}", netns_path.display()))
         .map(drop)
+}
+
+/// Turns duplicate address detection off for interfaces created in the
+/// netns from now on: IPv6 addresses (link-local ones too) are usable at
+/// once instead of after a second of "tentative".
+fn no_dad(netns_path: &Path) -> Result<()> {
+    sysctl(
+        netns_path,
+        &[
+            ("net/ipv6/conf/all/accept_dad", "0"),
+            ("net/ipv6/conf/default/accept_dad", "0"),
+        ],
+    )
 }
 
 /// Lowercase alphanumerics and '-', at most `max` bytes.

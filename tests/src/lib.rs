@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod manifests;
 pub mod mesh;
 pub mod waypoint;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::process::Command;

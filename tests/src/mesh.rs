@@ -52,6 +52,12 @@ pub struct Mesh {
     pub(crate) waypoints: Vec<(Pod, String, u32)>,
     /// Extra flags for every ztunnel started from now on.
     pub ztunnel_args: Vec<String>,
+    /// Extra flags for the controller from its next start on.
+    pub controller_args: Vec<String>,
+    /// The `--controller-ca-file` of ztunnels and waypoints started from
+    /// now on, instead of the controller's own root file (as a ConfigMap
+    /// volume the test updates, with a kubelet's delay).
+    pub controller_ca_file: Option<PathBuf>,
 }
 
 struct ControllerRun {
@@ -120,6 +126,8 @@ impl Mesh {
             controller,
             waypoints: Vec::new(),
             ztunnel_args: Vec::new(),
+            controller_args: Vec::new(),
+            controller_ca_file: None,
         };
         for ns in ambient {
             mesh.set_ambient(ns, true);
@@ -156,6 +164,7 @@ impl Mesh {
             .args(["--grpc-addr", &format!("0.0.0.0:{CONTROLLER_GRPC_PORT}")])
             // 15021 belongs to node 1's ztunnel.
             .args(["--readiness-addr", "0.0.0.0:15031"])
+            .args(&self.controller_args)
             .env("WEFT_LOG", "info,weft_controller=debug");
         self.cluster.spawn(&name, cmd)?;
         self.cluster
@@ -234,7 +243,7 @@ impl Mesh {
             // gateway address it uses toward its pods.
             .args([
                 "--node-ip",
-                &format!("{},{}", n.ip, crate::cluster::POD_GATEWAY),
+                &format!("{},{},{}", n.ip, crate::cluster::POD_GATEWAY, n.ip6),
             ])
             .args(self.control_args(&n.name))
             .arg("--state-dir")
@@ -265,7 +274,10 @@ impl Mesh {
                 "--controller".into(),
                 format!("https://{}:{CONTROLLER_GRPC_PORT}", self.cluster.node(0).ip).into(),
                 "--controller-ca-file".into(),
-                c.ca_dir.join("root-cert.pem").into(),
+                self.controller_ca_file
+                    .clone()
+                    .unwrap_or_else(|| c.ca_dir.join("root-cert.pem"))
+                    .into(),
                 "--token-file".into(),
                 self.cluster
                     .run_dir()
@@ -402,7 +414,7 @@ impl Mesh {
             namespace: namespace.into(),
             service_account: service_account.into(),
             node: self.cluster.node(node).name.clone(),
-            ips: vec![IpAddr::V4(pod.ip)],
+            ips: vec![IpAddr::V4(pod.ip), IpAddr::V6(pod.ip6)],
             labels,
         });
         self.write_model()?;

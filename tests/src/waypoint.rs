@@ -106,7 +106,7 @@ impl Mesh {
             namespace: namespace.into(),
             service_account: name.into(),
             node: self.cluster.node(node).name.clone(),
-            ips: vec![IpAddr::V4(pod.ip)],
+            ips: vec![IpAddr::V4(pod.ip), IpAddr::V6(pod.ip6)],
             labels: labels
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

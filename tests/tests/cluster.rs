@@ -3,7 +3,7 @@
 //! cluster, capture on the fabric, teardown, and slot separation. Every test
 //! builds network namespaces, so every name starts with `netns_`.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -182,6 +182,77 @@ fn netns_pods_reach_each_other_on_same_and_other_node() {
     assert_eq!(v["ok"], false, "removed pod still answers: {v}");
     let (ok, v) = testapp(&a, &["send", "--connect", &addr(&x), "--bytes", "1000"]);
     assert!(ok, "send after remove_pod failed: {v}");
+    c.teardown().expect("clean teardown");
+}
+
+/// Every pod and node also has an IPv6 address (dual-stack): pods reach
+/// each other over IPv6 on the same and on another node, the server sees
+/// the client pod's IPv6 address, and the node reaches its pods from its
+/// own IPv6 address.
+#[test]
+fn netns_pods_reach_each_other_over_ipv6() {
+    let mut c = cluster(2);
+    let a = c.add_pod(0, "default", "a").unwrap();
+    let b = c.add_pod(0, "default", "b").unwrap();
+    let x = c.add_pod(1, "other", "x").unwrap();
+    let slot = c.slot() as u16;
+    assert_eq!(
+        c.node(1).ip6,
+        Ipv6Addr::new(0xfd00, slot, 0xff, 0, 0, 0, 0, 2)
+    );
+    assert_eq!(
+        c.node(1).pod_cidr6,
+        (Ipv6Addr::new(0xfd00, slot, 2, 0, 0, 0, 0, 0), 64)
+    );
+    assert_eq!(x.ip6.segments()[..3], [0xfd00, slot, 2]);
+    assert_eq!(x.ip6.segments()[7], u16::from(x.ip.octets()[3]));
+    assert_eq!(c.vip6(7), Ipv6Addr::new(0xfd00, slot, 0xc8, 0, 0, 0, 0, 7));
+    for pod in [&b, &x] {
+        let name = format!("server6-{}", pod.name);
+        let mut cmd = pod.command(TESTAPP);
+        cmd.args([
+            "serve",
+            "--port",
+            &PORT.to_string(),
+            "--bind",
+            "::",
+            "--lifetime",
+            "60",
+        ]);
+        c.spawn(&name, cmd).unwrap();
+        c.wait_for_log(&name, "listening on", Duration::from_secs(10))
+            .unwrap();
+    }
+    let addr6 = |p: &Pod| SocketAddr::from((p.ip6, PORT)).to_string();
+    let seen6 = |v: &Value| -> std::net::IpAddr {
+        v["peer_seen_by_server"]
+            .as_str()
+            .and_then(|s| s.parse::<SocketAddr>().ok())
+            .map(|a| a.ip())
+            .unwrap_or_else(|| panic!("bad peer address in {v}"))
+    };
+    let (ok, v) = testapp(&a, &["send", "--connect", &addr6(&b), "--bytes", "300000"]);
+    assert!(ok, "same-node IPv6 send failed: {v}");
+    assert_eq!(seen6(&v), a.ip6);
+    let (ok, v) = testapp(&a, &["send", "--connect", &addr6(&x), "--bytes", "1000000"]);
+    assert!(ok, "cross-node IPv6 send failed: {v}");
+    assert_eq!(seen6(&v), a.ip6);
+    let out = c
+        .node(0)
+        .command(TESTAPP)
+        .args(["who", "--connect", &addr6(&b)])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("who JSON from the node");
+    assert_eq!(
+        seen6(&v),
+        c.node(0).ip6,
+        "node-to-pod IPv6 from the node: {v}"
+    );
+    // IPv4 is unchanged beside it (the dual-stack server sees it mapped).
+    let (ok, v) = testapp(&a, &["who", "--connect", &addr(&x)]);
+    assert!(ok, "{v}");
+    assert_eq!(seen6(&v).to_canonical(), a.ip);
     c.teardown().expect("clean teardown");
 }
 

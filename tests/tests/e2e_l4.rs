@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use weft_e2e::cluster::Capture as PacketCapture;
 use weft_e2e::mesh::{bin_path, deny_from, metric_sum, wait_until, Mesh};
+use weft_e2e::wire::{assert_hbone_only, get_marker_file, send_checksummed, serve_marker_file};
 
 const OPENED: &str = "weft_tcp_connections_opened_total";
 
@@ -27,94 +28,19 @@ fn e2e_cross_node_mtls_preserves_source_ip() {
         .add_service("shop", "server", "server", &[(80, 8080), (9000, 9000)])
         .unwrap();
 
-    // An HTTP server (python's http.server logs each client address) with
-    // a file whose content must never be seen on the wire.
-    let marker = format!("WEFT-PLAINTEXT-MARKER-{}", std::process::id());
-    let www = mesh.cluster.run_dir().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("marker.txt"), marker.repeat(50)).unwrap();
-    let mut http = server.command("python3");
-    http.args([
-        "-u",
-        "-m",
-        "http.server",
-        "8080",
-        "--bind",
-        "0.0.0.0",
-        "--directory",
-    ])
-    .arg(&www);
-    mesh.cluster.spawn("http-server", http).unwrap();
-    mesh.cluster
-        .wait_for_log("http-server", "Serving HTTP", Duration::from_secs(10))
-        .unwrap();
+    // An HTTP server logging each client address, with a file whose
+    // content must never be seen on the wire.
+    let marker = serve_marker_file(&mut mesh, &server, "http-server", "0.0.0.0").unwrap();
     mesh.serve_testapp(&server, 9000).unwrap();
 
     let cap = PacketCapture::start(&mesh.cluster, "tcp").unwrap();
 
-    let out = client
-        .command("curl")
-        .args(["-sS", "--http1.1", "--max-time", "10"])
-        .arg(format!("http://{vip}/marker.txt"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), marker.repeat(50));
-
+    get_marker_file(&client, &format!("http://{vip}/marker.txt"), &marker);
     // 64 MiB bulk transfer, checksummed by the server.
-    let (out, v) = mesh
-        .testapp(
-            &client,
-            &[
-                "send",
-                "--connect",
-                &format!("{vip}:9000"),
-                "--bytes",
-                "67108864",
-                "--timeout",
-                "60",
-            ],
-        )
-        .unwrap();
-    assert!(
-        out.status.success() && v["ok"] == true,
-        "bulk transfer: {v} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen = v["peer_seen_by_server"].as_str().unwrap_or_default();
-    assert!(
-        seen.starts_with(&format!("{}:", client.ip)),
-        "server saw {seen}, want the client pod {}",
-        client.ip
-    );
+    let seen = send_checksummed(&mesh, &client, &format!("{vip}:9000"), 64 << 20);
+    assert_eq!(seen, client.ip, "the server must see the client pod");
 
-    let packets = cap.stop().unwrap();
-    assert!(!packets.is_empty(), "the capture saw no cross-node packets");
-    let marker_bytes = marker.as_bytes();
-    for p in &packets {
-        assert!(
-            p.src_port == 15008 || p.dst_port == 15008,
-            "cross-node packet not on the HBONE port: {}:{} -> {}:{}",
-            p.src,
-            p.src_port,
-            p.dst,
-            p.dst_port
-        );
-        assert!(
-            !p.payload
-                .windows(marker_bytes.len())
-                .any(|w| w == marker_bytes),
-            "plaintext marker seen on the wire"
-        );
-    }
-    assert!(
-        packets.iter().any(|p| p.payload.first() == Some(&0x17)),
-        "no TLS application data records seen"
-    );
+    assert_hbone_only(&cap.stop().unwrap(), &marker);
 
     let log = mesh.cluster.log("http-server");
     assert!(

@@ -43,9 +43,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     )?;
 
     // Listeners first, so a bad address fails start-up at once.
-    let hbone = TcpListener::bind(cfg.hbone_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.hbone_addr))?;
+    let hbone = match TcpListener::bind(cfg.hbone_addr).await {
+        // The IPv6 wildcard on a node without IPv6: IPv4 alone.
+        Err(e) if cfg.hbone_addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = std::net::SocketAddr::from((
+                std::net::Ipv4Addr::UNSPECIFIED,
+                cfg.hbone_addr.port(),
+            ));
+            TcpListener::bind(v4)
+                .await
+                .map_err(|_| anyhow::anyhow!("cannot listen on {}: {e}", cfg.hbone_addr))?
+        }
+        bound => bound.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.hbone_addr))?,
+    };
     let ops = ops::bind(OpsAddrs {
         admin: cfg.admin_addr,
         metrics: cfg.metrics_addr,

@@ -32,8 +32,10 @@ pub struct Config {
     /// File with the bearer token for the controller.
     #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
     pub token_file: PathBuf,
-    /// Address HBONE is served on.
-    #[arg(long, default_value = "0.0.0.0:15008")]
+    /// Address HBONE is served on; the default takes both IPv4 and IPv6
+    /// (dual-stack pods are dialled on either), or IPv4 alone on a node
+    /// without IPv6.
+    #[arg(long, default_value = "[::]:15008")]
     pub hbone_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
@@ -46,8 +48,9 @@ pub struct Config {
     /// any when unset.
     #[arg(long, env = "WEFT_POD_IP")]
     pub pod_ip: Option<IpAddr>,
-    /// Certificate lifetime asked for (renewed at half life).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    /// Certificate lifetime asked for (renewed at half life); 0s: the
+    /// controller's default (its `--cert-ttl`).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub cert_ttl: Duration,
     /// At SIGTERM or SIGINT, how long open HBONE connections may take to
     /// finish their tunnels before the process exits anyway.

@@ -104,7 +104,9 @@ pub async fn serve_hbone(proxy: Arc<Proxy>, listener: TcpListener, drain: DrainW
                 continue;
             }
         };
-        tokio::spawn(connection(proxy.clone(), stream, peer.ip(), drain.clone()));
+        // The dual-stack listener reports IPv4 peers as mapped IPv6.
+        let peer = peer.ip().to_canonical();
+        tokio::spawn(connection(proxy.clone(), stream, peer, drain.clone()));
     }
     info!(
         component = "waypoint",

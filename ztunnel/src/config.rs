@@ -48,8 +48,10 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
-    /// Workload certificate lifetime (renewed at half life).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    /// Workload certificate lifetime asked for (renewed at half life); 0s:
+    /// the CA's default (the controller's `--cert-ttl`, or 24 h from the
+    /// standalone CA).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub cert_ttl: Duration,
     /// CONNECT streams per pooled HTTP/2 connection before another opens.
     #[arg(long, default_value_t = 100)]

@@ -10,7 +10,10 @@
 //!   bundle (the overlap), so leaves issued before keep verifying until
 //!   [`MeshCa::retire_previous_roots`], which should come after every old
 //!   leaf has been renewed (one leaf lifetime, 24 h by default) and the new
-//!   bundle has reached every ztunnel;
+//!   bundle has reached every ztunnel. During the overlap every chain the
+//!   CA issues (workload leaves and the gRPC serving certificate) carries
+//!   the new root cross-signed by the old one after the leaf, so a peer
+//!   that still knows only the old root verifies it too;
 //! - `store`: the [`store::RootStore`] trait and the directory store of
 //!   embedded mode; `secret_store`: the Kubernetes Secret store of cluster
 //!   mode (and the ConfigMap the root is published in);
@@ -46,8 +49,8 @@ pub use auth::{
 };
 pub use error::CaError;
 pub use store::{
-    DirRootStore, RootStore, StoredRoots, PREVIOUS_ROOTS_FILE, ROTATED_AT_FILE, ROTATE_ANNOTATION,
-    ROTATE_REQUEST_FILE,
+    DirRootStore, RootStore, StoredRoots, CROSS_SIGNED_FILE, PREVIOUS_ROOTS_FILE, ROTATED_AT_FILE,
+    ROTATE_ANNOTATION, ROTATE_REQUEST_FILE,
 };
 pub use weft_pki::files::{ROOT_CERT_FILE, ROOT_KEY_FILE};
 pub use weft_pki::signer::{Csr, IssuedCert};
@@ -188,17 +191,30 @@ impl MeshCa {
     }
 
     /// Starts a root rotation: a new root signs from now on; the old root
-    /// (and any earlier still in overlap) stays in the trust bundle.
+    /// (and any earlier still in overlap) stays in the trust bundle, and
+    /// the new root cross-signed by the old one goes after every leaf.
     pub async fn rotate(&self) -> Result<(), CaError> {
-        let (store, mut next) = match &self.state().mode {
-            Mode::Root { store, stored } => {
+        let (store, mut next) = match &*self.state() {
+            CaState {
+                mode: Mode::Root { store, stored },
+                signer,
+            } => {
                 let mut next = fresh_root(&self.trust_domain)?;
                 next.previous_roots_pem = vec![stored.cert_pem.clone()];
                 next.previous_roots_pem
                     .extend(stored.previous_roots_pem.iter().cloned());
+                // The old root vouches for the new one; the bridges the old
+                // root had to the roots before it stay (they are still
+                // trusted, and a peer may know only the oldest).
+                next.cross_signed_pem = vec![signer.cross_sign(&next.cert_pem, &next.key_pem)?];
+                next.cross_signed_pem
+                    .extend(stored.cross_signed_pem.iter().cloned());
                 (store.clone(), next)
             }
-            Mode::Intermediate => return Err(CaError::NotRotatable),
+            CaState {
+                mode: Mode::Intermediate,
+                ..
+            } => return Err(CaError::NotRotatable),
         };
         next.previous_roots_pem.dedup();
         next.rotated_at_unix = Some(unix_now());
@@ -219,6 +235,7 @@ impl MeshCa {
                 store.clone(),
                 StoredRoots {
                     previous_roots_pem: Vec::new(),
+                    cross_signed_pem: Vec::new(),
                     rotated_at_unix: None,
                     ..stored.clone()
                 },
@@ -309,18 +326,25 @@ fn fresh_root(trust_domain: &str) -> Result<StoredRoots, CaError> {
         cert_pem: root.cert_pem,
         key_pem: root.key_pem,
         previous_roots_pem: Vec::new(),
+        cross_signed_pem: Vec::new(),
         rotated_at_unix: None,
         rotation_requested: false,
     })
 }
 
-/// The signer of stored roots and the bundle they make (signing root
-/// first, then the ones still trusted from before).
+/// The signer of stored roots (its chains carry the cross-signed roots of
+/// an overlap) and the bundle they make (signing root first, then the ones
+/// still trusted from before).
 fn signer_and_bundle(
     stored: &StoredRoots,
     trust_domain: &str,
 ) -> Result<(Signer, TrustBundle), CaError> {
-    let signer = Signer::from_pem(&stored.cert_pem, &stored.key_pem, Vec::new(), trust_domain)?;
+    let signer = Signer::from_pem(
+        &stored.cert_pem,
+        &stored.key_pem,
+        stored.cross_signed_pem.clone(),
+        trust_domain,
+    )?;
     let mut roots = vec![stored.cert_pem.clone()];
     roots.extend(stored.previous_roots_pem.iter().cloned());
     Ok((signer, bundle_of(&roots)?))

@@ -109,7 +109,18 @@ async fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::store::{DirRootStore, ROTATE_REQUEST_FILE};
+    use crate::ca::store::{DirRootStore, CROSS_SIGNED_FILE, ROTATE_REQUEST_FILE};
+    use crate::ca::Csr;
+
+    /// Certificates in the chain of a leaf `ca` signs now.
+    fn leaf_chain_len(ca: &MeshCa) -> usize {
+        let id = weft_api::Identity::new("cluster.local", "shop", "cart");
+        let (csr, _) = Csr::generate(&id).unwrap();
+        ca.sign(Csr::from_pem(&csr).unwrap(), Duration::from_secs(60))
+            .unwrap()
+            .chain_pem
+            .len()
+    }
 
     async fn ca_on(dir: &std::path::Path) -> (Arc<MeshCa>, Arc<dyn RootStore>) {
         let store: Arc<dyn RootStore> = Arc::new(DirRootStore::new(dir));
@@ -164,6 +175,11 @@ mod tests {
         assert_eq!(follower.trust_bundle(), leader.trust_bundle());
         assert!(!ca_dir.join(ROTATE_REQUEST_FILE).exists());
         let new_root = leader.trust_bundle().roots[0].clone();
+        // Leaves of the overlap carry the new root cross-signed by the old
+        // one, on the follower too.
+        assert!(ca_dir.join(CROSS_SIGNED_FILE).exists());
+        assert_eq!(leaf_chain_len(&follower), 2);
+        assert_eq!(leaf_chain_len(&leader), 2);
 
         // After the overlap only the new root is trusted, everywhere.
         wait_bundle(&leader, "leader retired", |b| b.roots == [new_root.clone()]).await;
@@ -172,6 +188,8 @@ mod tests {
         })
         .await;
 
+        assert!(!ca_dir.join(CROSS_SIGNED_FILE).exists());
+        assert_eq!(leaf_chain_len(&leader), 1);
         // A restart comes back with the new root alone.
         let (restarted, _) = ca_on(&ca_dir).await;
         assert_eq!(restarted.trust_bundle().roots, vec![new_root]);

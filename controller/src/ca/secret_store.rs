@@ -1,6 +1,6 @@
 //! The CA root kept in a Kubernetes Secret (cluster mode): keys
 //! `root-cert.pem`, `root-key.pem` and, during a rotation overlap,
-//! `previous-roots.pem` and `rotated-at`. Created on first start; replicas
+//! `previous-roots.pem`, `cross-signed.pem` and `rotated-at`. Created on first start; replicas
 //! racing to create it settle on whichever create won (the loser reloads).
 //! An operator asks for a rotation with the annotation
 //! `weft.dev/rotate-root` on the Secret; every replica watches the Secret
@@ -24,7 +24,8 @@ use weft_pki::TrustBundle;
 
 use super::error::CaError;
 use super::store::{
-    RootStore, StoredRoots, PREVIOUS_ROOTS_FILE, ROTATED_AT_FILE, ROTATE_ANNOTATION,
+    RootStore, StoredRoots, CROSS_SIGNED_FILE, PREVIOUS_ROOTS_FILE, ROTATED_AT_FILE,
+    ROTATE_ANNOTATION,
 };
 
 pub struct SecretRootStore {
@@ -77,6 +78,9 @@ impl RootStore for SecretRootStore {
             cert_pem,
             key_pem,
             previous_roots_pem,
+            cross_signed_pem: text(&data, CROSS_SIGNED_FILE)
+                .map(|p| split_certs(&p))
+                .unwrap_or_default(),
             rotated_at_unix: text(&data, ROTATED_AT_FILE).and_then(|t| t.trim().parse().ok()),
             rotation_requested,
         }))
@@ -96,6 +100,12 @@ impl RootStore for SecretRootStore {
             data.insert(
                 PREVIOUS_ROOTS_FILE.to_owned(),
                 ByteString(roots.previous_roots_pem.concat().into_bytes()),
+            );
+        }
+        if !roots.cross_signed_pem.is_empty() {
+            data.insert(
+                CROSS_SIGNED_FILE.to_owned(),
+                ByteString(roots.cross_signed_pem.concat().into_bytes()),
             );
         }
         if let Some(t) = roots.rotated_at_unix {

@@ -265,7 +265,7 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::store::{DirRootStore, RootStore};
+    use crate::ca::store::{DirRootStore, RootStore, CROSS_SIGNED_FILE};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn ca(dir: &std::path::Path) -> Arc<MeshCa> {
@@ -277,17 +277,25 @@ mod tests {
         )
     }
 
+    type Client = tokio_rustls::client::TlsStream<TcpStream>;
+
     /// A TLS client trusting the CA's current bundle; returns the stream
     /// and the leaf it was served.
-    async fn connect(
-        ca: &MeshCa,
+    async fn connect(ca: &MeshCa, addr: std::net::SocketAddr) -> (Client, CertificateDer<'static>) {
+        let tls = connect_trusting(&ca.trust_bundle().roots, addr)
+            .await
+            .expect("handshake with the serving certificate");
+        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        (tls, leaf)
+    }
+
+    /// A TLS client trusting only `trusted`.
+    async fn connect_trusting(
+        trusted: &[CertificateDer<'static>],
         addr: std::net::SocketAddr,
-    ) -> (
-        tokio_rustls::client::TlsStream<TcpStream>,
-        CertificateDer<'static>,
-    ) {
+    ) -> std::io::Result<Client> {
         let mut roots = rustls::RootCertStore::empty();
-        for r in &ca.trust_bundle().roots {
+        for r in trusted {
             roots.add(r.clone()).unwrap();
         }
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
@@ -300,12 +308,9 @@ mod tests {
         let name = rustls_pki_types::ServerName::try_from(CONTROLLER_SERVER_NAME)
             .unwrap()
             .to_owned();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await
-            .expect("handshake with the serving certificate");
-        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-        (tls, leaf)
     }
 
     async fn echo_server(serving: &ServingCertificate) -> std::net::SocketAddr {
@@ -372,17 +377,63 @@ mod tests {
         echo(&mut first, b"still open").await;
     }
 
+    /// The chain a handshake trusting `trusted` was served, or the error.
+    async fn served_chain(
+        trusted: &[CertificateDer<'static>],
+        addr: std::net::SocketAddr,
+    ) -> Result<Vec<CertificateDer<'static>>, String> {
+        let mut tls = connect_trusting(trusted, addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        echo(&mut tls, b"hello").await;
+        Ok(tls.get_ref().1.peer_certificates().unwrap().to_vec())
+    }
+
     #[tokio::test]
     async fn reissued_from_the_new_root_when_the_root_rotates() {
         let dir = tempfile::tempdir().unwrap();
         let (ca, serving, addr) = setup(dir.path(), Duration::from_secs(3600)).await;
         let identity = serving.identity();
+        let old_root = ca.trust_bundle().roots[0].clone();
         let (mut before, leaf1) = connect(&ca, addr).await;
         tokio::spawn(serving.renew_forever());
         ca.rotate().await.unwrap();
         wait_for_new_leaf(&identity, &leaf1, "not reissued").await;
-        // Once the old root is retired, only the new certificate verifies.
+        let new_root = ca.trust_bundle().roots[0].clone();
+        assert_ne!(new_root, old_root);
+
+        // The overlap: the chain is the leaf and the new root cross-signed
+        // by the old one, so a client that knows only the old root (a
+        // ztunnel started before the rotation) verifies it, and so does
+        // one that knows only the new root.
+        let chain = served_chain(std::slice::from_ref(&old_root), addr)
+            .await
+            .expect("a client trusting only the old root verifies the overlap's chain");
+        assert_eq!(chain.len(), 2, "leaf and the cross-signed new root");
+        let stored =
+            std::fs::read_to_string(dir.path().join("ca").join(CROSS_SIGNED_FILE)).unwrap();
+        assert_eq!(
+            certs_from_pem(&stored).unwrap(),
+            vec![chain[1].clone()],
+            "the stored cross-signed root"
+        );
+        served_chain(std::slice::from_ref(&new_root), addr)
+            .await
+            .expect("a client trusting only the new root verifies it too");
+
+        // Once the old root is retired, the chain is the new leaf alone:
+        // only the new root verifies it.
+        let leaf2 = identity.leaf();
         ca.retire_previous_roots().await.unwrap();
+        wait_for_new_leaf(&identity, &leaf2, "not reissued at retirement").await;
+        let err = served_chain(std::slice::from_ref(&old_root), addr)
+            .await
+            .expect_err("the old root no longer verifies the controller");
+        assert!(err.contains("UnknownIssuer"), "{err}");
+        let chain = served_chain(std::slice::from_ref(&new_root), addr)
+            .await
+            .unwrap();
+        assert_eq!(chain.len(), 1);
         let (mut after, _) = connect(&ca, addr).await;
         echo(&mut after, b"new root").await;
         echo(&mut before, b"old stream lives").await;

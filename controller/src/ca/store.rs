@@ -20,6 +20,9 @@ use super::error::CaError;
 pub const PREVIOUS_ROOTS_FILE: &str = "previous-roots.pem";
 /// Unix seconds of the last rotation (kept during the overlap).
 pub const ROTATED_AT_FILE: &str = "rotated-at";
+/// The signing root cross-signed by the roots it replaced, newest first
+/// (kept during the overlap, sent after every leaf).
+pub const CROSS_SIGNED_FILE: &str = "cross-signed.pem";
 /// Embedded mode: create this file in the CA directory to rotate the root.
 pub const ROTATE_REQUEST_FILE: &str = "rotate-root";
 /// Cluster mode: set this annotation on the root Secret to rotate the root.
@@ -36,6 +39,12 @@ pub struct StoredRoots {
     /// Never log it.
     pub key_pem: String,
     pub previous_roots_pem: Vec<String>,
+    /// During an overlap: the signing root as issued by the root it
+    /// replaced, then that root as issued by the one before (if that one
+    /// is still trusted too), and so on. Every chain the CA issues carries
+    /// them after the leaf, so a peer that knows only an older root still
+    /// verifies it.
+    pub cross_signed_pem: Vec<String>,
     /// When the current root replaced the previous ones (Unix seconds):
     /// the overlap is counted from here, across restarts.
     pub rotated_at_unix: Option<u64>,
@@ -47,7 +56,9 @@ pub struct StoredRoots {
 impl StoredRoots {
     /// The same roots (ignoring bookkeeping).
     pub fn same_roots(&self, other: &StoredRoots) -> bool {
-        self.cert_pem == other.cert_pem && self.previous_roots_pem == other.previous_roots_pem
+        self.cert_pem == other.cert_pem
+            && self.previous_roots_pem == other.previous_roots_pem
+            && self.cross_signed_pem == other.cross_signed_pem
     }
 }
 
@@ -65,8 +76,8 @@ pub trait RootStore: Send + Sync + 'static {
 }
 
 /// A directory (embedded mode): `root-cert.pem`, `root-key.pem` (0600),
-/// and during an overlap `previous-roots.pem` and `rotated-at`; every file
-/// is written atomically.
+/// and during an overlap `previous-roots.pem`, `cross-signed.pem` and
+/// `rotated-at`; every file is written atomically.
 pub struct DirRootStore {
     dir: PathBuf,
 }
@@ -90,6 +101,9 @@ impl RootStore for DirRootStore {
                 cert_pem,
                 key_pem,
                 previous_roots_pem: previous.map(|p| split_certs(&p)).unwrap_or_default(),
+                cross_signed_pem: read_optional(&self.dir.join(CROSS_SIGNED_FILE))?
+                    .map(|p| split_certs(&p))
+                    .unwrap_or_default(),
                 rotated_at_unix: read_optional(&self.dir.join(ROTATED_AT_FILE))?
                     .and_then(|t| t.trim().parse().ok()),
                 rotation_requested: self.dir.join(ROTATE_REQUEST_FILE).exists(),
@@ -110,6 +124,12 @@ impl RootStore for DirRootStore {
                 roots.previous_roots_pem.concat().as_bytes(),
                 0o644,
             )?;
+        }
+        let cross = self.dir.join(CROSS_SIGNED_FILE);
+        if roots.cross_signed_pem.is_empty() {
+            remove_if_exists(&cross)?;
+        } else {
+            write_atomic(&cross, roots.cross_signed_pem.concat().as_bytes(), 0o644)?;
         }
         let rotated_at = self.dir.join(ROTATED_AT_FILE);
         match roots.rotated_at_unix {
@@ -169,6 +189,10 @@ mod tests {
                 generate_root("td").unwrap().cert_pem,
                 generate_root("td").unwrap().cert_pem,
             ],
+            cross_signed_pem: vec![
+                generate_root("td").unwrap().cert_pem,
+                generate_root("td").unwrap().cert_pem,
+            ],
             rotated_at_unix: Some(1_700_000_000),
             rotation_requested: false,
         }
@@ -186,12 +210,14 @@ mod tests {
         // Retiring removes the overlap's files.
         let retired = StoredRoots {
             previous_roots_pem: Vec::new(),
+            cross_signed_pem: Vec::new(),
             rotated_at_unix: None,
             ..saved
         };
         store.save(&retired).await.unwrap();
         assert!(!dir.path().join("ca").join(PREVIOUS_ROOTS_FILE).exists());
         assert!(!dir.path().join("ca").join(ROTATED_AT_FILE).exists());
+        assert!(!dir.path().join("ca").join(CROSS_SIGNED_FILE).exists());
         assert_eq!(store.load().await.unwrap(), Some(retired));
     }
 

@@ -7,7 +7,11 @@
 //! unreachable. Callers never trigger a request themselves: concurrent
 //! first callers wait for the same answer (one CSR), and later callers get
 //! the current certificate at once. A failed renewal keeps serving the
-//! current certificate until it expires.
+//! current certificate until it expires. When the mesh's signing root
+//! changes (the first root of a new trust bundle: a rotation), every
+//! certificate that does not chain to it is renewed at once, so workloads
+//! move to the new root early in the overlap rather than at their next
+//! renewal.
 
 mod provider;
 mod trust;
@@ -258,10 +262,14 @@ fn renew_delay(cert: &WorkloadCert, now: SystemTime, policy: &RenewalPolicy) -> 
 async fn renew_loop(
     manager: Weak<CertManager>,
     id: Identity,
-    slot: Weak<watch::Sender<Slot>>,
+    slot_ref: Weak<watch::Sender<Slot>>,
     wake: Arc<Notify>,
 ) {
     let mut backoff = None::<Duration>;
+    let Some(mut roots) = manager.upgrade().map(|m| m.trust.subscribe()) else {
+        return;
+    };
+    roots.mark_unchanged();
     loop {
         let Some(m) = manager.upgrade() else { return };
         let provider = m.provider.clone();
@@ -270,7 +278,9 @@ async fn renew_loop(
         drop(m);
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let result = provider.fetch(&id).await;
-        let Some(slot) = slot.upgrade() else { return };
+        let Some(slot) = slot_ref.upgrade() else {
+            return;
+        };
         let now = SystemTime::now();
         let delay = match result {
             Ok(cert) => {
@@ -319,6 +329,37 @@ async fn renew_loop(
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = wake.notified() => {}
+            () = new_signer(&mut roots, &slot_ref) => {
+                info!(component = "identity", identity = %id, "the mesh has a new signing root; renewing now");
+            }
+        }
+    }
+}
+
+/// Returns once the trust bundle names a new signing root (its first) that
+/// the current certificate does not chain to; never while it does (or
+/// while there is no certificate: the retry timer covers that).
+async fn new_signer(
+    roots: &mut watch::Receiver<weft_pki::TrustBundle>,
+    slot: &Weak<watch::Sender<Slot>>,
+) {
+    loop {
+        if roots.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let Some(signer) = roots.borrow_and_update().roots.first().cloned() else {
+            continue;
+        };
+        let Some(slot) = slot.upgrade() else {
+            return std::future::pending().await;
+        };
+        let stale = slot
+            .borrow()
+            .cert
+            .as_ref()
+            .is_some_and(|c| !c.chains_to(&signer));
+        if stale {
+            return;
         }
     }
 }
@@ -328,9 +369,10 @@ mod tests {
     use super::*;
     use weft_pki::LocalCa;
 
-    /// Signs locally, counting requests, optionally slowly or failing.
+    /// Signs locally (with whichever root is current), counting requests,
+    /// optionally slowly or failing.
     struct Counting {
-        ca: LocalCa,
+        ca: Mutex<Arc<LocalCa>>,
         ttl: Duration,
         delay: Duration,
         fail: std::sync::atomic::AtomicBool,
@@ -348,14 +390,15 @@ mod tests {
                 if self.fail.load(Ordering::SeqCst) {
                     return Err(IdentityError::Unavailable("down".into()));
                 }
-                Ok(self.ca.sign(id, self.ttl).expect("sign"))
+                let ca = self.ca.lock().unwrap().clone();
+                Ok(ca.sign(id, self.ttl).expect("sign"))
             })
         }
     }
 
     fn counting(ttl: Duration, delay: Duration) -> Arc<Counting> {
         Arc::new(Counting {
-            ca: LocalCa::generate("cluster.local").unwrap(),
+            ca: Mutex::new(Arc::new(LocalCa::generate("cluster.local").unwrap())),
             ttl,
             delay,
             fail: Default::default(),
@@ -417,6 +460,41 @@ mod tests {
         let status = m.status();
         assert_eq!(status.len(), 1);
         assert!(status[0].last_error.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_new_signing_root_renews_certificates_that_do_not_chain_to_it() {
+        let p = counting(Duration::from_secs(3600), Duration::ZERO);
+        let old = p.ca.lock().unwrap().clone();
+        let new = Arc::new(LocalCa::generate("cluster.local").unwrap());
+        let trust = TrustRoots::new(old.trust_bundle());
+        let m = CertManager::new(p.clone(), trust.clone());
+        let first = m.fetch(&id("cart")).await.unwrap();
+        assert!(first.chains_to(&old.trust_bundle().roots[0]));
+        // Another root added behind the signer: nothing to renew.
+        trust.set(old.trust_bundle().merged(&new.trust_bundle()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(p.calls.load(Ordering::SeqCst), 1);
+
+        // Rotation: the new signer first. Renewed at once, not at half of
+        // the hour.
+        *p.ca.lock().unwrap() = new.clone();
+        trust.set(new.trust_bundle().merged(&old.trust_bundle()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let cert = m.fetch(&id("cart")).await.unwrap();
+            if cert.chains_to(&new.trust_bundle().roots[0]) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not renewed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
+
+        // Retirement: the certificate already chains to the signer.
+        trust.set(new.trust_bundle());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(p.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -36,10 +36,18 @@ pub struct LocalCaProvider {
     ttl: Duration,
 }
 
+/// Lifetime the standalone CA gives when none is asked for.
+pub const LOCAL_DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
 impl LocalCaProvider {
-    /// Also makes `trust` the CA's own root.
+    /// Also makes `trust` the CA's own root. `ttl` zero: 24 h.
     pub fn new(ca: LocalCa, ttl: Duration, trust: &TrustRoots) -> Self {
         trust.set(ca.trust_bundle());
+        let ttl = if ttl.is_zero() {
+            LOCAL_DEFAULT_TTL
+        } else {
+            ttl
+        };
         Self { ca, ttl }
     }
 }

@@ -13,6 +13,7 @@ use weft_pki::signer::Csr;
 use weft_pki::{TrustBundle, WorkloadCert};
 
 use super::addr::ControllerAddr;
+use super::trust::status_text;
 use crate::certs::{BoxFuture, CertProvider, IdentityError, TrustRoots};
 
 /// A [`CertProvider`] backed by the controller's CA.
@@ -24,21 +25,22 @@ pub struct GrpcCaProvider {
 }
 
 impl GrpcCaProvider {
-    /// Connects lazily to `endpoint` (e.g. `https://controller:15012`);
-    /// call inside a Tokio runtime. `ttl` is the lifetime asked for (the CA
-    /// caps it).
+    /// Connects lazily to `endpoint` (e.g. `https://controller:15012`), and
+    /// again after each disconnection under the roots trusted then; call
+    /// inside a Tokio runtime. `ttl` is the lifetime asked for (zero: the
+    /// CA's default; the CA caps it).
     pub fn new(
         endpoint: impl Into<ControllerAddr>,
         token: String,
         ttl: Duration,
         trust: TrustRoots,
     ) -> Result<Self, IdentityError> {
-        let channel = endpoint
-            .into()
+        let addr = endpoint.into();
+        let ep = addr
             .endpoint()
             .map_err(IdentityError::Unavailable)?
-            .timeout(Duration::from_secs(15))
-            .connect_lazy();
+            .timeout(Duration::from_secs(15));
+        let channel = addr.connect_lazy(ep);
         Ok(Self {
             client: CaClient::new(channel),
             token,
@@ -70,9 +72,9 @@ impl GrpcCaProvider {
                 use tonic::Code;
                 match s.code() {
                     Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument => {
-                        refused(format!("{:?}: {}", s.code(), s.message()))
+                        refused(status_text(&s))
                     }
-                    _ => IdentityError::Unavailable(format!("{:?}: {}", s.code(), s.message())),
+                    _ => IdentityError::Unavailable(status_text(&s)),
                 }
             })?;
         let resp = resp.into_inner();

@@ -23,6 +23,7 @@ use weft_api::MeshModel;
 use weft_pki::TrustBundle;
 
 use super::addr::ControllerAddr;
+use super::trust::{error_chain, status_text};
 use crate::certs::TrustRoots;
 
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
@@ -65,9 +66,10 @@ struct Progress {
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("cannot connect: {0}")]
+    /// The whole chain: tonic's own message is only "transport error".
+    #[error("cannot connect: {}", error_chain(.0))]
     Connect(#[from] tonic::transport::Error),
-    #[error("{}: {}", .0.code(), .0.message())]
+    #[error("{}", status_text(.0))]
     Status(#[from] tonic::Status),
     #[error("{0}")]
     Protocol(String),
@@ -97,14 +99,13 @@ impl ConfigStream {
     }
 
     async fn session(&self, p: &mut Progress, got_update: &mut bool) -> Result<(), SessionError> {
-        let channel = self
+        let ep = self
             .endpoint
             .endpoint()
             .map_err(SessionError::Protocol)?
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
-            .await?;
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = self.endpoint.connect(ep).await?;
         let (tx, rx) = mpsc::channel(8);
         let hello = match self.role {
             Role::Ztunnel => SubscribeRequest::hello(&self.node, p.resume.clone()),

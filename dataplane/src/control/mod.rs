@@ -1,11 +1,13 @@
-//! The data plane's side of the controller: where it is and how to trust it
-//! ([`addr`]), workload certificates from its CA ([`ca_client`]), and the
-//! config stream ([`config_stream`]); [`connect`] wires all three for a
+//! The data plane's side of the controller: where it is ([`addr`]) and how
+//! to trust it ([`trust`]: the CA file as it changes and the mesh roots the
+//! controller sends), workload certificates from its CA ([`ca_client`]),
+//! and the config stream ([`config_stream`]); [`connect`] wires them for a
 //! proxy from its flags.
 
 pub mod addr;
 pub mod ca_client;
 pub mod config_stream;
+pub mod trust;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use weft_api::MeshModel;
 pub use addr::{ControllerAddr, CONTROLLER_SERVER_NAME};
 pub use ca_client::GrpcCaProvider;
 pub use config_stream::{ConfigSink, ConfigStream, Role};
+pub use trust::{error_chain, ControllerConnectError, ControllerTrust};
 
 use crate::certs::{CertManager, TrustRoots};
 use crate::metrics::CommonMetrics;
@@ -28,14 +31,16 @@ use crate::state::{Compiled, ModelState};
 pub struct ControllerSettings {
     /// `host:port` (TLS) or a URI with `https://` or `http://`.
     pub address: String,
-    /// Roots that verify the controller's serving certificate.
+    /// Roots that verify the controller's serving certificate (re-read at
+    /// every connection; the mesh roots the controller sends are trusted
+    /// too).
     pub ca_file: Option<PathBuf>,
     /// This process's bearer token (a ServiceAccount or bootstrap token).
     pub token_file: PathBuf,
     /// The node this process serves.
     pub node: String,
     pub role: Role,
-    /// Workload certificate lifetime asked for.
+    /// Workload certificate lifetime asked for (zero: the CA's default).
     pub cert_ttl: Duration,
 }
 
@@ -62,18 +67,22 @@ pub fn connect<T: Compiled>(
         .with_context(|| format!("token file {}", settings.token_file.display()))?
         .trim()
         .to_owned();
-    let ca_pem = match &settings.ca_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("controller CA file {}", f.display()))?,
-        ),
-        None => None,
-    };
     if uri.starts_with("http://") {
         tracing::warn!(component = "config", controller = %uri, "talking to the controller without TLS: the token travels in the clear");
     }
-    let addr = ControllerAddr { uri, ca_pem };
     let trust = TrustRoots::default();
+    let who = match settings.role {
+        Role::Ztunnel => "ztunnel",
+        Role::Waypoint => "waypoint",
+    };
+    let controller_trust = match &settings.ca_file {
+        Some(f) => Some(Arc::new(ControllerTrust::from_file(f, trust.clone(), who)?)),
+        None => None,
+    };
+    let addr = ControllerAddr {
+        uri,
+        trust: controller_trust,
+    };
     tokio::spawn(
         ConfigStream {
             endpoint: addr.clone(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::{Node, Pod, POD_GATEWAY};
+use super::{Node, Pod, POD_GATEWAY, POD_GATEWAY6};
 
 /// How long a plugin may run before it is killed.
 const PLUGIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,8 +60,14 @@ pub fn prev_result(pod: &Pod) -> Value {
     json!({
         "cniVersion": "1.0.0",
         "interfaces": [{"name": "eth0", "sandbox": pod.netns_path}],
-        "ips": [{"address": format!("{}/32", pod.ip), "interface": 0, "gateway": POD_GATEWAY.to_string()}],
-        "routes": [{"dst": "0.0.0.0/0", "gw": POD_GATEWAY.to_string()}],
+        "ips": [
+            {"address": format!("{}/32", pod.ip), "interface": 0, "gateway": POD_GATEWAY.to_string()},
+            {"address": format!("{}/128", pod.ip6), "interface": 0, "gateway": POD_GATEWAY6.to_string()},
+        ],
+        "routes": [
+            {"dst": "0.0.0.0/0", "gw": POD_GATEWAY.to_string()},
+            {"dst": "::/0", "gw": POD_GATEWAY6.to_string()},
+        ],
     })
 }
 

@@ -1,8 +1,8 @@
-//! A minimal reader for the pcap files tcpdump writes: IPv4 packets over
-//! Ethernet (or Linux cooked capture, or raw IP), with TCP/UDP ports and
-//! payloads pulled out. Enough to assert what crossed the fabric.
+//! A minimal reader for the pcap files tcpdump writes: IPv4 and IPv6
+//! packets over Ethernet (or Linux cooked capture, or raw IP), with TCP/UDP
+//! ports and payloads pulled out. Enough to assert what crossed the fabric.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -16,14 +16,15 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// One captured IPv4 packet.
+/// One captured IP packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Packet {
     /// Capture timestamp since the epoch.
     pub ts: Duration,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
-    /// IP protocol number (6 = TCP, 17 = UDP).
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IP protocol number (6 = TCP, 17 = UDP; for IPv6 the upper-layer
+    /// header after any extension headers).
     pub protocol: u8,
     /// 0 unless TCP or UDP.
     pub src_port: u16,
@@ -50,7 +51,7 @@ impl Packet {
     }
 }
 
-/// Parses a pcap file; non-IPv4 frames and IP fragments after the first are
+/// Parses a pcap file; non-IP frames and IP fragments after the first are
 /// skipped.
 pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<Packet>> {
     if bytes.is_empty() {
@@ -93,8 +94,8 @@ pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<Packet>> {
             } else {
                 Duration::from_micros(frac)
             };
-        if let Some(ip) = ipv4_payload(linktype, frame) {
-            if let Some(p) = parse_ipv4(ts, ip) {
+        if let Some(ip) = ip_payload(linktype, frame) {
+            if let Some(p) = parse_ipv4(ts, ip).or_else(|| parse_ipv6(ts, ip)) {
                 packets.push(p);
             }
         }
@@ -102,8 +103,15 @@ pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<Packet>> {
     Ok(packets)
 }
 
-/// The IPv4 packet inside a link-layer frame, if it carries one.
-fn ipv4_payload(linktype: u32, frame: &[u8]) -> Option<&[u8]> {
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+
+fn is_ip(ethertype: u16) -> bool {
+    ethertype == ETHERTYPE_IPV4 || ethertype == ETHERTYPE_IPV6
+}
+
+/// The IP packet inside a link-layer frame, if it carries one.
+fn ip_payload(linktype: u32, frame: &[u8]) -> Option<&[u8]> {
     let be16 = |o: usize| {
         frame
             .get(o..o + 2)
@@ -118,12 +126,12 @@ fn ipv4_payload(linktype: u32, frame: &[u8]) -> Option<&[u8]> {
                 ethertype = be16(16)?;
                 start = 18;
             }
-            (ethertype == 0x0800).then(|| frame.get(start..)).flatten()
+            is_ip(ethertype).then(|| frame.get(start..)).flatten()
         }
         // Linux cooked capture v1 (tcpdump -i any on older libpcap).
-        113 => (be16(14)? == 0x0800).then(|| frame.get(16..)).flatten(),
+        113 => is_ip(be16(14)?).then(|| frame.get(16..)).flatten(),
         // Linux cooked capture v2.
-        276 => (be16(0)? == 0x0800).then(|| frame.get(20..)).flatten(),
+        276 => is_ip(be16(0)?).then(|| frame.get(20..)).flatten(),
         // Raw IP.
         12 | 101 | 228 => Some(frame),
         _ => None,
@@ -145,6 +153,46 @@ fn parse_ipv4(ts: Duration, ip: &[u8]) -> Option<Packet> {
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     // Captured bytes may be truncated (snaplen) or padded (Ethernet minimum).
     let body = ip.get(ihl..total.min(ip.len()))?;
+    Some(transport(ts, src.into(), dst.into(), protocol, body))
+}
+
+fn parse_ipv6(ts: Duration, ip: &[u8]) -> Option<Packet> {
+    if ip.len() < 40 || ip[0] >> 4 != 6 {
+        return None;
+    }
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let octets = |o: usize| -> Option<Ipv6Addr> {
+        let b: [u8; 16] = ip.get(o..o + 16)?.try_into().ok()?;
+        Some(Ipv6Addr::from(b))
+    };
+    let (src, dst) = (octets(8)?, octets(24)?);
+    let mut body = ip.get(40..(40 + payload_len).min(ip.len()))?;
+    let mut next = ip[6];
+    // Hop-by-hop, routing and destination options headers: skip them; a
+    // fragment header: only the first fragment carries the ports.
+    loop {
+        match next {
+            0 | 43 | 60 => {
+                let len = (usize::from(*body.get(1)?) + 1) * 8;
+                next = *body.first()?;
+                body = body.get(len..)?;
+            }
+            44 => {
+                let offset = u16::from_be_bytes([*body.get(2)?, *body.get(3)?]) >> 3;
+                if offset != 0 {
+                    return None;
+                }
+                next = *body.first()?;
+                body = body.get(8..)?;
+            }
+            _ => break,
+        }
+    }
+    Some(transport(ts, src.into(), dst.into(), next, body))
+}
+
+/// The packet with its TCP or UDP header read from `body`.
+fn transport(ts: Duration, src: IpAddr, dst: IpAddr, protocol: u8, body: &[u8]) -> Packet {
     let mut p = Packet {
         ts,
         src,
@@ -174,7 +222,7 @@ fn parse_ipv4(ts: Duration, ip: &[u8]) -> Option<Packet> {
         }
         _ => {}
     }
-    Some(p)
+    p
 }
 
 #[cfg(test)]
@@ -230,12 +278,43 @@ mod tests {
         let p = &pkts[0];
         assert_eq!(
             (p.src, p.dst),
-            (Ipv4Addr::new(10, 64, 1, 2), Ipv4Addr::new(10, 64, 2, 2))
+            (
+                IpAddr::from(Ipv4Addr::new(10, 64, 1, 2)),
+                IpAddr::from(Ipv4Addr::new(10, 64, 2, 2))
+            )
         );
         assert_eq!((p.src_port, p.dst_port), (40000, 8080));
         assert_eq!(p.payload, payload);
         assert_eq!(p.ts, Duration::from_secs(7) + Duration::from_micros(9));
         assert!(!p.is_syn());
+    }
+
+    #[test]
+    fn parses_tcp_over_ipv6_past_extension_headers() {
+        let payload = b"\x16\x03\x01";
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&[0x86, 0xdd]);
+        // Destination options (8 bytes) then TCP.
+        let mut ext = vec![6, 0, 1, 4, 0, 0, 0, 0];
+        let mut tcp = vec![
+            0x9c, 0x40, 0x3a, 0x98, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+        ];
+        tcp.extend_from_slice(payload);
+        ext.extend_from_slice(&tcp);
+        let mut ip = vec![0x60, 0, 0, 0, 0, ext.len() as u8, 60, 64];
+        let src: Ipv6Addr = "fd00:0:1::2".parse().unwrap();
+        let dst: Ipv6Addr = "fd00:0:2::2".parse().unwrap();
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&ext);
+        let pkts = parse_pcap(&pcap_with(&frame)).unwrap();
+        assert_eq!(pkts.len(), 1);
+        let p = &pkts[0];
+        assert_eq!((p.src, p.dst), (IpAddr::from(src), IpAddr::from(dst)));
+        assert!(p.is_tcp());
+        assert_eq!((p.src_port, p.dst_port), (40000, 15000));
+        assert_eq!(p.payload, payload);
     }
 
     #[test]
