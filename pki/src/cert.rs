@@ -115,7 +115,7 @@ impl WorkloadCert {
         let Ok(leaf) = webpki::EndEntityCert::try_from(leaf) else {
             return false;
         };
-        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
         leaf.verify_for_usage(
             algs.all,
             &[anchor],
