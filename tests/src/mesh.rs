@@ -80,6 +80,20 @@ impl Mesh {
     }
 
     fn build(nodes: usize, ambient: &[&str], with_controller: bool) -> Result<Mesh> {
+        let mut mesh = Self::unstarted(nodes, ambient, with_controller)?;
+        if mesh.controller.is_some() {
+            mesh.start_controller()?;
+        }
+        for i in 0..nodes {
+            mesh.start_ztunnel(i)?;
+        }
+        Ok(mesh)
+    }
+
+    /// Like `new` or `with_controller`, with nothing started yet: the
+    /// bootstrap tests start the controller and the ztunnels themselves, in
+    /// either order (`start_controller`, `start_ztunnel_before_model`).
+    pub fn unstarted(nodes: usize, ambient: &[&str], with_controller: bool) -> Result<Mesh> {
         let cluster = Cluster::new(nodes)?;
         let model_path = cluster.run_dir().join("mesh.yaml");
         let ca_dir = cluster.run_dir().join("ca");
@@ -125,12 +139,6 @@ impl Mesh {
             mesh.set_ambient(ns, true);
         }
         mesh.write_files()?;
-        if mesh.controller.is_some() {
-            mesh.start_controller()?;
-        }
-        for i in 0..nodes {
-            mesh.start_ztunnel(i)?;
-        }
         Ok(mesh)
     }
 
@@ -219,6 +227,28 @@ impl Mesh {
 
     /// Starts (or restarts) the node's ztunnel and waits until it is ready.
     pub fn start_ztunnel(&mut self, node: usize) -> Result<()> {
+        self.spawn_ztunnel(node, "ready")
+    }
+
+    /// Starts the node's ztunnel and waits only until it serves CNI
+    /// requests, which it does before it has a mesh model (with the
+    /// controller away, it never gets further); `wait_ztunnel_ready` waits
+    /// for the rest.
+    pub fn start_ztunnel_before_model(&mut self, node: usize) -> Result<()> {
+        self.spawn_ztunnel(node, "serving CNI requests")
+    }
+
+    /// Waits until the node's running ztunnel has its model and is ready.
+    pub fn wait_ztunnel_ready(&mut self, node: usize) -> Result<()> {
+        let Some(name) = self.ztunnel_names[node].clone() else {
+            bail!("no ztunnel runs on node {node}");
+        };
+        self.cluster
+            .wait_for_log(&name, "ready", Duration::from_secs(30))
+            .context("ztunnel did not become ready")
+    }
+
+    fn spawn_ztunnel(&mut self, node: usize, until: &str) -> Result<()> {
         if self.ztunnel_names[node].is_some() {
             bail!("ztunnel on node {node} is already running");
         }
@@ -238,7 +268,7 @@ impl Mesh {
             ])
             .args(self.control_args(&n.name))
             .arg("--state-dir")
-            .arg(dir.join("state"))
+            .arg(self.ztunnel_state_dir(node))
             .arg("--bpf-pin-dir")
             .arg(self.cluster.bpf_pin_dir().join(&n.name))
             .arg("--cni-socket")
@@ -247,8 +277,8 @@ impl Mesh {
             .env("WEFT_LOG", "info,weft_ztunnel=debug");
         self.cluster.spawn(&name, cmd)?;
         self.cluster
-            .wait_for_log(&name, "ready", Duration::from_secs(30))
-            .context("ztunnel did not become ready")?;
+            .wait_for_log(&name, until, Duration::from_secs(30))
+            .with_context(|| format!("ztunnel did not log {until:?}"))?;
         self.ztunnel_names[node] = Some(name);
         Ok(())
     }
@@ -385,33 +415,88 @@ impl Mesh {
         name: &str,
         service_account: &str,
     ) -> Result<Pod> {
-        if self.model.namespace(namespace).is_none() {
-            self.set_ambient(namespace, false);
-        }
-        let pod = self.cluster.add_pod(node, namespace, name)?;
-        let mut labels = BTreeMap::new();
-        labels.insert("app".to_owned(), name.to_owned());
-        self.model.workloads.push(Workload {
-            uid: pod.uid.clone(),
-            name: name.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-            node: self.cluster.node(node).name.clone(),
-            ips: vec![IpAddr::V4(pod.ip)],
-            labels,
-        });
-        self.write_model()?;
+        let pod = self.create_pod(node, namespace, name)?;
+        self.record_pod(&pod, service_account, &[])?;
         self.cni(&pod, "ADD")?;
         Ok(pod)
     }
 
+    /// The runtime's half of `add_pod`: the pod's sandbox (netns, veth,
+    /// cgroup, pause), no model entry and no CNI call yet, so a test can
+    /// enroll in either order a real cluster may (`record_pod`, `cni`).
+    pub fn create_pod(&mut self, node: usize, namespace: &str, name: &str) -> Result<Pod> {
+        if self.model.namespace(namespace).is_none() {
+            self.set_ambient(namespace, false);
+        }
+        self.cluster.add_pod(node, namespace, name)
+    }
+
+    /// The controller's half of `add_pod`: the pod's workload (labels
+    /// `app=<name>` plus `labels`) enters the mesh model, which is written.
+    pub fn record_pod(
+        &mut self,
+        pod: &Pod,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<()> {
+        let mut all = BTreeMap::new();
+        all.insert("app".to_owned(), pod.name.clone());
+        for (k, v) in labels {
+            all.insert((*k).to_owned(), (*v).to_owned());
+        }
+        self.model.workloads.push(Workload {
+            uid: pod.uid.clone(),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: service_account.into(),
+            node: self.cluster.node(pod.node).name.clone(),
+            ips: vec![IpAddr::V4(pod.ip)],
+            labels: all,
+        });
+        self.write_model()
+    }
+
+    /// A hostNetwork pod as a runtime describes it to CNI: its sandbox is
+    /// the node's own network namespace.
+    pub fn host_network_pod(&self, node: usize, namespace: &str, name: &str) -> Pod {
+        let n = self.cluster.node(node);
+        Pod {
+            name: name.into(),
+            namespace: namespace.into(),
+            node,
+            netns: n.netns.clone(),
+            netns_path: n.netns_path.clone(),
+            ip: n.ip,
+            cgroup: n.system_cgroup.clone(),
+            container_id: format!("{:064x}", rand::random::<u128>()),
+            uid: format!("{:032x}", rand::random::<u128>()),
+            host_veth: String::new(),
+            pause_pid: 0,
+        }
+    }
+
+    /// The ztunnel's state directory on `node` (pod records in `pods/`).
+    pub fn ztunnel_state_dir(&self, node: usize) -> PathBuf {
+        self.node_dir(node).join("state")
+    }
+
     pub fn cni(&self, pod: &Pod, command: &str) -> Result<Value> {
-        let netconf = json!({
+        self.cni_with(pod, command, &json!({}))
+    }
+
+    /// `cni` with more keys in the plugin's network configuration (the
+    /// chained entry the installer writes: `kubeconfig`,
+    /// `exclude_namespaces`, `state_dir`, ...).
+    pub fn cni_with(&self, pod: &Pod, command: &str, extra: &Value) -> Result<Value> {
+        let mut netconf = json!({
             "cniVersion": "1.0.0",
             "name": "weft",
             "type": "weft-cni",
             "ztunnel_socket": self.cni_socket(pod.node),
         });
+        if let (Some(conf), Some(more)) = (netconf.as_object_mut(), extra.as_object()) {
+            conf.extend(more.clone());
+        }
         invoke_cni(
             &bin_path("weft-cni"),
             command,
