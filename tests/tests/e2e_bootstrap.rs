@@ -112,7 +112,8 @@ impl Api {
     }
 
     fn namespace(&self, name: &str, labels: Value) {
-        self.fake.apply(NAMESPACES, fake_api::namespace(name, labels));
+        self.fake
+            .apply(NAMESPACES, fake_api::namespace(name, labels));
     }
 
     fn pod(&self, pod: &Pod, node: &str, labels: Value, host_network: bool) {
@@ -195,14 +196,20 @@ fn add_waits(mesh: &Mesh, conf: &Value, pod: &Pod, why: &str) {
 /// The runtime's retries: DEL and ADD again until ADD succeeds.
 fn add_retried(mesh: &Mesh, conf: &Value, pod: &Pod) {
     let mut last = String::new();
-    let ok = wait_until(Duration::from_secs(30), || match mesh.cni_with(pod, "ADD", conf) {
-        Ok(_) => Some(()),
-        Err(e) => {
-            assert_eq!(code_of(&e), Some(TRY_AGAIN), "only try-again while waiting: {e:#}");
-            last = format!("{e:#}");
-            let _ = mesh.cni_with(pod, "DEL", conf);
-            std::thread::sleep(Duration::from_millis(200));
-            None
+    let ok = wait_until(Duration::from_secs(30), || {
+        match mesh.cni_with(pod, "ADD", conf) {
+            Ok(_) => Some(()),
+            Err(e) => {
+                assert_eq!(
+                    code_of(&e),
+                    Some(TRY_AGAIN),
+                    "only try-again while waiting: {e:#}"
+                );
+                last = format!("{e:#}");
+                let _ = mesh.cni_with(pod, "DEL", conf);
+                std::thread::sleep(Duration::from_millis(200));
+                None
+            }
         }
     });
     ok.unwrap_or_else(|_| panic!("the retried ADD never succeeded; last: {last}"));
@@ -230,7 +237,12 @@ fn nothing_running(mesh: &mut Mesh, api: &Api) -> Pods {
     let hostnet = mesh.host_network_pod(0, "shop", "node-agent");
     api.pod(&coredns, &node, json!({"app": "coredns"}), false);
     api.pod(&web, &node, json!({"app": "web"}), false);
-    api.pod(&optout, &node, json!({"weft.dev/dataplane-mode": "none"}), false);
+    api.pod(
+        &optout,
+        &node,
+        json!({"weft.dev/dataplane-mode": "none"}),
+        false,
+    );
     api.pod(&client, &node, json!({"app": "client"}), false);
     api.pod(&hostnet, &node, json!({}), true);
     mesh.record_pod(&web, "default", &[]).expect("model");
@@ -271,10 +283,12 @@ fn nothing_running(mesh: &mut Mesh, api: &Api) -> Pods {
 /// captured: mutual TLS on the wire only, counted by the source ztunnel,
 /// the client's IP seen by the server.
 fn captured_through_the_mesh(mesh: &mut Mesh, pods: &Pods) {
-    mesh.wait_enrolled(0, &pods.client, true).expect("client enrolled");
+    mesh.wait_enrolled(0, &pods.client, true)
+        .expect("client enrolled");
     mesh.wait_enrolled(0, &pods.web, false)
         .expect("the ztunnel found the record of the pod that started without it");
-    mesh.wait_enrolled(0, &pods.optout, false).expect("opted out");
+    mesh.wait_enrolled(0, &pods.optout, false)
+        .expect("opted out");
     let dump = mesh.config_dump(0).expect("config dump");
     let known: Vec<&str> = dump["pods"]
         .as_array()
@@ -292,7 +306,8 @@ fn captured_through_the_mesh(mesh: &mut Mesh, pods: &Pods) {
 
     mesh.start_ztunnel(1).expect("ztunnel 2");
     let server = mesh.add_pod(1, "shop", "server", "server").expect("server");
-    mesh.wait_enrolled(1, &server, true).expect("server enrolled");
+    mesh.wait_enrolled(1, &server, true)
+        .expect("server enrolled");
     mesh.serve_testapp(&server, 7000).expect("server app");
     let cap = PacketCapture::start(&mesh.cluster, "tcp").expect("capture");
     let v = mesh.connect(&pods.client, &format!("{}:7000", server.ip));
@@ -330,7 +345,10 @@ fn captured_through_the_mesh(mesh: &mut Mesh, pods: &Pods) {
             &[
                 ("reporter", "source"),
                 ("connection_security_policy", "mutual_tls"),
-                ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/shop/sa/client"
+                ),
             ]
         ) >= 1.0,
         "{m}"
