@@ -577,6 +577,43 @@ impl Mesh {
         .with_context(|| format!("pod {key} did not become enrolled={want}"))
     }
 
+    /// The source ztunnel counts an mTLS connection from `client`, and the
+    /// server sees the client's own address.
+    pub fn assert_mtls_from(&self, client: &Pod, target: &str, principal: &str) {
+        let labels = [
+            ("reporter", "source"),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", principal),
+        ];
+        let before = metric_sum(
+            &self.metrics(client.node).expect("metrics"),
+            "weft_tcp_connections_opened_total",
+            &labels,
+        );
+        let v = wait_until(Duration::from_secs(10), || {
+            let v = self.connect(client, target);
+            (v["ok"] == true).then_some(v)
+        })
+        .unwrap_or_else(|_| panic!("{} cannot reach {target}", client.key()));
+        assert!(
+            v["peer_seen_by_server"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(&format!("{}:", client.ip)),
+            "{v}"
+        );
+        wait_until(Duration::from_secs(5), || {
+            let m = self.metrics(client.node).ok()?;
+            (metric_sum(&m, "weft_tcp_connections_opened_total", &labels) > before).then_some(())
+        })
+        .unwrap_or_else(|_| {
+            panic!(
+                "{}'s connection did not go through its ztunnel",
+                client.key()
+            )
+        });
+    }
+
     /// Starts `weft-testapp serve` in a pod on `port`.
     pub fn serve_testapp(&mut self, pod: &Pod, port: u16) -> Result<()> {
         let mut cmd = pod.command_os(bin_path("weft-testapp"));

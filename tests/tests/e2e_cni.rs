@@ -7,12 +7,10 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use weft_e2e::cluster::CniError;
-use weft_e2e::mesh::{metric_sum, wait_until, Mesh};
-use weft_e2e::Pod;
+use weft_e2e::mesh::Mesh;
 
 fn code_of(err: &anyhow::Error) -> Option<u64> {
     err.downcast_ref::<CniError>().and_then(CniError::code)
@@ -23,43 +21,6 @@ fn cni_error(err: &anyhow::Error) -> String {
         Some(e) => e.error.clone().unwrap_or(Value::Null).to_string(),
         None => format!("{err:#}"),
     }
-}
-
-/// The source ztunnel counts an mTLS connection from `client`, and the
-/// server sees the client's own address.
-fn goes_through_the_mesh(mesh: &Mesh, client: &Pod, target: &str, principal: &str) {
-    let labels = [
-        ("reporter", "source"),
-        ("connection_security_policy", "mutual_tls"),
-        ("source_principal", principal),
-    ];
-    let before = metric_sum(
-        &mesh.metrics(client.node).expect("metrics"),
-        "weft_tcp_connections_opened_total",
-        &labels,
-    );
-    let v = wait_until(Duration::from_secs(10), || {
-        let v = mesh.connect(client, target);
-        (v["ok"] == true).then_some(v)
-    })
-    .unwrap_or_else(|_| panic!("{} cannot reach {target}", client.key()));
-    assert!(
-        v["peer_seen_by_server"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with(&format!("{}:", client.ip)),
-        "{v}"
-    );
-    wait_until(Duration::from_secs(5), || {
-        let m = mesh.metrics(client.node).ok()?;
-        (metric_sum(&m, "weft_tcp_connections_opened_total", &labels) > before).then_some(())
-    })
-    .unwrap_or_else(|_| {
-        panic!(
-            "{}'s connection did not go through its ztunnel",
-            client.key()
-        )
-    });
 }
 
 /// A runtime creates the sandbox and calls ADD before the controller has
@@ -80,24 +41,14 @@ fn e2e_cni_enrolls_in_either_order() {
         .expect("captured at ADD");
     mesh.cni(&early, "CHECK").expect("CHECK");
     mesh.record_pod(&early, "early", &[]).expect("model entry");
-    goes_through_the_mesh(
-        &mesh,
-        &early,
-        &target,
-        "spiffe://cluster.local/ns/shop/sa/early",
-    );
+    mesh.assert_mtls_from(&early, &target, "spiffe://cluster.local/ns/shop/sa/early");
 
     // Model entry first (the harness's usual order).
     let late = mesh.create_pod(0, "shop", "late").expect("pod");
     mesh.record_pod(&late, "late", &[]).expect("model entry");
     mesh.cni(&late, "ADD").expect("ADD after the model entry");
     mesh.wait_enrolled(0, &late, true).expect("captured");
-    goes_through_the_mesh(
-        &mesh,
-        &late,
-        &target,
-        "spiffe://cluster.local/ns/shop/sa/late",
-    );
+    mesh.assert_mtls_from(&late, &target, "spiffe://cluster.local/ns/shop/sa/late");
 
     // Sandbox first for a pod whose labels opt it out: captured by its
     // namespace at ADD, released when its model entry arrives.
