@@ -332,6 +332,32 @@ fn writes_the_plugins_kubeconfig_and_entry() {
     assert_eq!(chain(&conf), "a");
 }
 
+/// The token Secret may still be empty when the installer starts: the
+/// chain is installed anyway and the kubeconfig follows on a later pass.
+#[test]
+fn an_empty_token_secret_does_not_stop_the_install() {
+    let node = Node::new();
+    std::fs::write(node.root.join("secret/ca.crt"), "CA PEM\n").unwrap();
+    let conf = node.write_conf(
+        "10-a.conflist",
+        r#"{"cniVersion":"1.0.0","name":"a","plugins":[{"type":"a"}]}"#,
+    );
+    let token = node.root.join("secret/token");
+    let ca = node.root.join("secret/ca.crt");
+    let env = [
+        ("WEFT_CNI_TOKEN_FILE", token.to_str().unwrap()),
+        ("WEFT_CNI_CA_FILE", ca.to_str().unwrap()),
+        ("WEFT_CNI_KUBERNETES_API", "https://10.96.0.1:443"),
+    ];
+    let err = ok(&node.run(&["install", "--once"], &env));
+    assert!(err.contains("no token"), "{err}");
+    assert_eq!(chain(&conf), "a,weft-cni");
+    assert!(!node.conf("weft.d/kubeconfig").exists());
+    std::fs::write(&token, "tok\n").unwrap();
+    ok(&node.run(&["install", "--once"], &env));
+    assert!(node.conf("weft.d/kubeconfig").is_file());
+}
+
 #[test]
 fn an_invalid_excluded_namespace_is_refused() {
     let node = Node::new();

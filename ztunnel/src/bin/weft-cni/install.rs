@@ -250,8 +250,19 @@ fn write_kubeconfig(i: &Install) -> Result<()> {
     let dir = i.dirs.conf_dir.join(KUBECONFIG_DIR);
     let host_dir = i.host_conf_dir.join(KUBECONFIG_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let token =
-        std::fs::read(token_file).with_context(|| format!("reading {}", token_file.display()))?;
+    // The token controller fills the Secret shortly after it is created;
+    // until then the plugin asks the ztunnel alone (its kubeconfig does
+    // not load), and the next pass writes it.
+    let token = match std::fs::read(token_file) {
+        Ok(t) if !t.trim_ascii().is_empty() => t,
+        _ => {
+            log(format_args!(
+                "no token in {} yet; the plugin reads no API until it is there",
+                token_file.display()
+            ));
+            return Ok(());
+        }
+    };
     let ca = std::fs::read(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
     let kubeconfig = format!(
         "# Written by weft-cni install: lets the weft-cni plugin read pods and namespaces.\n\
