@@ -456,6 +456,17 @@ impl Mesh {
         self.write_model()
     }
 
+    /// Deletes a pod as a runtime and the controller do: CNI DEL, the
+    /// sandbox torn down, the workload out of the model.
+    pub fn delete_pod(&mut self, pod: &Pod) -> Result<()> {
+        self.cni(pod, "DEL")?;
+        self.cluster.remove_pod(pod)?;
+        self.model
+            .workloads
+            .retain(|w| !(w.namespace == pod.namespace && w.name == pod.name));
+        self.write_model()
+    }
+
     /// A hostNetwork pod as a runtime describes it to CNI: its sandbox is
     /// the node's own network namespace.
     pub fn host_network_pod(&self, node: usize, namespace: &str, name: &str) -> Pod {

@@ -63,6 +63,23 @@ fn e2e_cni_enrolls_in_either_order() {
     mesh.cni(&opt, "CHECK").expect("CHECK of a released pod");
     let v = mesh.connect(&opt, &target);
     assert_eq!(v["ok"], true, "an opted-out pod talks directly: {v}");
+
+    // Deleted as a runtime does: DEL, then the sandbox goes.
+    mesh.delete_pod(&late).expect("delete");
+    let dump = mesh.config_dump(0).expect("dump");
+    assert!(
+        !dump["pods"]
+            .as_array()
+            .expect("pods")
+            .iter()
+            .any(|p| p["pod"] == "shop/late"),
+        "{dump}"
+    );
+    assert_eq!(
+        mesh.connect(&early, &target)["ok"],
+        true,
+        "the others are untouched"
+    );
 }
 
 /// CHECK looks at the kernel; DEL releases and forgets, and succeeds for

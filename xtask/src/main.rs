@@ -313,7 +313,9 @@ fn test(args: &[String]) -> Result<()> {
     // The images from debug binaries (tests/tests/images.rs checks them and
     // the rendered chart against each other); `cargo xtask image --release`
     // builds the ones to publish.
+    let started = std::time::Instant::now();
     image::build(cargo(), &target_dir(), false)?;
+    eprintln!("xtask: images built in {} s", started.elapsed().as_secs());
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(args))
