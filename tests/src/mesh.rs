@@ -86,6 +86,20 @@ impl Mesh {
     }
 
     fn build(nodes: usize, ambient: &[&str], with_controller: bool) -> Result<Mesh> {
+        let mut mesh = Self::unstarted(nodes, ambient, with_controller)?;
+        if mesh.controller.is_some() {
+            mesh.start_controller()?;
+        }
+        for i in 0..nodes {
+            mesh.start_ztunnel(i)?;
+        }
+        Ok(mesh)
+    }
+
+    /// Like `new` or `with_controller`, with nothing started yet: the
+    /// bootstrap tests start the controller and the ztunnels themselves, in
+    /// either order (`start_controller`, `start_ztunnel_before_model`).
+    pub fn unstarted(nodes: usize, ambient: &[&str], with_controller: bool) -> Result<Mesh> {
         let cluster = Cluster::new(nodes)?;
         let model_path = cluster.run_dir().join("mesh.yaml");
         let ca_dir = cluster.run_dir().join("ca");
@@ -133,12 +147,6 @@ impl Mesh {
             mesh.set_ambient(ns, true);
         }
         mesh.write_files()?;
-        if mesh.controller.is_some() {
-            mesh.start_controller()?;
-        }
-        for i in 0..nodes {
-            mesh.start_ztunnel(i)?;
-        }
         Ok(mesh)
     }
 
@@ -228,6 +236,28 @@ impl Mesh {
 
     /// Starts (or restarts) the node's ztunnel and waits until it is ready.
     pub fn start_ztunnel(&mut self, node: usize) -> Result<()> {
+        self.spawn_ztunnel(node, "ready")
+    }
+
+    /// Starts the node's ztunnel and waits only until it serves CNI
+    /// requests, which it does before it has a mesh model (with the
+    /// controller away, it never gets further); `wait_ztunnel_ready` waits
+    /// for the rest.
+    pub fn start_ztunnel_before_model(&mut self, node: usize) -> Result<()> {
+        self.spawn_ztunnel(node, "serving CNI requests")
+    }
+
+    /// Waits until the node's running ztunnel has its model and is ready.
+    pub fn wait_ztunnel_ready(&mut self, node: usize) -> Result<()> {
+        let Some(name) = self.ztunnel_names[node].clone() else {
+            bail!("no ztunnel runs on node {node}");
+        };
+        self.cluster
+            .wait_for_log(&name, "ready", Duration::from_secs(30))
+            .context("ztunnel did not become ready")
+    }
+
+    fn spawn_ztunnel(&mut self, node: usize, until: &str) -> Result<()> {
         if self.ztunnel_names[node].is_some() {
             bail!("ztunnel on node {node} is already running");
         }
@@ -247,7 +277,7 @@ impl Mesh {
             ])
             .args(self.control_args(&n.name))
             .arg("--state-dir")
-            .arg(dir.join("state"))
+            .arg(self.ztunnel_state_dir(node))
             .arg("--bpf-pin-dir")
             .arg(self.cluster.bpf_pin_dir().join(&n.name))
             .arg("--cni-socket")
@@ -256,8 +286,8 @@ impl Mesh {
             .env("WEFT_LOG", "info,weft_ztunnel=debug");
         self.cluster.spawn(&name, cmd)?;
         self.cluster
-            .wait_for_log(&name, "ready", Duration::from_secs(30))
-            .context("ztunnel did not become ready")?;
+            .wait_for_log(&name, until, Duration::from_secs(30))
+            .with_context(|| format!("ztunnel did not log {until:?}"))?;
         self.ztunnel_names[node] = Some(name);
         Ok(())
     }
@@ -402,33 +432,100 @@ impl Mesh {
         name: &str,
         service_account: &str,
     ) -> Result<Pod> {
-        if self.model.namespace(namespace).is_none() {
-            self.set_ambient(namespace, false);
-        }
-        let pod = self.cluster.add_pod(node, namespace, name)?;
-        let mut labels = BTreeMap::new();
-        labels.insert("app".to_owned(), name.to_owned());
-        self.model.workloads.push(Workload {
-            uid: pod.uid.clone(),
-            name: name.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-            node: self.cluster.node(node).name.clone(),
-            ips: vec![IpAddr::V4(pod.ip), IpAddr::V6(pod.ip6)],
-            labels,
-        });
-        self.write_model()?;
+        let pod = self.create_pod(node, namespace, name)?;
+        self.record_pod(&pod, service_account, &[])?;
         self.cni(&pod, "ADD")?;
         Ok(pod)
     }
 
+    /// The runtime's half of `add_pod`: the pod's sandbox (netns, veth,
+    /// cgroup, pause), no model entry and no CNI call yet, so a test can
+    /// enroll in either order a real cluster may (`record_pod`, `cni`).
+    pub fn create_pod(&mut self, node: usize, namespace: &str, name: &str) -> Result<Pod> {
+        if self.model.namespace(namespace).is_none() {
+            self.set_ambient(namespace, false);
+        }
+        self.cluster.add_pod(node, namespace, name)
+    }
+
+    /// The controller's half of `add_pod`: the pod's workload (labels
+    /// `app=<name>` plus `labels`) enters the mesh model, which is written.
+    pub fn record_pod(
+        &mut self,
+        pod: &Pod,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<()> {
+        let mut all = BTreeMap::new();
+        all.insert("app".to_owned(), pod.name.clone());
+        for (k, v) in labels {
+            all.insert((*k).to_owned(), (*v).to_owned());
+        }
+        self.model.workloads.push(Workload {
+            uid: pod.uid.clone(),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: service_account.into(),
+            node: self.cluster.node(pod.node).name.clone(),
+            ips: vec![IpAddr::V4(pod.ip), IpAddr::V6(pod.ip6)],
+            labels: all,
+        });
+        self.write_model()
+    }
+
+    /// Deletes a pod as a runtime and the controller do: CNI DEL, the
+    /// sandbox torn down, the workload out of the model.
+    pub fn delete_pod(&mut self, pod: &Pod) -> Result<()> {
+        self.cni(pod, "DEL")?;
+        self.cluster.remove_pod(pod)?;
+        self.model
+            .workloads
+            .retain(|w| !(w.namespace == pod.namespace && w.name == pod.name));
+        self.write_model()
+    }
+
+    /// A hostNetwork pod as a runtime describes it to CNI: its sandbox is
+    /// the node's own network namespace.
+    pub fn host_network_pod(&self, node: usize, namespace: &str, name: &str) -> Pod {
+        let n = self.cluster.node(node);
+        Pod {
+            name: name.into(),
+            namespace: namespace.into(),
+            node,
+            netns: n.netns.clone(),
+            netns_path: n.netns_path.clone(),
+            ip: n.ip,
+            ip6: n.ip6,
+            cgroup: n.system_cgroup.clone(),
+            container_id: format!("{:064x}", rand::random::<u128>()),
+            uid: format!("{:032x}", rand::random::<u128>()),
+            host_veth: String::new(),
+            pause_pid: 0,
+        }
+    }
+
+    /// The ztunnel's state directory on `node` (pod records in `pods/`).
+    pub fn ztunnel_state_dir(&self, node: usize) -> PathBuf {
+        self.node_dir(node).join("state")
+    }
+
     pub fn cni(&self, pod: &Pod, command: &str) -> Result<Value> {
-        let netconf = json!({
+        self.cni_with(pod, command, &json!({}))
+    }
+
+    /// `cni` with more keys in the plugin's network configuration (the
+    /// chained entry the installer writes: `kubeconfig`,
+    /// `exclude_namespaces`, `state_dir`, ...).
+    pub fn cni_with(&self, pod: &Pod, command: &str, extra: &Value) -> Result<Value> {
+        let mut netconf = json!({
             "cniVersion": "1.0.0",
             "name": "weft",
             "type": "weft-cni",
             "ztunnel_socket": self.cni_socket(pod.node),
         });
+        if let (Some(conf), Some(more)) = (netconf.as_object_mut(), extra.as_object()) {
+            conf.extend(more.clone());
+        }
         invoke_cni(
             &bin_path("weft-cni"),
             command,
@@ -507,6 +604,43 @@ impl Mesh {
             (p.get("enrolled")?.as_bool()? == want).then_some(())
         })
         .with_context(|| format!("pod {key} did not become enrolled={want}"))
+    }
+
+    /// The source ztunnel counts an mTLS connection from `client`, and the
+    /// server sees the client's own address.
+    pub fn assert_mtls_from(&self, client: &Pod, target: &str, principal: &str) {
+        let labels = [
+            ("reporter", "source"),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", principal),
+        ];
+        let before = metric_sum(
+            &self.metrics(client.node).expect("metrics"),
+            "weft_tcp_connections_opened_total",
+            &labels,
+        );
+        let v = wait_until(Duration::from_secs(10), || {
+            let v = self.connect(client, target);
+            (v["ok"] == true).then_some(v)
+        })
+        .unwrap_or_else(|_| panic!("{} cannot reach {target}", client.key()));
+        assert!(
+            v["peer_seen_by_server"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(&format!("{}:", client.ip)),
+            "{v}"
+        );
+        wait_until(Duration::from_secs(5), || {
+            let m = self.metrics(client.node).ok()?;
+            (metric_sum(&m, "weft_tcp_connections_opened_total", &labels) > before).then_some(())
+        })
+        .unwrap_or_else(|_| {
+            panic!(
+                "{}'s connection did not go through its ztunnel",
+                client.key()
+            )
+        });
     }
 
     /// Starts `weft-testapp serve` in a pod on `port`.

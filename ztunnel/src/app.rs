@@ -27,11 +27,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let state = MeshState::default();
     let certs = model_and_certificates(&cfg, &state, &metrics)?;
-    // Serve nothing until the mesh model is known: policy must be.
-    state
-        .first_model("controller", Duration::from_secs(5))
-        .await;
-
     let capture = Arc::new(Capture::install(&cfg.bpf_pin_dir)?);
     let (drain, _) = drain::channel();
     let drain = Arc::new(drain);
@@ -44,8 +39,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         drain.clone(),
     );
     let inpod = InPod::new(pi.clone(), &cfg.state_dir)?;
+
+    // The CNI socket comes before the mesh model: a node must keep starting
+    // the pods that stay out of the mesh while the controller is away, and
+    // the plugin can only tell those from the others by asking. Bound
+    // before the pod records are read, so a plugin that found no socket
+    // (and left its record behind) is seen by this restore; requests wait
+    // in the backlog until it is done.
+    let cni = cni_server::bind(&cfg.cni_socket)?;
     inpod.restore().await?;
-    inpod.reconcile().await;
+    tokio::spawn(cni_server::serve(cni, inpod.clone()));
+    info!(
+        component = "ztunnel",
+        socket = %cfg.cni_socket.display(),
+        "serving CNI requests; pods wait for capture until the mesh model arrives"
+    );
 
     let readiness = Arc::new(Readiness::default());
     ops::bind(OpsAddrs {
@@ -62,8 +70,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         readiness.clone(),
     );
 
-    let cni = cni_server::bind(&cfg.cni_socket)?;
-    tokio::spawn(cni_server::serve(cni, inpod.clone()));
+    // Capture nothing until the mesh model is known: policy must be.
+    tokio::select! {
+        _ = state.first_model("controller", Duration::from_secs(5)) => {}
+        signal = logging::shutdown_signal() => {
+            info!(component = "ztunnel", signal = signal?, "stopped before the first mesh model");
+            let _ = std::fs::remove_file(&cfg.cni_socket);
+            return Ok(());
+        }
+    }
+    inpod.reconcile().await;
     tokio::spawn(follow_model(pi.clone(), inpod.clone()));
 
     readiness.set_ready();

@@ -1,7 +1,9 @@
 //! The ztunnel end of the CNI protocol (`weft_api::cni`): one JSON request
 //! line, one JSON response line, per connection on a unix socket. The
 //! plugin's ADD returns only after we answer, so a pod's traffic is captured
-//! before its app starts.
+//! before its app starts. The socket is served from start-up on, before the
+//! first mesh model: pods are remembered at once and answers say whether a
+//! model is there, so the plugin can tell "not captured" from "not yet".
 
 use std::path::Path;
 use std::sync::Arc;
@@ -47,9 +49,9 @@ async fn handle(stream: UnixStream, inpod: Arc<InPod>) {
         Ok(0) => return,
         Ok(_) => match serde_json::from_str::<CniRequest>(line.trim()) {
             Ok(req) => answer(req, &inpod).await,
-            Err(e) => error(format!("malformed CNI request: {e}")),
+            Err(e) => error(format!("malformed CNI request: {e}"), inpod.has_model()),
         },
-        Err(e) => error(format!("reading CNI request: {e}")),
+        Err(e) => error(format!("reading CNI request: {e}"), inpod.has_model()),
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
@@ -57,7 +59,18 @@ async fn handle(stream: UnixStream, inpod: Arc<InPod>) {
 }
 
 async fn answer(req: CniRequest, inpod: &InPod) -> CniResponse {
+    if let Err(e) = req.check_names() {
+        warn!(component = "cni", command = ?req.command, error = %e, "CNI request refused");
+        return error(e.to_string(), inpod.has_model());
+    }
     let pod = format!("{}/{}", req.pod_namespace, req.pod_name);
+    let has_model = inpod.has_model();
+    if req.command == CniCommand::Check && !has_model {
+        return error(
+            "this ztunnel has no mesh model yet: capture cannot be checked".into(),
+            false,
+        );
+    }
     let result = match req.command {
         CniCommand::Add => {
             inpod
@@ -78,24 +91,26 @@ async fn answer(req: CniRequest, inpod: &InPod) -> CniResponse {
     };
     match result {
         Ok(enrolled) => {
-            info!(component = "cni", command = ?req.command, pod, enrolled, "CNI request done");
+            info!(component = "cni", command = ?req.command, pod, enrolled, has_model, "CNI request done");
             CniResponse {
                 ok: true,
                 enrolled,
+                has_model,
                 error: None,
             }
         }
         Err(e) => {
             warn!(component = "cni", command = ?req.command, pod, error = %e, "CNI request failed");
-            error(e.to_string())
+            error(format!("{e:#}"), has_model)
         }
     }
 }
 
-fn error(msg: String) -> CniResponse {
+fn error(msg: String, has_model: bool) -> CniResponse {
     CniResponse {
         ok: false,
         enrolled: false,
+        has_model,
         error: Some(msg),
     }
 }

@@ -10,10 +10,11 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use weft_api::cni::{record_file_name, PodRecord};
 use weft_api::ports;
 
 use crate::capture::ebpf::PodCapture;
@@ -22,21 +23,9 @@ use crate::capture::pod_routing;
 use crate::proxy::{inbound, outbound, socket, EnrolledPod, ProxyInputs};
 
 /// What the CNI plugin told us about a pod; persisted so a restarted
-/// ztunnel finds its pods again without touching them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodInfo {
-    pub namespace: String,
-    pub name: String,
-    pub container_id: String,
-    pub netns: PathBuf,
-    pub ips: Vec<IpAddr>,
-}
-
-impl PodInfo {
-    fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
+/// ztunnel finds its pods again without touching them. The plugin writes
+/// the same record itself for a pod that started while no ztunnel ran.
+pub type PodInfo = PodRecord;
 
 struct Known {
     info: PodInfo,
@@ -73,6 +62,12 @@ impl InPod {
         }))
     }
 
+    /// Whether a mesh model has arrived: until then nothing is enrolled
+    /// and every answer about capture is "not yet".
+    pub fn has_model(&self) -> bool {
+        self.pi.state.version() > 0
+    }
+
     /// Loads the pods remembered from an earlier run, forgets those whose
     /// network namespace is gone, and drops kernel steering for netns
     /// cookies no remembered pod has any more.
@@ -82,17 +77,33 @@ impl InPod {
         let mut pods = self.pods.lock().await;
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
-            let info: PodInfo = match std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
+            // A record being written (by us or by the CNI plugin) has a
+            // hidden temporary name until it is renamed into place.
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
             {
-                Some(i) => i,
-                None => {
-                    warn!(component = "inpod", file = %path.display(), "unreadable pod record; removing");
+                continue;
+            }
+            let mut info: PodInfo = match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<PodInfo>(&b).ok())
+            {
+                // A record is only believed under its own, valid, name.
+                Some(i)
+                    if i.file_name().ok().as_deref()
+                        == path.file_name().and_then(|n| n.to_str()) =>
+                {
+                    i
+                }
+                _ => {
+                    warn!(component = "inpod", file = %path.display(), "unreadable or misnamed pod record; removing");
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
             };
+            // The plugin writes the runtime's path as it is on the host.
+            info.netns = host_path(&info.netns);
             match Netns::open(&info.netns) {
                 Ok(ns) => live_cookies.push(ns.cookie()),
                 Err(_) => {
@@ -120,6 +131,7 @@ impl InPod {
     /// CNI ADD: remember the pod and capture it if the model says so.
     /// Returns whether it is captured.
     pub async fn add(&self, mut info: PodInfo) -> anyhow::Result<bool> {
+        info.file_name()?;
         info.netns = host_path(&info.netns);
         Netns::open(&info.netns)
             .map_err(|e| anyhow::anyhow!("pod netns {}: {e}", info.netns.display()))?;
@@ -148,11 +160,13 @@ impl InPod {
                 self.unenroll(e);
             }
         }
-        let _ = std::fs::remove_file(self.record_path(namespace, name));
+        let _ = std::fs::remove_file(self.record_path(namespace, name)?);
         Ok(())
     }
 
-    /// CNI CHECK: is the pod in the state the model wants?
+    /// CNI CHECK: is the pod in the state the model wants, in the kernel
+    /// too? A captured pod whose steering, routing or netns has gone is
+    /// reported with what is missing.
     pub async fn check(&self, namespace: &str, name: &str) -> anyhow::Result<bool> {
         let pods = self.pods.lock().await;
         let k = pods
@@ -166,7 +180,42 @@ impl InPod {
                 on_off(want)
             );
         }
+        if let Some(e) = &k.enrolled {
+            let missing = self.missing_capture(&e.pod);
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "pod {namespace}/{name} should be captured but its capture is incomplete: missing {}",
+                    missing.join(", ")
+                );
+            }
+        }
         Ok(want)
+    }
+
+    /// The parts of an enrolled pod's capture that are not in place.
+    fn missing_capture(&self, pod: &EnrolledPod) -> Vec<String> {
+        let mut missing = Vec::new();
+        if let Err(e) = Netns::open(pod.netns.path()) {
+            missing.push(format!("its network namespace ({e})"));
+            return missing;
+        }
+        let cookie = pod.netns.cookie();
+        if !self.pi.capture.enrolled_cookies().contains(&cookie) {
+            missing.push("its netns in the kernel's enrolled set".to_owned());
+        }
+        let link = self
+            .pi
+            .capture
+            .pin_dir()
+            .join(format!("links/sk_lookup-{cookie}"));
+        if !link.exists() {
+            missing.push(format!("its sk_lookup link ({})", link.display()));
+        }
+        match pod_routing::missing(&pod.netns) {
+            Ok(gone) => missing.extend(gone),
+            Err(e) => missing.push(format!("readable in-pod routing ({e})")),
+        }
+        missing
     }
 
     /// Brings every known pod to the state the current model wants.
@@ -325,17 +374,18 @@ impl InPod {
         e.cancel.cancel();
     }
 
-    fn record_path(&self, namespace: &str, name: &str) -> PathBuf {
-        self.state_dir
+    /// Only ever built from names that passed the Kubernetes rules, so it
+    /// stays inside `pods/`.
+    fn record_path(&self, namespace: &str, name: &str) -> anyhow::Result<PathBuf> {
+        Ok(self
+            .state_dir
             .join("pods")
-            .join(format!("{namespace}__{name}.json"))
+            .join(record_file_name(namespace, name)?))
     }
 
     fn persist(&self, info: &PodInfo) -> anyhow::Result<()> {
-        let path = self.record_path(&info.namespace, &info.name);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(info)?)?;
-        std::fs::rename(&tmp, &path)?;
+        let path = self.record_path(&info.namespace, &info.name)?;
+        weft_pki::files::write_atomic(&path, &serde_json::to_vec(info)?, 0o600)?;
         Ok(())
     }
 }

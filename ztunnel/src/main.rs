@@ -18,6 +18,10 @@ enum Command {
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/weft")]
         bpf_pin_dir: std::path::PathBuf,
+        /// Then idle until SIGTERM (the DaemonSet's clean-up mode, whose
+        /// image has no shell to do it).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -30,8 +34,23 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(weft_ztunnel::app::run(*cfg))),
-        Command::Uninstall { bpf_pin_dir } => {
-            weft_ztunnel::capture::ebpf::Capture::remove_all(&bpf_pin_dir).map_err(Into::into)
+        Command::Uninstall { bpf_pin_dir, wait } => {
+            weft_ztunnel::capture::ebpf::Capture::remove_all(&bpf_pin_dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    eprintln!(
+                        "weft-ztunnel: eBPF steering removed from {}",
+                        bpf_pin_dir.display()
+                    );
+                    if !wait {
+                        return Ok(());
+                    }
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?
+                        .block_on(weft_dataplane::logging::shutdown_signal())
+                        .map(drop)
+                })
         }
     };
     match result {

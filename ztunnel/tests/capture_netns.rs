@@ -437,8 +437,17 @@ fn netns_pod_routing_lands_in_pod_netns_and_is_idempotent() {
     let host_before =
         std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fwmark_accept").expect("host sysctl");
 
-    pod_routing::install(&pod).expect("install");
-    pod_routing::install(&pod).expect("install twice");
+    // Netlink, not iproute2: with no `ip` to be found, routing still
+    // installs (nextest runs each test in its own process, so PATH is ours).
+    let path = std::env::var_os("PATH");
+    std::env::set_var("PATH", "/nonexistent");
+    let installed = pod_routing::install(&pod).and_then(|()| pod_routing::install(&pod));
+    let missing = pod_routing::missing(&pod);
+    if let Some(p) = path {
+        std::env::set_var("PATH", p);
+    }
+    installed.expect("install twice without iproute2 on PATH");
+    assert_eq!(missing.expect("missing"), Vec::<String>::new());
     assert!(pod_routing::fwmark_accept_enabled(&pod).expect("read"));
     assert_eq!(
         std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fwmark_accept").expect("host sysctl"),
@@ -461,6 +470,50 @@ fn netns_pod_routing_lands_in_pod_netns_and_is_idempotent() {
         !rules(&host).contains(&fwmark),
         "the node's rules are untouched"
     );
+    // The same for IPv6 (the netns has ::1), and the local routes.
+    let show = |ns: &Netns, args: &[&str]| {
+        ns.run(|| Command::new("ip").args(args).output())
+            .and_then(|r| r)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .expect("ip show")
+    };
+    assert_eq!(
+        show(&pod, &["-6", "rule", "show"]).matches(&fwmark).count(),
+        1,
+        "one IPv6 rule"
+    );
+    assert_eq!(
+        show(&pod, &["-4", "route", "show", "table", "1515"]).trim(),
+        "local default dev lo scope host"
+    );
+    let v6 = show(&pod, &["-6", "route", "show", "table", "1515"]);
+    assert!(v6.trim().starts_with("local default dev lo"), "{v6}");
+    // CHECK's view: a rule deleted behind our back is reported.
+    pod.run(|| {
+        sh(&[
+            "ip",
+            "-4",
+            "rule",
+            "del",
+            "fwmark",
+            &format!("{MARK_INBOUND:#x}"),
+            "lookup",
+            "1515",
+        ])
+    })
+    .expect("rule del");
+    pod.run(|| sh(&["ip", "-6", "route", "flush", "table", "1515"]))
+        .expect("route flush");
+    let gone = pod_routing::missing(&pod).expect("missing");
+    assert_eq!(
+        gone,
+        vec![
+            format!("IPv4 rule fwmark {MARK_INBOUND:#x} lookup 1515"),
+            "IPv6 route local ::/0 dev lo table 1515".to_owned()
+        ]
+    );
+    pod_routing::install(&pod).expect("install repairs");
+    assert!(pod_routing::missing(&pod).expect("missing").is_empty());
 
     pod_routing::remove(&pod).expect("remove");
     pod_routing::remove(&pod).expect("remove twice");

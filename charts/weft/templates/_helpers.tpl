@@ -4,15 +4,16 @@ the CA lives in weft-ca-root, the Lease is weft-controller-leader), so one
 release per cluster.
 */}}
 
+{{/* One of the images `cargo xtask image` builds: (dict "root" . "name" "weft-ztunnel"). */}}
 {{- define "weft.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{ .root.Values.image.registry }}/{{ .name }}:{{ .root.Values.image.tag | default .root.Chart.AppVersion }}
 {{- end }}
 
 {{- define "weft.waypointImage" -}}
 {{- if .Values.waypoint.image.repository -}}
-{{ .Values.waypoint.image.repository }}:{{ .Values.waypoint.image.tag | default .Chart.AppVersion }}
+{{ .Values.waypoint.image.repository }}:{{ .Values.waypoint.image.tag | default .Values.image.tag | default .Chart.AppVersion }}
 {{- else -}}
-{{ include "weft.image" . }}
+{{ .Values.image.registry }}/weft-waypoint:{{ .Values.waypoint.image.tag | default .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 {{- end }}
 
