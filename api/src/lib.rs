@@ -10,6 +10,7 @@ pub mod duration;
 pub mod identity;
 pub mod l7;
 pub mod model;
+pub mod node_report;
 pub mod policy;
 pub mod ports;
 pub mod proto;

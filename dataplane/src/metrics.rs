@@ -1,13 +1,17 @@
 //! The metric families every data-plane process has (`weft_` prefix, base
 //! units): config updates applied and rejected, inbound handshake failures
-//! by reason, and build information. Each proxy registers these in its own
-//! registry next to its specific families.
+//! by reason, certificate expiry, build information and the process's CPU
+//! and memory. Each proxy registers these in its own registry next to its
+//! specific families; the controller uses the build and process parts.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
+
+use crate::certs::CertExpiry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -24,6 +28,8 @@ pub struct CommonMetrics {
     pub config_updates: Counter,
     pub config_rejections: Counter,
     pub handshake_failures: Family<ReasonLabels, Counter>,
+    /// Bind the proxy's certificate manager with `certificates.watch`.
+    pub certificates: CertExpiry,
 }
 
 impl CommonMetrics {
@@ -34,6 +40,7 @@ impl CommonMetrics {
             config_updates: Counter::default(),
             config_rejections: Counter::default(),
             handshake_failures: Family::default(),
+            certificates: CertExpiry::default(),
         };
         registry.register(
             "config_updates",
@@ -50,14 +57,8 @@ impl CommonMetrics {
             "Inbound mTLS handshakes rejected, by reason",
             m.handshake_failures.clone(),
         );
-        let build: Family<BuildLabels, Gauge> = Family::default();
-        build
-            .get_or_create(&BuildLabels {
-                component,
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        registry.register("build_info", "Component and version of this process", build);
+        registry.register_collector(Box::new(m.certificates.clone()));
+        register_process(registry, component);
         m
     }
 
@@ -70,6 +71,130 @@ impl CommonMetrics {
     }
 }
 
+/// Registers `build_info{component, version}` (always 1) and the process
+/// collector (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// ...; under the registry's prefix) in `registry`.
+pub fn register_process(registry: &mut Registry, component: &'static str) {
+    let build: Family<BuildLabels, Gauge> = Family::default();
+    build
+        .get_or_create(&BuildLabels {
+            component,
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
+    registry.register("build_info", "Component and version of this process", build);
+    registry.register_collector(Box::new(ProcessCollector));
+}
+
+/// This process's CPU time, memory and file descriptors from `/proc/self`,
+/// read at each scrape (the names client libraries use for `process_*`).
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What `/proc/self` says; `None` where it could not be read.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<f64>,
+    virtual_bytes: Option<f64>,
+    start_time_seconds: Option<f64>,
+    open_fds: Option<f64>,
+    max_fds: Option<f64>,
+}
+
+impl ProcessStats {
+    fn read() -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let boot = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let mut s = Self::parse(&stat, &boot, &limits, ticks as f64, page as f64);
+        s.open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as f64);
+        s
+    }
+
+    /// Fields of `/proc/<pid>/stat` (after the command, which may hold
+    /// spaces), `btime` of `/proc/stat` and `Max open files` of `limits`.
+    fn parse(stat: &str, proc_stat: &str, limits: &str, ticks: f64, page: f64) -> Self {
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // Numbered from field 3 (state) on: utime is 14, rsslen 24.
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+        let btime = proc_stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        let max_fds = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse::<f64>().ok());
+        let ticks = ticks.max(1.0);
+        Self {
+            cpu_seconds: field(14).zip(field(15)).map(|(u, s)| (u + s) / ticks),
+            resident_bytes: field(24).map(|p| p * page),
+            virtual_bytes: field(23),
+            start_time_seconds: btime.zip(field(22)).map(|(b, t)| b + t / ticks),
+            open_fds: None,
+            max_fds,
+        }
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = ProcessStats::read();
+        if let Some(v) = s.cpu_seconds {
+            let c = ConstCounter::new(v);
+            c.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds",
+                None,
+                c.metric_type(),
+            )?)?;
+        }
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                s.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                s.virtual_bytes,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds",
+                s.start_time_seconds,
+            ),
+            ("process_open_fds", "Open file descriptors", s.open_fds),
+            (
+                "process_max_fds",
+                "Limit of open file descriptors",
+                s.max_fds,
+            ),
+        ] {
+            if let Some(v) = value {
+                let g = ConstGauge::new(v);
+                g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The text exposition of `registry` (empty if encoding fails).
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
@@ -77,4 +202,43 @@ pub fn encode(registry: &Registry) -> String {
         out.clear();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_stats_from_proc_text() {
+        // A command with a space and a parenthesis, as the kernel writes it.
+        let stat = "4242 (weft ztun) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 8 0 12345 104857600 3000 18446744073709551615";
+        let s = ProcessStats::parse(
+            stat,
+            "cpu  1 2 3\nbtime 1700000000\n",
+            "Max open files            1024                 524288               files\n",
+            100.0,
+            4096.0,
+        );
+        assert_eq!(s.cpu_seconds, Some(3.0));
+        assert_eq!(s.resident_bytes, Some(3000.0 * 4096.0));
+        assert_eq!(s.virtual_bytes, Some(104857600.0));
+        assert_eq!(s.start_time_seconds, Some(1700000000.0 + 123.45));
+        assert_eq!(s.max_fds, Some(1024.0));
+    }
+
+    #[test]
+    fn registry_exposes_build_and_process_families() {
+        let mut r = Registry::with_prefix("weft");
+        let _m = CommonMetrics::register(&mut r, "test");
+        let text = encode(&r);
+        assert!(
+            text.contains("weft_build_info{component=\"test\""),
+            "{text}"
+        );
+        assert!(text.contains("weft_process_cpu_seconds_total "), "{text}");
+        assert!(
+            text.contains("weft_process_resident_memory_bytes "),
+            "{text}"
+        );
+    }
 }

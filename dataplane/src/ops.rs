@@ -1,6 +1,8 @@
 //! The operator endpoints every proxy serves: `/config_dump` on the admin
-//! port (localhost), Prometheus `/metrics`, and `/healthz/ready` for the
-//! kubelet, which goes false as soon as a drain starts. Plain HTTP/1.1 with
+//! port (localhost), Prometheus `/metrics` and, where the proxy has one, a
+//! `/debug/node` report (non-secret node facts for `weftctl check`) on the
+//! metrics port, and `/healthz/ready` for the kubelet, which goes false as
+//! soon as a drain starts. Plain HTTP/1.1 with
 //! a bound on header time and on open connections per port, so a slow or
 //! flooding client cannot hold the ports.
 
@@ -33,6 +35,11 @@ pub trait OpsHandler: Send + Sync + 'static {
     fn metrics(&self) -> String;
     /// Everything the proxy knows, as JSON.
     fn config_dump(&self) -> BoxFuture<'_, serde_json::Value>;
+    /// What `/debug/node` shows (no secrets: it is on the metrics port);
+    /// `None`: 404.
+    fn node_report(&self) -> BoxFuture<'_, Option<serde_json::Value>> {
+        Box::pin(async { None })
+    }
 }
 
 /// Ready once start-up is done; not ready again from the start of a drain,
@@ -168,6 +175,14 @@ async fn answer(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             handler.metrics(),
         ),
+        (Port::Metrics, "/debug/node") => match handler.node_report().await {
+            Some(report) => text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&report).unwrap_or_default(),
+            ),
+            None => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        },
         (Port::Readiness, "/healthz/ready") if readiness.is_ready() => {
             text(StatusCode::OK, "text/plain", "ready\n".into())
         }

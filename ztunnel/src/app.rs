@@ -27,6 +27,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let state = MeshState::default();
     let certs = model_and_certificates(&cfg, &state, &metrics)?;
+    metrics.common.certificates.watch(&certs);
     // Serve nothing until the mesh model is known: policy must be.
     state
         .first_model("controller", Duration::from_secs(5))
@@ -58,6 +59,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Arc::new(Admin {
             pi: pi.clone(),
             inpod: inpod.clone(),
+            readiness: readiness.clone(),
         }),
         readiness.clone(),
     );

@@ -9,6 +9,7 @@
 //! the current certificate at once. A failed renewal keeps serving the
 //! current certificate until it expires.
 
+mod expiry;
 mod provider;
 mod trust;
 
@@ -21,6 +22,8 @@ use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 use weft_api::Identity;
 use weft_pki::WorkloadCert;
+
+pub use expiry::CertExpiry;
 
 pub use provider::{BoxFuture, CertProvider, IdentityError, LocalCaProvider};
 pub use trust::TrustRoots;
@@ -83,6 +86,7 @@ pub struct CertStats {
 #[derive(Clone, Debug)]
 pub struct CertStatus {
     pub identity: Identity,
+    pub not_before: Option<SystemTime>,
     pub not_after: Option<SystemTime>,
     pub renew_at: Option<SystemTime>,
     pub last_error: Option<String>,
@@ -180,6 +184,7 @@ impl CertManager {
                 let slot = e.slot.borrow();
                 CertStatus {
                     identity: id.clone(),
+                    not_before: slot.cert.as_ref().map(|c| c.not_before),
                     not_after: slot.cert.as_ref().map(|c| c.not_after),
                     renew_at: slot.renew_at,
                     last_error: slot.error.as_ref().map(|e| e.to_string()),
@@ -190,8 +195,9 @@ impl CertManager {
         out
     }
 
-    /// The managed certificates (`identity`, `expires_unix`, `renew_unix`,
-    /// `last_error`) as `/config_dump` shows them.
+    /// The managed certificates (`identity`, `valid_from_unix`,
+    /// `expires_unix`, `renew_unix`, `last_error`) as `/config_dump` shows
+    /// them.
     pub fn to_json(&self) -> serde_json::Value {
         let unix = |t: Option<SystemTime>| {
             t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -203,6 +209,7 @@ impl CertManager {
             .map(|c| {
                 serde_json::json!({
                     "identity": c.identity.to_string(),
+                    "valid_from_unix": unix(c.not_before),
                     "expires_unix": unix(c.not_after),
                     "renew_unix": unix(c.renew_at),
                     "last_error": c.last_error,
