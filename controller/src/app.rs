@@ -365,6 +365,10 @@ fn respond(e: &Endpoints, which: Which, path: &str) -> http::Response<Full<Bytes
         (Which::Ready, "/healthz/ready") => (200, "ready\n".to_owned()),
         (Which::Metrics, "/metrics") => (200, e.metrics.encode()),
         (Which::Metrics, "/debug/status") => (200, debug_status(e)),
+        (Which::Metrics, "/debug/model") => (
+            200,
+            serde_json::to_string_pretty(&e.metrics.model_json()).unwrap_or_default(),
+        ),
         (Which::Metrics, "/debug/subscribers") => (
             200,
             serde_json::to_string_pretty(&e.metrics.subscribers_json()).unwrap_or_default(),

@@ -1,9 +1,10 @@
 //! What the controller shows operators on its metrics port (15014):
 //! `/metrics` (the config stream's counters, push and apply latency,
 //! each subscriber's versions, the mesh roots' expiry, build and process)
-//! and `/debug/subscribers` (every open config stream as JSON: node, role,
+//! `/debug/subscribers` (every open config stream as JSON: node, role,
 //! versions sent and acknowledged, the last NACK and its reason), which
-//! `weftctl proxy-status` and `weftctl check` read.
+//! `weftctl proxy-status` and `weftctl check` read, and `/debug/model` (the
+//! mesh model served, for `weftctl workloads`, `services`, `policies`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -62,6 +63,11 @@ impl ControllerMetrics {
 
     pub fn encode(&self) -> String {
         weft_dataplane::metrics::encode(&self.registry)
+    }
+
+    /// `/debug/model`: the mesh model this controller serves.
+    pub fn model_json(&self) -> serde_json::Value {
+        serde_json::to_value(&**self.sources.models.borrow()).unwrap_or_default()
     }
 
     /// `/debug/subscribers`.
