@@ -351,7 +351,13 @@ async fn serve_http(listener: tokio::net::TcpListener, e: Arc<Endpoints>, which:
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let e = e.clone();
-                async move { Ok::<_, Infallible>(respond(&e, which, req.uri().path())) }
+                async move {
+                    let accept = req
+                        .headers()
+                        .get(http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    Ok::<_, Infallible>(respond(&e, which, req.uri().path(), accept))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -360,10 +366,23 @@ async fn serve_http(listener: tokio::net::TcpListener, e: Arc<Endpoints>, which:
     }
 }
 
-fn respond(e: &Endpoints, which: Which, path: &str) -> http::Response<Full<Bytes>> {
+fn respond(
+    e: &Endpoints,
+    which: Which,
+    path: &str,
+    accept: Option<&str>,
+) -> http::Response<Full<Bytes>> {
+    let mut content_type = match path {
+        p if p.starts_with("/debug/") => "application/json",
+        _ => "text/plain",
+    };
     let (code, body) = match (which, path) {
         (Which::Ready, "/healthz/ready") => (200, "ready\n".to_owned()),
-        (Which::Metrics, "/metrics") => (200, e.metrics.encode()),
+        (Which::Metrics, "/metrics") => {
+            let (ty, body) = weft_dataplane::metrics::negotiate(accept, e.metrics.encode());
+            content_type = ty;
+            (200, body)
+        }
         (Which::Metrics, "/debug/status") => (200, debug_status(e)),
         (Which::Metrics, "/debug/model") => (
             200,
@@ -374,11 +393,6 @@ fn respond(e: &Endpoints, which: Which, path: &str) -> http::Response<Full<Bytes
             serde_json::to_string_pretty(&e.metrics.subscribers_json()).unwrap_or_default(),
         ),
         _ => (404, "not found\n".to_owned()),
-    };
-    let content_type = match path {
-        "/metrics" => "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        p if p.starts_with("/debug/") => "application/json",
-        _ => "text/plain",
     };
     let mut r = http::Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);

@@ -195,6 +195,62 @@ impl Collector for ProcessCollector {
     }
 }
 
+/// Content type of OpenMetrics text, what [`encode`] produces.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format 0.0.4.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `/metrics` for a client that sent `accept`: OpenMetrics when it asks for
+/// it (Prometheus does), else the Prometheus text format (curl, promtool,
+/// older scrapers), as the Go client library negotiates. Returns (content
+/// type, body).
+pub fn negotiate(accept: Option<&str>, openmetrics: String) -> (&'static str, String) {
+    if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+        (OPENMETRICS, openmetrics)
+    } else {
+        (PROMETHEUS_TEXT, openmetrics_to_text(&openmetrics))
+    }
+}
+
+/// OpenMetrics text as Prometheus text format 0.0.4: a counter's metadata
+/// names its `_total` samples, and `# UNIT` and `# EOF` go.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for l in om.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            if let Some((name, "counter")) = rest.split_once(' ') {
+                counters.insert(name.to_owned());
+            }
+        }
+    }
+    let mut out = String::with_capacity(om.len());
+    for l in om.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = l
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| l.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out += &format!("{kind}{name}_total {tail}\n");
+                } else {
+                    out += l;
+                    out += "\n";
+                }
+            }
+            None => {
+                out += l;
+                out += "\n";
+            }
+        }
+    }
+    out
+}
+
 /// The text exposition of `registry` (empty if encoding fails).
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
@@ -224,6 +280,24 @@ mod tests {
         assert_eq!(s.virtual_bytes, Some(104857600.0));
         assert_eq!(s.start_time_seconds, Some(1700000000.0 + 123.45));
         assert_eq!(s.max_fds, Some(1024.0));
+    }
+
+    #[test]
+    fn openmetrics_becomes_prometheus_text() {
+        let om = "# HELP weft_x Things.\n# TYPE weft_x counter\nweft_x_total{a=\"1\"} 3\n# HELP weft_g A gauge.\n# TYPE weft_g gauge\n# UNIT weft_g seconds\nweft_g 1.5\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP weft_x_total Things.\n# TYPE weft_x_total counter\nweft_x_total{a=\"1\"} 3\n# HELP weft_g A gauge.\n# TYPE weft_g gauge\nweft_g 1.5\n"
+        );
+        assert_eq!(
+            negotiate(
+                Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+                om.into()
+            )
+            .0,
+            OPENMETRICS
+        );
+        assert_eq!(negotiate(Some("*/*"), om.into()).0, PROMETHEUS_TEXT);
     }
 
     #[test]

@@ -148,7 +148,13 @@ async fn serve(
                 let handler = handler.clone();
                 let readiness = readiness.clone();
                 async move {
-                    Ok::<_, Infallible>(answer(port, &*handler, &readiness, req.uri().path()).await)
+                    let accept = req
+                        .headers()
+                        .get(header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    Ok::<_, Infallible>(
+                        answer(port, &*handler, &readiness, req.uri().path(), accept).await,
+                    )
                 }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -168,13 +174,13 @@ async fn answer(
     handler: &dyn OpsHandler,
     readiness: &Readiness,
     path: &str,
+    accept: Option<&str>,
 ) -> Response<Full<Bytes>> {
     match (port, path) {
-        (Port::Metrics, "/metrics") => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            handler.metrics(),
-        ),
+        (Port::Metrics, "/metrics") => {
+            let (content_type, body) = crate::metrics::negotiate(accept, handler.metrics());
+            text(StatusCode::OK, content_type, body)
+        }
         (Port::Metrics, "/debug/node") => match handler.node_report().await {
             Some(report) => text(
                 StatusCode::OK,

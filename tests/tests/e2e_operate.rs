@@ -198,6 +198,10 @@ fn curl_codes(mesh: &Mesh, pod: &Pod, url: &str, n: usize) -> Vec<String> {
 
 /// Prometheus's HTTP API, asked from inside node 1.
 fn prom(mesh: &Mesh, path: &str, params: &[(&str, String)]) -> Value {
+    try_prom(mesh, path, params).unwrap_or_else(|e| panic!("asking Prometheus {path}: {e:#}"))
+}
+
+fn try_prom(mesh: &Mesh, path: &str, params: &[(&str, String)]) -> anyhow::Result<Value> {
     let mut args: Vec<String> = vec!["-sS".into(), "--max-time".into(), "10".into(), "-G".into()];
     for (k, v) in params {
         args.push("--data-urlencode".into());
@@ -205,9 +209,9 @@ fn prom(mesh: &Mesh, path: &str, params: &[(&str, String)]) -> Value {
     }
     args.push(format!("http://127.0.0.1:{PROM_PORT}{path}"));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let text = mesh.node_exec(0, "curl", &refs).expect("query Prometheus");
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("Prometheus answered no JSON ({e}): {text}"))
+    let text = mesh.node_exec(0, "curl", &refs)?;
+    serde_json::from_str::<Value>(&text)
+        .map_err(|e| anyhow::anyhow!("Prometheus answered no JSON ({e}): {text}"))
 }
 
 fn dashboards() -> Vec<(String, Value)> {
@@ -468,7 +472,7 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
         .spawn("prometheus", cmd)
         .expect("start prometheus (Debian package prometheus; `cargo xtask setup` installs it)");
     wait_until(Duration::from_secs(30), || {
-        let v = prom(&mesh, "/api/v1/targets", &[]);
+        let v = try_prom(&mesh, "/api/v1/targets", &[]).ok()?;
         let active = v["data"]["activeTargets"].as_array()?;
         (active.len() == targets.len() && active.iter().all(|t| t["health"] == "up")).then_some(())
     })

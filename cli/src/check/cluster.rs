@@ -282,10 +282,23 @@ pub async fn run(api: &Api, ns: &str) -> Result<Report> {
                     let nack = &sub["last_nack"];
                     if nack.is_object() && nack["version"].as_u64().unwrap_or(0) > acked {
                         g.push(Check::error(format!("{node_name}: config stream"), format!("rejected config version {}: {}", nack["version"], nack["error"].as_str().unwrap_or("")), "the ztunnel keeps its last good config; a rejected update usually means the controller and ztunnel versions differ: run the same release on both (`weftctl proxy-status` shows every proxy)"));
-                    } else if acked == s.latest && r.model_version == s.latest {
-                        g.push(Check::ok(format!("{node_name}: config version {acked} acknowledged (the latest)")));
+                    } else if acked == s.latest {
+                        // The model the ztunnel serves carries the version
+                        // of the last update that changed what it holds
+                        // (routes, for instance, are not sent to it).
+                        g.push(Check::ok(format!(
+                            "{node_name}: config version {acked} acknowledged (the latest; model from version {})",
+                            r.model_version
+                        )));
                     } else {
-                        g.push(Check::warn(format!("{node_name}: config stream"), format!("serves version {}, acknowledged {acked}, the controller's latest is {}", r.model_version, s.latest), "an update is in flight, or the stream is stuck: check again, then `weftctl proxy-status`"));
+                        g.push(Check::warn(
+                            format!("{node_name}: config stream"),
+                            format!(
+                                "acknowledged version {acked}, the controller's latest is {}",
+                                s.latest
+                            ),
+                            "an update is in flight, or the stream is stuck: check again, then `weftctl proxy-status`",
+                        ));
                     }
                 }
             }
