@@ -269,9 +269,12 @@ fn svg_panel(title: &str, series: &[(String, Vec<(f64, f64)>)], x0: f64, y0: f64
         .map(|(_, v)| *v)
         .fold(0.0f64, f64::max)
         .max(f64::MIN_POSITIVE);
+    let span = (tmax - tmin).max(0.0);
     let mut out = format!(
-        "<g transform=\"translate({x0},{y0})\"><rect width=\"{W}\" height=\"{}\" fill=\"#fafafa\" stroke=\"#ccc\"/><text x=\"6\" y=\"16\" font-size=\"12\" font-weight=\"bold\">{}</text><text x=\"{}\" y=\"16\" font-size=\"10\" text-anchor=\"end\">max {}</text>",
-        H + 60.0, xml(title), W - 6.0, short(vmax)
+        "<g transform=\"translate({x0},{y0})\"><rect width=\"{W}\" height=\"{}\" fill=\"#fafafa\" stroke=\"#ccc\"/><text x=\"6\" y=\"16\" font-size=\"12\" font-weight=\"bold\">{}</text><text x=\"6\" y=\"29\" font-size=\"9\" fill=\"#666\">0 to {} over {span:.0} s</text>",
+        H + 72.0,
+        xml(title),
+        short(vmax)
     );
     for (i, (label, p)) in series.iter().take(6).enumerate() {
         let c = COLOURS[i % COLOURS.len()];
@@ -279,7 +282,7 @@ fn svg_panel(title: &str, series: &[(String, Vec<(f64, f64)>)], x0: f64, y0: f64
             .iter()
             .map(|(t, v)| {
                 let x = 6.0 + (t - tmin) / (tmax - tmin).max(1.0) * (W - 12.0);
-                let y = 24.0 + H - v / vmax * (H - 8.0);
+                let y = 34.0 + H - v / vmax * (H - 8.0);
                 format!("{x:.1},{y:.1}")
             })
             .collect();
@@ -290,7 +293,7 @@ fn svg_panel(title: &str, series: &[(String, Vec<(f64, f64)>)], x0: f64, y0: f64
         out += &format!(
             "<text x=\"{}\" y=\"{}\" font-size=\"9\" fill=\"{c}\">{}</text>",
             6 + (i % 2) * 190,
-            H as usize + 36 + (i / 2) * 11,
+            H as usize + 48 + (i / 2) * 11,
             xml(&label.chars().take(40).collect::<String>())
         );
     }
@@ -364,15 +367,93 @@ fn render_pictures(mesh: &Mesh, dir: &Path, start: f64, end: f64) {
                 p["title"].as_str().unwrap_or(""),
                 &series,
                 10.0 + (i % 2) as f64 * 390.0,
-                34.0 + (i / 2) as f64 * 220.0,
+                34.0 + (i / 2) as f64 * 232.0,
             );
         }
         let svg = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"790\" height=\"{}\" font-family=\"sans-serif\"><text x=\"10\" y=\"22\" font-size=\"15\" font-weight=\"bold\">{} (rendered from Prometheus range queries by tests/tests/e2e_operate.rs)</text>{body}</svg>\n",
-            44 + rows * 220, xml(d["title"].as_str().unwrap_or(&name))
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"790\" height=\"{}\" font-family=\"sans-serif\"><text x=\"10\" y=\"20\" font-size=\"15\" font-weight=\"bold\">{}</text><text x=\"780\" y=\"20\" font-size=\"9\" fill=\"#666\" text-anchor=\"end\">each panel's queries, from Prometheus, drawn by tests/tests/e2e_operate.rs</text>{body}</svg>\n",
+            44 + rows * 232, xml(d["title"].as_str().unwrap_or(&name))
         );
         std::fs::write(dir.join(format!("{name}.svg")), svg).unwrap();
     }
+}
+
+/// A config subscriber for `node` that NACKs the first update it gets (as a
+/// ztunnel of another release would, whose checks reject what this
+/// controller sends), over the real gRPC stream from inside node 1, and
+/// holds the stream open until `stop` is dropped. Returns the NACKed
+/// version.
+fn nacking_subscriber(
+    mesh: &Mesh,
+    node: &str,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> std::sync::mpsc::Receiver<u64> {
+    use weft_api::proto::mesh_config_client::MeshConfigClient;
+    use weft_api::proto::SubscribeRequest;
+    let netns = mesh.cluster.node(0).netns_path.clone();
+    let url = format!("https://{}:15010", mesh.cluster.node(0).ip);
+    let root = std::fs::read_to_string(mesh.controller_root().unwrap()).unwrap();
+    let token =
+        std::fs::read_to_string(mesh.cluster.run_dir().join(format!("{node}.token"))).unwrap();
+    let node = node.to_owned();
+    let (done, version) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let target = std::fs::File::open(&netns).expect("open netns");
+        // SAFETY: setns on this thread only; its sockets are then made in node 1.
+        assert_eq!(
+            unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(root))
+                .domain_name("weft-controller");
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect to the controller");
+            let (tx, rx) = tokio::sync::mpsc::channel::<SubscribeRequest>(4);
+            tx.send(SubscribeRequest::hello(&node, None)).await.unwrap();
+            let outbound =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+                );
+            let mut req = tonic::Request::new(outbound);
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {}", token.trim()).parse().unwrap(),
+            );
+            let mut inbound = MeshConfigClient::new(channel)
+                .subscribe(req)
+                .await
+                .expect("subscribe")
+                .into_inner();
+            let update = inbound
+                .message()
+                .await
+                .expect("an update")
+                .expect("an update");
+            tx.send(SubscribeRequest::nack(
+                update.version,
+                "workload shop/db: field `ipFamilies` is not known to this ztunnel",
+            ))
+            .await
+            .unwrap();
+            done.send(update.version).unwrap();
+            // Hold the stream until the test is done with it.
+            let _ = tokio::task::spawn_blocking(move || stop.recv_timeout(Duration::from_secs(60)))
+                .await;
+        });
+    });
+    version
 }
 
 #[test]
@@ -487,7 +568,10 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    for round in 0..8 {
+    // Longer when drawing the README's pictures.
+    let pictures = std::env::var_os("WEFT_DASHBOARD_PICTURES");
+    let rounds = if pictures.is_some() { 40 } else { 8 };
+    for round in 0..rounds {
         traffic(&mesh, &client, web_vip, db_vip, &web);
         if round == 3 {
             // A model change mid-run: pushes and ACKs for the latency panels.
@@ -532,7 +616,7 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
         Some(7),
         "{rules}"
     );
-    if let Some(out) = std::env::var_os("WEFT_DASHBOARD_PICTURES") {
+    if let Some(out) = pictures {
         let t1 = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -596,6 +680,64 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
         "{c}"
     );
     api.delete(fake::NETWORK_POLICIES, NS, "db-from-client");
+
+    // A NACKed config: a subscriber for node 2 rejects its update.
+    let (stop, stopped) = std::sync::mpsc::channel();
+    let nacked = nacking_subscriber(&mesh, "node2", stopped)
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the subscriber got an update");
+    let r = wait_until(Duration::from_secs(10), || {
+        let (code, r) = weftctl(&mesh, &kubeconfig, &["check"]);
+        (code == 1).then_some(r)
+    })
+    .unwrap_or_else(|e| {
+        let out = mesh
+            .cluster
+            .node(0)
+            .command_os(bin_path("weftctl"))
+            .args(["proxy-status", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .output()
+            .unwrap();
+        panic!(
+            "check did not fail on a NACK of version {nacked}: {e}\n{}{}\ncontroller:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            mesh.controller_log()
+                .lines()
+                .filter(|l| l.contains("NACK") || l.contains("rejected"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    let c = find(
+        &r,
+        "error",
+        "node2: config stream",
+        &format!("rejected config version {nacked}: workload shop/db: field `ipFamilies`"),
+    );
+    assert!(
+        c["hint"].as_str().unwrap().contains("versions differ"),
+        "{c}"
+    );
+    let out = mesh
+        .cluster
+        .node(0)
+        .command_os(bin_path("weftctl"))
+        .args(["proxy-status", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains(&format!("NACKED v{nacked}")) && table.contains("SYNCED"),
+        "{table}"
+    );
+    drop(stop);
+    wait_until(Duration::from_secs(10), || {
+        (weftctl(&mesh, &kubeconfig, &["check"]).0 == 0).then_some(())
+    })
+    .expect("check passes again once the NACKing subscriber is gone");
 
     // A missing CRD.
     api.delete(fake::CRDS, "", "trafficpolicies.weft.dev");

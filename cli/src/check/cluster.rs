@@ -271,36 +271,43 @@ pub async fn run(api: &Api, ns: &str) -> Result<Report> {
             Check::ok(format!("{node_name}: clock within {}s", SKEW_WARN.as_secs()))
         });
         if let Some(s) = &streams_seen {
-            let sub = s
+            // Every stream of this node's ztunnel (a restart can leave an
+            // old one open for a moment; a rejected update on any counts).
+            let subs: Vec<&Value> = s
                 .subscribers
                 .iter()
-                .find(|x| x["node"].as_str() == Some(node_name) && x["role"] == "ztunnel");
-            match sub {
-                None => g.push(Check::error(format!("{node_name}: config stream"), "not subscribed to the controller", format!("the ztunnel serves its last model: `kubectl -n {ns} logs {}` shows why it cannot reach weft-controller:15010", name(z)))),
-                Some(sub) => {
-                    let acked = sub["acked_version"].as_u64().unwrap_or(0);
-                    let nack = &sub["last_nack"];
-                    if nack.is_object() && nack["version"].as_u64().unwrap_or(0) > acked {
-                        g.push(Check::error(format!("{node_name}: config stream"), format!("rejected config version {}: {}", nack["version"], nack["error"].as_str().unwrap_or("")), "the ztunnel keeps its last good config; a rejected update usually means the controller and ztunnel versions differ: run the same release on both (`weftctl proxy-status` shows every proxy)"));
-                    } else if acked == s.latest {
-                        // The model the ztunnel serves carries the version
-                        // of the last update that changed what it holds
-                        // (routes, for instance, are not sent to it).
-                        g.push(Check::ok(format!(
-                            "{node_name}: config version {acked} acknowledged (the latest; model from version {})",
-                            r.model_version
-                        )));
-                    } else {
-                        g.push(Check::warn(
-                            format!("{node_name}: config stream"),
-                            format!(
-                                "acknowledged version {acked}, the controller's latest is {}",
-                                s.latest
-                            ),
-                            "an update is in flight, or the stream is stuck: check again, then `weftctl proxy-status`",
-                        ));
-                    }
-                }
+                .filter(|x| x["node"].as_str() == Some(node_name) && x["role"] == "ztunnel")
+                .collect();
+            let nacked = subs.iter().find(|sub| {
+                let nack = &sub["last_nack"];
+                nack.is_object()
+                    && nack["version"].as_u64().unwrap_or(0)
+                        > sub["acked_version"].as_u64().unwrap_or(0)
+            });
+            let acked = subs
+                .iter()
+                .filter_map(|x| x["acked_version"].as_u64())
+                .max()
+                .unwrap_or(0);
+            if subs.is_empty() {
+                g.push(Check::error(format!("{node_name}: config stream"), "not subscribed to the controller", format!("the ztunnel serves its last model: `kubectl -n {ns} logs {}` shows why it cannot reach weft-controller:15010", name(z))));
+            } else if let Some(sub) = nacked {
+                let nack = &sub["last_nack"];
+                g.push(Check::error(format!("{node_name}: config stream"), format!("rejected config version {}: {}", nack["version"], nack["error"].as_str().unwrap_or("")), "the ztunnel keeps its last good config; a rejected update usually means the controller and ztunnel versions differ: run the same release on both (`weftctl proxy-status` shows every proxy)"));
+            } else if acked == s.latest {
+                // The model the ztunnel serves carries the version of the
+                // last update that changed what it holds (routes, for
+                // instance, are not sent to it).
+                g.push(Check::ok(format!(
+                    "{node_name}: config version {acked} acknowledged (the latest; model from version {})",
+                    r.model_version
+                )));
+            } else {
+                g.push(Check::warn(
+                    format!("{node_name}: config stream"),
+                    format!("acknowledged version {acked}, the controller's latest is {}", s.latest),
+                    "an update is in flight, or the stream is stuck: check again, then `weftctl proxy-status`",
+                ));
             }
         }
         node::facts(node_name, &r.facts, true, &mut g);
