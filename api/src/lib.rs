@@ -2,6 +2,7 @@
 //! reads, SPIFFE identities, well-known names and ports, and the protocol the
 //! CNI plugin speaks to the node's ztunnel. Nothing here does I/O.
 
+pub mod authorize;
 pub mod cni;
 pub mod config_cache;
 #[cfg(feature = "crd")]
