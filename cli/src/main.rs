@@ -5,6 +5,7 @@
 //! `status` of the ztunnel on this node (its localhost admin port).
 
 mod check;
+mod explain;
 mod http_get;
 mod inspect;
 mod kube_api;
@@ -75,6 +76,11 @@ enum Cmd {
     Services(ModelArgs),
     /// AuthorizationPolicies and PeerAuthentications of the mesh model.
     Policies(ModelArgs),
+    /// Policy decisions.
+    Policy {
+        #[command(subcommand)]
+        what: PolicyCmd,
+    },
     /// Workload certificates held by each node's ztunnel.
     Certs {
         #[arg(long, short = 'o', value_enum, default_value = "table")]
@@ -107,6 +113,26 @@ struct ModelArgs {
     controller: Option<SocketAddr>,
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Format,
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Which policy and rule allow or deny SRC (namespace/name or IP) to
+    /// DST (a Service as namespace/name, a workload as pod/namespace/name,
+    /// or an IP) on PORT, at each hop, by the proxies' own evaluation.
+    Explain {
+        src: String,
+        dst: String,
+        port: u16,
+        /// An HTTP request's method (for waypoint policy); without it the
+        /// connection is judged at L4.
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -215,6 +241,36 @@ async fn run(cli: Cli) -> Result<u8> {
                 _ => inspect::policies(&model, a.output)?,
             }
             Ok(0)
+        }
+        Cmd::Policy {
+            what:
+                PolicyCmd::Explain {
+                    src,
+                    dst,
+                    port,
+                    method,
+                    path,
+                    model: a,
+                },
+        } => {
+            let model = if a.manifests.is_some() {
+                inspect::model(a.manifests.as_deref(), None)?
+            } else {
+                let api = if a.controller.is_some() {
+                    None
+                } else {
+                    Some(api(&cli).await?)
+                };
+                let addr = inspect::controller_addr(api.as_ref(), &ns, a.controller).await?;
+                inspect::model(None, Some(addr))?
+            };
+            let e = explain::explain(&model, src, dst, *port, method.as_deref(), path.as_deref())?;
+            match a.output {
+                Format::Table => print!("{}", explain::render(&e)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+                Format::Yaml => print!("{}", serde_yaml::to_string(&e)?),
+            }
+            Ok(if e.decision == "allow" { 0 } else { 1 })
         }
         Cmd::Certs { output } => {
             inspect::certs(&api(&cli).await?, &ns, *output).await?;

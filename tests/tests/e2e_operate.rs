@@ -824,4 +824,205 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
         "not allowed",
     );
     find(&r, "warning", "Weft", "already exist");
+
+    explain_agrees_with_the_proxies(&mut mesh, &kubeconfig, &client, web_vip, db_vip, &web, &db);
+}
+
+/// What a row sends through the mesh.
+enum Real {
+    /// GET of this path on web's VIP, through the waypoint.
+    Http(&'static str),
+    /// A TCP connection to this address.
+    Tcp(String),
+}
+
+/// `weftctl policy explain` against what the ztunnels and the waypoint do
+/// for the same inputs, row by row, live (the controller's model) and
+/// offline (the manifests folder the controller reads).
+fn explain_agrees_with_the_proxies(
+    mesh: &mut Mesh,
+    kubeconfig: &Path,
+    client: &Pod,
+    web_vip: Ipv4Addr,
+    db_vip: Ipv4Addr,
+    web: &Pod,
+    db: &Pod,
+) {
+    mesh.ztunnel_args.clear();
+    mesh.start_ztunnel(1).unwrap();
+    let other = mesh.add_pod(0, NS, "other", "other").unwrap();
+    mesh.model.policies.push(AuthorizationPolicy {
+        name: "db-from-client".into(),
+        namespace: NS.into(),
+        selector: Some([("app".to_owned(), "db".to_owned())].into_iter().collect()),
+        action: PolicyAction::Allow,
+        rules: vec![Rule {
+            from: vec![weft_api::model::Source {
+                principals: vec!["spiffe://cluster.local/ns/shop/sa/client".into()],
+                ..Default::default()
+            }],
+            to: vec![],
+        }],
+        targets: vec![],
+    });
+    mesh.write_model().unwrap();
+    mesh.wait_enrolled(0, &other, true).unwrap();
+    let db_ip = db.ip.to_string();
+    // (source, DST, port, method and path, what to send, expected, deciding policy)
+    let rows: Vec<(
+        &Pod,
+        String,
+        u16,
+        Option<(&str, &str)>,
+        Real,
+        &str,
+        Option<&str>,
+    )> = vec![
+        (
+            client,
+            "shop/web".into(),
+            80,
+            Some(("GET", "/who")),
+            Real::Http("/who"),
+            "allow",
+            None,
+        ),
+        (
+            client,
+            "shop/web".into(),
+            80,
+            Some(("GET", "/admin")),
+            Real::Http("/admin"),
+            "deny",
+            Some("shop/no-admin"),
+        ),
+        (
+            &other,
+            "shop/web".into(),
+            80,
+            Some(("GET", "/admin/x")),
+            Real::Http("/admin/x"),
+            "deny",
+            Some("shop/no-admin"),
+        ),
+        (
+            &other,
+            "shop/web".into(),
+            80,
+            Some(("GET", "/who")),
+            Real::Http("/who"),
+            "allow",
+            None,
+        ),
+        (
+            client,
+            "shop/db".into(),
+            5432,
+            None,
+            Real::Tcp(format!("{db_vip}:5432")),
+            "allow",
+            Some("shop/db-from-client"),
+        ),
+        (
+            &other,
+            "shop/db".into(),
+            5432,
+            None,
+            Real::Tcp(format!("{db_vip}:5432")),
+            "deny",
+            None,
+        ),
+        (
+            &other,
+            db_ip.clone(),
+            5432,
+            None,
+            Real::Tcp(format!("{db_ip}:5432")),
+            "deny",
+            None,
+        ),
+        (
+            client,
+            "pod/shop/web".into(),
+            8080,
+            None,
+            Real::Tcp(format!("{}:8080", web.ip)),
+            "deny",
+            None,
+        ),
+    ];
+    let manifests = mesh.manifests_dir().unwrap().to_owned();
+    for (src, dst, port, http, real, want, policy) in rows {
+        let actual = match &real {
+            Real::Http(path) => {
+                let code = curl_codes(mesh, src, &format!("http://{web_vip}{path}"), 1);
+                match code.first().map(String::as_str) {
+                    Some("200") => "allow",
+                    Some("403") => "deny",
+                    other => panic!("{} GET {path}: unexpected answer {other:?}", src.key()),
+                }
+            }
+            Real::Tcp(addr) => {
+                if mesh.connect(src, addr)["ok"] == true {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            }
+        };
+        assert_eq!(
+            actual,
+            want,
+            "the mesh itself: {} -> {dst}:{port} {http:?}",
+            src.key()
+        );
+        for source in ["live", "offline"] {
+            let mut cmd = mesh.cluster.node(0).command_os(bin_path("weftctl"));
+            cmd.args([
+                "policy",
+                "explain",
+                &src.key(),
+                &dst,
+                &port.to_string(),
+                "-o",
+                "json",
+            ]);
+            if let Some((m, p)) = http {
+                cmd.args(["--method", m, "--path", p]);
+            }
+            if source == "live" {
+                cmd.arg("--kubeconfig").arg(kubeconfig);
+            } else {
+                cmd.arg("--manifests").arg(&manifests);
+            }
+            let out = cmd.output().unwrap();
+            let e: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
+                panic!(
+                    "explain printed no JSON ({err}): {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+            assert_eq!(
+                e["decision"],
+                actual,
+                "{source} explain of {} -> {dst}:{port} {http:?} disagrees with the mesh:\n{e:#}",
+                src.key()
+            );
+            assert_eq!(
+                out.status.code(),
+                Some(if actual == "allow" { 0 } else { 1 })
+            );
+            if let Some(p) = policy {
+                assert!(
+                    e["steps"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|s| s["policy"] == p),
+                    "{source}: {p} not named:\n{e:#}"
+                );
+            }
+        }
+    }
 }
