@@ -69,6 +69,41 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Server-side apply of `obj` at `path` (which carries `fieldManager`).
+    pub async fn apply(&self, path: &str, obj: &Value) -> Result<Value> {
+        self.patch(path, "application/apply-patch+yaml", obj).await
+    }
+
+    /// JSON merge patch.
+    pub async fn merge_patch(&self, path: &str, patch: &Value) -> Result<Value> {
+        self.patch(path, "application/merge-patch+json", patch)
+            .await
+    }
+
+    async fn patch(&self, path: &str, content_type: &str, body: &Value) -> Result<Value> {
+        let req = http::Request::patch(path)
+            .header("content-type", content_type)
+            .body(serde_json::to_vec(body)?)
+            .context("building a request")?;
+        self.client
+            .request::<Value>(req)
+            .await
+            .with_context(|| format!("PATCH {path}"))
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Found> {
+        let req = http::Request::delete(path)
+            .body(Vec::new())
+            .context("building a request")?;
+        match self.client.request::<Value>(req).await {
+            Ok(v) => Ok(Found::Object(v)),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(Found::Missing),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("DELETE {path}"))),
+        }
+    }
+}
+
 /// `metadata.name` (or "").
 pub fn name(v: &Value) -> &str {
     v["metadata"]["name"].as_str().unwrap_or("")

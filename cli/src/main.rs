@@ -9,6 +9,7 @@ mod explain;
 mod http_get;
 mod inspect;
 mod kube_api;
+mod waypoint;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,8 +28,13 @@ struct Cli {
     #[arg(long, global = true, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Namespace Weft is installed in.
-    #[arg(long, short = 'n', global = true, default_value = "weft-system")]
-    namespace: String,
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_NAMESPACE",
+        default_value = "weft-system"
+    )]
+    weft_namespace: String,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -86,6 +92,11 @@ enum Cmd {
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Format,
     },
+    /// Waypoints: the Gateway of class weft-waypoint, who uses it, its status.
+    Waypoint {
+        #[command(subcommand)]
+        what: WaypointCmd,
+    },
     /// A node's ztunnel.
     Ztunnel {
         #[command(subcommand)]
@@ -136,6 +147,51 @@ enum PolicyCmd {
 }
 
 #[derive(Subcommand)]
+enum WaypointCmd {
+    /// Creates or updates waypoint NAME (the controller deploys it).
+    Apply {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// Replicas of its Deployment.
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Send every Service of the namespace through it.
+        #[arg(long)]
+        enroll_namespace: bool,
+        /// Send this Service through it (repeatable).
+        #[arg(long = "for-service")]
+        services: Vec<String>,
+        /// Print the Gateway instead of applying it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Waypoints of a namespace (or of all with --all-namespaces).
+    List {
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long, short = 'A')]
+        all_namespaces: bool,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Conditions of waypoint NAME and what uses it.
+    Status {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Deletes waypoint NAME.
+    Delete {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ZtunnelCmd {
     /// The node's report (kernel, hooks, certificates), or with --admin
     /// the full config dump.
@@ -178,7 +234,7 @@ async fn api(cli: &Cli) -> Result<kube_api::Api> {
 }
 
 async fn run(cli: Cli) -> Result<u8> {
-    let ns = cli.namespace.clone();
+    let ns = cli.weft_namespace.clone();
     match &cli.command {
         Cmd::Check {
             pre,
@@ -271,6 +327,57 @@ async fn run(cli: Cli) -> Result<u8> {
                 Format::Yaml => print!("{}", serde_yaml::to_string(&e)?),
             }
             Ok(if e.decision == "allow" { 0 } else { 1 })
+        }
+        Cmd::Waypoint { what } => {
+            match what {
+                WaypointCmd::Apply {
+                    name,
+                    namespace,
+                    replicas,
+                    enroll_namespace,
+                    services,
+                    dry_run,
+                } => {
+                    let api = if *dry_run {
+                        None
+                    } else {
+                        Some(api(&cli).await?)
+                    };
+                    waypoint::apply(
+                        api.as_ref(),
+                        waypoint::Apply {
+                            ns: namespace,
+                            name,
+                            replicas: *replicas,
+                            enroll_namespace: *enroll_namespace,
+                            services,
+                            dry_run: *dry_run,
+                        },
+                    )
+                    .await?
+                }
+                WaypointCmd::List {
+                    namespace,
+                    all_namespaces,
+                    output,
+                } => {
+                    waypoint::list(
+                        &api(&cli).await?,
+                        (!*all_namespaces).then_some(namespace.as_str()),
+                        *output,
+                    )
+                    .await?
+                }
+                WaypointCmd::Status {
+                    name,
+                    namespace,
+                    output,
+                } => waypoint::status(&api(&cli).await?, namespace, name, *output).await?,
+                WaypointCmd::Delete { name, namespace } => {
+                    waypoint::delete(&api(&cli).await?, namespace, name).await?
+                }
+            }
+            Ok(0)
         }
         Cmd::Certs { output } => {
             inspect::certs(&api(&cli).await?, &ns, *output).await?;

@@ -616,7 +616,13 @@ fn monitoring_checks(root: &Path) -> Result<()> {
         bail!("no dashboards in {CHART_DIR}/dashboards");
     }
     run(Command::new(&tsc)
-        .args(["--noEmit", "--strict", "--skipLibCheck", "--module", "esnext"])
+        .args([
+            "--noEmit",
+            "--strict",
+            "--skipLibCheck",
+            "--module",
+            "esnext",
+        ])
         .args(["--moduleResolution", "bundler", "--target", "es2022"])
         .args(&sources))
     .context("a dashboard does not match Grafana's dashboard schema (@grafana/schema)")
