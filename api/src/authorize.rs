@@ -83,6 +83,9 @@ pub fn waypoint_requirements(
     required
 }
 
+/// A policy and the index of its rule that decided.
+pub type DecidedBy<'m> = Option<(&'m AuthorizationPolicy, usize)>;
+
 /// One inbound connection to `dst` on `port` at its ztunnel. `required`:
 /// `dst`'s entry of [`waypoint_requirements`]. `Ok` carries the ALLOW rule
 /// that admitted it, if a policy decided.
@@ -93,10 +96,7 @@ pub fn inbound<'m>(
     src_ip: IpAddr,
     src_identity: Option<&Identity>,
     port: u16,
-) -> Result<
-    Option<(&'m AuthorizationPolicy, usize)>,
-    (Refusal, Option<(&'m AuthorizationPolicy, usize)>),
-> {
+) -> Result<DecidedBy<'m>, (Refusal, DecidedBy<'m>)> {
     if src_identity.is_none() && model.mtls_mode(dst) == MtlsMode::Strict {
         return Err((Refusal::StrictMtls, None));
     }

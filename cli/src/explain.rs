@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use weft_api::authorize::{self, Authorizer, AuthzRequest, Target};
 use weft_api::l7::GATEWAY_NAME_LABEL;
-use weft_api::model::{AuthorizationPolicy, Service, Workload};
+use weft_api::model::{Service, Workload};
 use weft_api::policy::HeaderPairs;
 use weft_api::{Identity, MeshModel};
 
@@ -63,10 +63,7 @@ fn by_ip(m: &MeshModel, ip: IpAddr) -> Option<&Workload> {
 
 fn decided(
     at: String,
-    result: Result<
-        Option<(&AuthorizationPolicy, usize)>,
-        (authorize::Refusal, Option<(&AuthorizationPolicy, usize)>),
-    >,
+    result: Result<authorize::DecidedBy<'_>, (authorize::Refusal, authorize::DecidedBy<'_>)>,
 ) -> Step {
     let (allowed, by, reason) = match result {
         Ok(None) => (true, None, "no policy denies it".to_owned()),

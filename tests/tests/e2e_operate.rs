@@ -828,6 +828,18 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
     explain_agrees_with_the_proxies(&mut mesh, &kubeconfig, &client, web_vip, db_vip, &web, &db);
 }
 
+/// (source, DST, port, method and path, what to send, expected decision,
+/// the policy that must be named).
+type Row<'a> = (
+    &'a Pod,
+    String,
+    u16,
+    Option<(&'a str, &'a str)>,
+    Real,
+    &'a str,
+    Option<&'a str>,
+);
+
 /// What a row sends through the mesh.
 enum Real {
     /// GET of this path on web's VIP, through the waypoint.
@@ -868,16 +880,7 @@ fn explain_agrees_with_the_proxies(
     mesh.write_model().unwrap();
     mesh.wait_enrolled(0, &other, true).unwrap();
     let db_ip = db.ip.to_string();
-    // (source, DST, port, method and path, what to send, expected, deciding policy)
-    let rows: Vec<(
-        &Pod,
-        String,
-        u16,
-        Option<(&str, &str)>,
-        Real,
-        &str,
-        Option<&str>,
-    )> = vec![
+    let rows: Vec<Row> = vec![
         (
             client,
             "shop/web".into(),

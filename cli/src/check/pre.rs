@@ -92,7 +92,7 @@ pub async fn run(
             });
             for (c, mesh) in OTHER_MESH_CRDS {
                 if crd(api, c, "v1").await?.is_some() || crd(api, c, "v1beta1").await?.is_some() {
-                    g.push(Check::warn(format!("{mesh}"), format!("is installed (CRD {c})"), format!("do not enroll a namespace in both meshes; `weftctl check` names namespaces and pods {mesh} also captures")));
+                    g.push(Check::warn(mesh.to_string(), format!("is installed (CRD {c})"), format!("do not enroll a namespace in both meshes; `weftctl check` names namespaces and pods {mesh} also captures")));
                 }
             }
             report.add(g);
