@@ -233,6 +233,20 @@ async fn api(cli: &Cli) -> Result<kube_api::Api> {
     })
 }
 
+/// The model offline from `--manifests`, else the controller's.
+async fn load_model(cli: &Cli, ns: &str, a: &ModelArgs) -> Result<weft_api::MeshModel> {
+    if a.manifests.is_some() {
+        return inspect::model(a.manifests.as_deref(), None);
+    }
+    let api = if a.controller.is_some() {
+        None
+    } else {
+        Some(api(cli).await?)
+    };
+    let addr = inspect::controller_addr(api.as_ref(), ns, a.controller).await?;
+    inspect::model(None, Some(addr))
+}
+
 async fn run(cli: Cli) -> Result<u8> {
     let ns = cli.weft_namespace.clone();
     match &cli.command {
@@ -280,17 +294,7 @@ async fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::Workloads(a) | Cmd::Services(a) | Cmd::Policies(a) => {
-            let model = if a.manifests.is_some() {
-                inspect::model(a.manifests.as_deref(), None)?
-            } else {
-                let api = if a.controller.is_some() {
-                    None
-                } else {
-                    Some(api(&cli).await?)
-                };
-                let addr = inspect::controller_addr(api.as_ref(), &ns, a.controller).await?;
-                inspect::model(None, Some(addr))?
-            };
+            let model = load_model(&cli, &ns, a).await?;
             match &cli.command {
                 Cmd::Workloads(_) => inspect::workloads(&model, a.output)?,
                 Cmd::Services(_) => inspect::services(&model, a.output)?,
@@ -309,17 +313,7 @@ async fn run(cli: Cli) -> Result<u8> {
                     model: a,
                 },
         } => {
-            let model = if a.manifests.is_some() {
-                inspect::model(a.manifests.as_deref(), None)?
-            } else {
-                let api = if a.controller.is_some() {
-                    None
-                } else {
-                    Some(api(&cli).await?)
-                };
-                let addr = inspect::controller_addr(api.as_ref(), &ns, a.controller).await?;
-                inspect::model(None, Some(addr))?
-            };
+            let model = load_model(&cli, &ns, a).await?;
             let e = explain::explain(&model, src, dst, *port, method.as_deref(), path.as_deref())?;
             match a.output {
                 Format::Table => print!("{}", explain::render(&e)),

@@ -43,12 +43,7 @@ impl Check {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Self {
-        Self {
-            name: name.into(),
-            status: Status::Warning,
-            detail: Some(detail.into()),
-            hint: Some(hint.into()),
-        }
+        Self::failed(Status::Warning, name.into(), detail.into(), hint.into())
     }
 
     pub fn error(
@@ -56,11 +51,15 @@ impl Check {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Self {
+        Self::failed(Status::Error, name.into(), detail.into(), hint.into())
+    }
+
+    fn failed(status: Status, name: String, detail: String, hint: String) -> Self {
         Self {
-            name: name.into(),
-            status: Status::Error,
-            detail: Some(detail.into()),
-            hint: Some(hint.into()),
+            name,
+            status,
+            detail: Some(detail),
+            hint: Some(hint),
         }
     }
 }
