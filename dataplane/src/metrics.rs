@@ -11,7 +11,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
-use crate::certs::CertExpiry;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::SystemTime;
+
+use crate::certs::CertManager;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -190,6 +193,53 @@ impl Collector for ProcessCollector {
                 let g = ConstGauge::new(v);
                 g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Certificate expiry as a metric: `weft_certificate_expiration_timestamp_seconds`
+/// per identity, read from the certificate manager at each scrape, so an
+/// alert can fire well before a certificate that stopped renewing expires.
+/// Registered before the certificate manager exists; [`CertExpiry::watch`]
+/// binds it later. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct CertExpiry {
+    certs: Arc<OnceLock<Weak<CertManager>>>,
+}
+
+impl CertExpiry {
+    /// Reports the certificates of `certs` from now on (the first call wins).
+    pub fn watch(&self, certs: &Arc<CertManager>) {
+        let _ = self.certs.set(Arc::downgrade(certs));
+    }
+}
+
+impl Collector for CertExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(certs) = self.certs.get().and_then(Weak::upgrade) else {
+            return Ok(());
+        };
+        let held: Vec<(String, f64)> = certs
+            .status()
+            .into_iter()
+            .filter_map(|s| {
+                let t = s.not_after?.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+                Some((s.identity.to_string(), t.as_secs() as f64))
+            })
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "certificate_expiration_timestamp_seconds",
+            "When each workload certificate this process holds expires (Unix time)",
+            None,
+            ConstGauge::new(0.0f64).metric_type(),
+        )?;
+        for (identity, at) in held {
+            let labels = [("identity", identity)];
+            ConstGauge::new(at).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -9,7 +9,6 @@
 //! the current certificate at once. A failed renewal keeps serving the
 //! current certificate until it expires.
 
-mod expiry;
 mod provider;
 mod trust;
 
@@ -22,8 +21,6 @@ use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 use weft_api::Identity;
 use weft_pki::WorkloadCert;
-
-pub use expiry::CertExpiry;
 
 pub use provider::{BoxFuture, CertProvider, IdentityError, LocalCaProvider};
 pub use trust::TrustRoots;
@@ -98,6 +95,12 @@ pub struct CertManager {
     policy: RenewalPolicy,
     entries: Mutex<HashMap<Identity, Entry>>,
     stats: Arc<CertStats>,
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertManager").finish_non_exhaustive()
+    }
 }
 
 impl CertManager {
