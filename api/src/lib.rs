@@ -2,6 +2,7 @@
 //! reads, SPIFFE identities, well-known names and ports, and the protocol the
 //! CNI plugin speaks to the node's ztunnel. Nothing here does I/O.
 
+pub mod authorize;
 pub mod cni;
 pub mod config_cache;
 #[cfg(feature = "crd")]
@@ -10,6 +11,7 @@ pub mod duration;
 pub mod identity;
 pub mod l7;
 pub mod model;
+pub mod node_report;
 pub mod policy;
 pub mod ports;
 pub mod proto;

@@ -87,11 +87,50 @@ pub enum Decision {
     },
 }
 
+impl Decision {
+    /// The denying policy, if one did.
+    pub fn policy(self) -> Option<String> {
+        match self {
+            Decision::Allow => None,
+            Decision::Deny { policy } => policy,
+        }
+    }
+}
+
 /// Decides `req` against `policies` (those that apply to its destination).
 pub fn evaluate<'p>(
     policies: impl IntoIterator<Item = &'p AuthorizationPolicy>,
     req: &Request<'_>,
 ) -> Decision {
+    decide(policies, req).decision()
+}
+
+/// A decision with the policy and rule (index into its `rules`) that made
+/// it: the matching DENY rule, or the first matching ALLOW rule. `None`
+/// when no policy applies (allowed) or no ALLOW matched (denied).
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict<'p> {
+    pub allowed: bool,
+    pub by: Option<(&'p AuthorizationPolicy, usize)>,
+}
+
+impl Verdict<'_> {
+    pub fn decision(&self) -> Decision {
+        if self.allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny {
+                policy: self.by.map(|(p, _)| policy_name(p)),
+            }
+        }
+    }
+}
+
+/// The one evaluation both proxies and `weftctl policy explain` run.
+pub fn decide<'p>(
+    policies: impl IntoIterator<Item = &'p AuthorizationPolicy>,
+    req: &Request<'_>,
+) -> Verdict<'p> {
     // Rendered once: principals are compared as SPIFFE URIs.
     let principal = req.src_identity.map(Identity::to_string);
     let ctx = Ctx {
@@ -99,28 +138,33 @@ pub fn evaluate<'p>(
         principal: principal.as_deref(),
     };
     let mut any_allow = false;
-    let mut allowed = false;
+    let mut allowed_by = None;
     for p in policies {
         match p.action {
             PolicyAction::Deny => {
-                if p.rules.iter().any(|r| ctx.rule_matches(r, true)) {
-                    return Decision::Deny {
-                        policy: Some(policy_name(p)),
+                if let Some(i) = p.rules.iter().position(|r| ctx.rule_matches(r, true)) {
+                    return Verdict {
+                        allowed: false,
+                        by: Some((p, i)),
                     };
                 }
             }
             PolicyAction::Allow => {
                 any_allow = true;
-                if !allowed && p.rules.iter().any(|r| ctx.rule_matches(r, false)) {
-                    allowed = true;
+                if allowed_by.is_none() {
+                    allowed_by = p
+                        .rules
+                        .iter()
+                        .position(|r| ctx.rule_matches(r, false))
+                        .map(|i| (p, i));
                 }
             }
         }
     }
-    if any_allow && !allowed {
-        return Decision::Deny { policy: None };
+    Verdict {
+        allowed: !any_allow || allowed_by.is_some(),
+        by: allowed_by,
     }
-    Decision::Allow
 }
 
 /// `namespace/name`, as decisions, logs and metrics name a policy.

@@ -1,27 +1,108 @@
-//! weftctl: inspect a node's ztunnel. `weftctl status` reads the admin
-//! endpoint (`/config_dump`, localhost only, so run it on the node or in the
-//! ztunnel's network namespace) and the readiness endpoint, and prints what
-//! an operator checks first: ready or not, model version, pods and whether
-//! they are captured, workload certificates and when they expire.
+//! weftctl: Weft's command-line tool. `check` (grouped health checks of a
+//! cluster before install with `--pre`, or of the installed mesh),
+//! inspection of what the controller and the proxies hold (`proxy-status`,
+//! `workloads`, `services`, `policies`, `certs`, `ztunnel config`), and
+//! `status` of the ztunnel on this node (its localhost admin port).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod check;
+mod explain;
+mod http_get;
+mod inspect;
+mod kube_api;
+mod waypoint;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
+use inspect::Format;
+
 #[derive(Parser)]
-#[command(name = "weftctl", version, about = "Inspect Weft's data plane")]
+#[command(name = "weftctl", version, about = "Check and inspect a Weft mesh")]
 struct Cli {
+    /// Kubeconfig to use (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace Weft is installed in.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_NAMESPACE",
+        default_value = "weft-system"
+    )]
+    weft_namespace: String,
     #[command(subcommand)]
     command: Cmd,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CheckFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Health and state of the ztunnel on this node.
+    /// Health checks: exit 0 when all pass, 1 on an error, 2 on warnings
+    /// only with --strict.
+    Check {
+        /// Before install: permissions, versions, other meshes, policies.
+        #[arg(long)]
+        pre: bool,
+        /// Also check this machine's kernel, cgroup v2 and bpffs (on a node).
+        #[arg(long)]
+        local: bool,
+        /// Where --local expects the bpffs.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpf_dir: PathBuf,
+        /// With --pre --local: only this machine, no Kubernetes API.
+        #[arg(long)]
+        no_kube: bool,
+        /// Exit 2 when there are warnings but no errors.
+        #[arg(long)]
+        strict: bool,
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
+        output: CheckFormat,
+    },
+    /// Every config stream: versions sent and acknowledged, NACKs.
+    ProxyStatus {
+        /// The controller's metrics address (default: found through the API).
+        #[arg(long)]
+        controller: Option<SocketAddr>,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Workloads of the mesh model.
+    Workloads(ModelArgs),
+    /// Services of the mesh model.
+    Services(ModelArgs),
+    /// AuthorizationPolicies and PeerAuthentications of the mesh model.
+    Policies(ModelArgs),
+    /// Policy decisions.
+    Policy {
+        #[command(subcommand)]
+        what: PolicyCmd,
+    },
+    /// Workload certificates held by each node's ztunnel.
+    Certs {
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Waypoints: the Gateway of class weft-waypoint, who uses it, its status.
+    Waypoint {
+        #[command(subcommand)]
+        what: WaypointCmd,
+    },
+    /// A node's ztunnel.
+    Ztunnel {
+        #[command(subcommand)]
+        what: ZtunnelCmd,
+    },
+    /// Health and state of the ztunnel on this node (its admin port).
     Status {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
@@ -33,10 +114,112 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Offline: build the model from this folder of manifests.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// The controller's metrics address (default: found through the API).
+    #[arg(long)]
+    controller: Option<SocketAddr>,
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Format,
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Which policy and rule allow or deny SRC (namespace/name or IP) to
+    /// DST (a Service as namespace/name, a workload as pod/namespace/name,
+    /// or an IP) on PORT, at each hop, by the proxies' own evaluation.
+    Explain {
+        src: String,
+        dst: String,
+        port: u16,
+        /// An HTTP request's method (for waypoint policy); without it the
+        /// connection is judged at L4.
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum WaypointCmd {
+    /// Creates or updates waypoint NAME (the controller deploys it).
+    Apply {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// Replicas of its Deployment.
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Send every Service of the namespace through it.
+        #[arg(long)]
+        enroll_namespace: bool,
+        /// Send this Service through it (repeatable).
+        #[arg(long = "for-service")]
+        services: Vec<String>,
+        /// Print the Gateway instead of applying it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Waypoints of a namespace (or of all with --all-namespaces).
+    List {
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long, short = 'A')]
+        all_namespaces: bool,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Conditions of waypoint NAME and what uses it.
+    Status {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Deletes waypoint NAME.
+    Delete {
+        name: String,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ZtunnelCmd {
+    /// The node's report (kernel, hooks, certificates), or with --admin
+    /// the full config dump.
+    Config {
+        node: String,
+        /// The ztunnel's admin address (localhost on the node, or a
+        /// port-forward).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        #[arg(long, short = 'o', value_enum, default_value = "json")]
+        output: Format,
+    },
+}
+
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
-        Ok(healthy) if healthy => std::process::ExitCode::SUCCESS,
-        Ok(_) => std::process::ExitCode::from(3),
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weftctl: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("weftctl: {e:#}");
             std::process::ExitCode::FAILURE
@@ -44,47 +227,191 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// A bounded HTTP/1.0 GET: (status code, body).
-fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| {
-        format!("cannot reach the ztunnel at {addr} (is it running on this node?)")
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.take(64 * 1024 * 1024).read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("malformed HTTP status line")?;
-    Ok((code, body.to_owned()))
+async fn api(cli: &Cli) -> Result<kube_api::Api> {
+    Ok(kube_api::Api {
+        client: kube_api::client(cli.kubeconfig.as_deref()).await?,
+    })
 }
 
-fn run(cli: Cli) -> Result<bool> {
-    match cli.command {
+/// The model offline from `--manifests`, else the controller's.
+async fn load_model(cli: &Cli, ns: &str, a: &ModelArgs) -> Result<weft_api::MeshModel> {
+    if a.manifests.is_some() {
+        return inspect::model(a.manifests.as_deref(), None);
+    }
+    let api = if a.controller.is_some() {
+        None
+    } else {
+        Some(api(cli).await?)
+    };
+    let addr = inspect::controller_addr(api.as_ref(), ns, a.controller).await?;
+    inspect::model(None, Some(addr))
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    let ns = cli.weft_namespace.clone();
+    match &cli.command {
+        Cmd::Check {
+            pre,
+            local,
+            bpf_dir,
+            no_kube,
+            strict,
+            output,
+        } => {
+            let report = if *pre {
+                let api = if *no_kube {
+                    None
+                } else {
+                    Some(api(&cli).await?)
+                };
+                check::pre::run(api.as_ref(), local.then_some(bpf_dir.as_path()), &ns).await?
+            } else {
+                let mut r = check::cluster::run(&api(&cli).await?, &ns).await?;
+                if *local {
+                    r.add(
+                        check::pre::run(None, Some(bpf_dir), &ns)
+                            .await?
+                            .groups
+                            .remove(0),
+                    );
+                }
+                r
+            };
+            match output {
+                CheckFormat::Text => print!("{}", report.render()),
+                CheckFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(report.exit_code(*strict))
+        }
+        Cmd::ProxyStatus { controller, output } => {
+            let api = if controller.is_some() {
+                None
+            } else {
+                Some(api(&cli).await?)
+            };
+            let addr = inspect::controller_addr(api.as_ref(), &ns, *controller).await?;
+            inspect::proxy_status(addr, *output)?;
+            Ok(0)
+        }
+        Cmd::Workloads(a) | Cmd::Services(a) | Cmd::Policies(a) => {
+            let model = load_model(&cli, &ns, a).await?;
+            match &cli.command {
+                Cmd::Workloads(_) => inspect::workloads(&model, a.output)?,
+                Cmd::Services(_) => inspect::services(&model, a.output)?,
+                _ => inspect::policies(&model, a.output)?,
+            }
+            Ok(0)
+        }
+        Cmd::Policy {
+            what:
+                PolicyCmd::Explain {
+                    src,
+                    dst,
+                    port,
+                    method,
+                    path,
+                    model: a,
+                },
+        } => {
+            let model = load_model(&cli, &ns, a).await?;
+            let e = explain::explain(&model, src, dst, *port, method.as_deref(), path.as_deref())?;
+            match a.output {
+                Format::Table => print!("{}", explain::render(&e)),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+                Format::Yaml => print!("{}", serde_yaml::to_string(&e)?),
+            }
+            Ok(if e.decision == "allow" { 0 } else { 1 })
+        }
+        Cmd::Waypoint { what } => {
+            match what {
+                WaypointCmd::Apply {
+                    name,
+                    namespace,
+                    replicas,
+                    enroll_namespace,
+                    services,
+                    dry_run,
+                } => {
+                    let api = if *dry_run {
+                        None
+                    } else {
+                        Some(api(&cli).await?)
+                    };
+                    waypoint::apply(
+                        api.as_ref(),
+                        waypoint::Apply {
+                            ns: namespace,
+                            name,
+                            replicas: *replicas,
+                            enroll_namespace: *enroll_namespace,
+                            services,
+                            dry_run: *dry_run,
+                        },
+                    )
+                    .await?
+                }
+                WaypointCmd::List {
+                    namespace,
+                    all_namespaces,
+                    output,
+                } => {
+                    waypoint::list(
+                        &api(&cli).await?,
+                        (!*all_namespaces).then_some(namespace.as_str()),
+                        *output,
+                    )
+                    .await?
+                }
+                WaypointCmd::Status {
+                    name,
+                    namespace,
+                    output,
+                } => waypoint::status(&api(&cli).await?, namespace, name, *output).await?,
+                WaypointCmd::Delete { name, namespace } => {
+                    waypoint::delete(&api(&cli).await?, namespace, name).await?
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Certs { output } => {
+            inspect::certs(&api(&cli).await?, &ns, *output).await?;
+            Ok(0)
+        }
+        Cmd::Ztunnel {
+            what:
+                ZtunnelCmd::Config {
+                    node,
+                    admin,
+                    output,
+                },
+        } => {
+            let api = if admin.is_some() {
+                None
+            } else {
+                Some(api(&cli).await?)
+            };
+            inspect::ztunnel_config(api.as_ref(), &ns, node, *admin, *output).await?;
+            Ok(0)
+        }
         Cmd::Status {
             admin,
             readiness,
             json,
         } => {
-            let (code, body) = get(admin, "/config_dump")?;
+            let (code, body) = http_get::get(*admin, "/config_dump")
+                .context("cannot reach the ztunnel's admin port (is it running on this node?)")?;
             if code != 200 {
                 bail!("/config_dump answered {code}");
             }
             let dump: Value = serde_json::from_str(&body).context("config dump is not JSON")?;
-            if json {
+            if *json {
                 println!("{}", serde_json::to_string_pretty(&dump)?);
             }
-            let ready = get(readiness, "/healthz/ready")
+            let ready = http_get::get(*readiness, "/healthz/ready")
                 .map(|(c, _)| c == 200)
                 .unwrap_or(false);
             print!("{}", render(&dump, ready, SystemTime::now()));
-            Ok(ready)
+            Ok(if ready { 0 } else { 3 })
         }
     }
 }
@@ -144,6 +471,7 @@ fn render(dump: &Value, ready: bool, now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn renders_pods_and_certificate_expiry() {

@@ -23,6 +23,7 @@ use crate::ca::service::CaService;
 use crate::ca::serving::{self, ServingCertificate};
 use crate::ca::store::{DirRootStore, RootStore};
 use crate::ca::{rotation, MeshCa};
+use crate::metrics::{ControllerMetrics, Sources};
 use crate::model::{GatewayApiOutput, PolicyStatus};
 use crate::xds::{XdsOptions, XdsServer};
 
@@ -284,12 +285,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             authenticator: Some(auth.clone()),
         },
     );
-    let counters = xds.counters();
+    let metrics = ControllerMetrics::new(Sources {
+        counters: xds.counters(),
+        instance_id: xds.instance_id().to_owned(),
+        models: model_rx.clone(),
+        status: status_rx.clone(),
+        trust: ca.subscribe_bundle(),
+    });
     let ca_service = CaService::new(ca.clone(), auth, model_rx.clone());
 
     let endpoints = Arc::new(Endpoints {
-        counters,
-        models: model_rx.clone(),
+        metrics,
         status: status_rx,
         gateway_status: gateway_rx,
     });
@@ -342,8 +348,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 struct Endpoints {
-    counters: Arc<crate::xds::XdsCounters>,
-    models: watch::Receiver<Arc<MeshModel>>,
+    metrics: ControllerMetrics,
     status: watch::Receiver<Arc<Vec<PolicyStatus>>>,
     gateway_status: watch::Receiver<Arc<GatewayApiOutput>>,
 }
@@ -363,7 +368,13 @@ async fn serve_http(listener: tokio::net::TcpListener, e: Arc<Endpoints>, which:
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let e = e.clone();
-                async move { Ok::<_, Infallible>(respond(&e, which, req.uri().path())) }
+                async move {
+                    let accept = req
+                        .headers()
+                        .get(http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    Ok::<_, Infallible>(respond(&e, which, req.uri().path(), accept))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -372,15 +383,40 @@ async fn serve_http(listener: tokio::net::TcpListener, e: Arc<Endpoints>, which:
     }
 }
 
-fn respond(e: &Endpoints, which: Which, path: &str) -> http::Response<Full<Bytes>> {
+fn respond(
+    e: &Endpoints,
+    which: Which,
+    path: &str,
+    accept: Option<&str>,
+) -> http::Response<Full<Bytes>> {
+    let mut content_type = match path {
+        p if p.starts_with("/debug/") => "application/json",
+        _ => "text/plain",
+    };
     let (code, body) = match (which, path) {
         (Which::Ready, "/healthz/ready") => (200, "ready\n".to_owned()),
-        (Which::Metrics, "/metrics") => (200, metrics_text(e)),
+        (Which::Metrics, "/metrics") => {
+            let (ty, body) = weft_dataplane::metrics::negotiate(accept, e.metrics.encode());
+            content_type = ty;
+            (200, body)
+        }
         (Which::Metrics, "/debug/status") => (200, debug_status(e)),
+        (Which::Metrics, "/debug/model") => (
+            200,
+            serde_json::to_string_pretty(&e.metrics.model_json()).unwrap_or_default(),
+        ),
+        (Which::Metrics, "/debug/subscribers") => (
+            200,
+            serde_json::to_string_pretty(&e.metrics.subscribers_json()).unwrap_or_default(),
+        ),
         _ => (404, "not found\n".to_owned()),
     };
     let mut r = http::Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -398,74 +434,4 @@ fn debug_status(e: &Endpoints) -> String {
         }
     }
     serde_json::to_string_pretty(&all).unwrap_or_default()
-}
-
-fn metrics_text(e: &Endpoints) -> String {
-    let s = e.counters.snapshot();
-    let model = e.models.borrow().clone();
-    let status = e.status.borrow().clone();
-    let rejected = status.iter().filter(|p| !p.accepted).count();
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, v: u64| {
-        out += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
-    };
-    gauge(
-        "weft_controller_workloads",
-        "Workloads in the mesh model",
-        model.workloads.len() as u64,
-    );
-    gauge(
-        "weft_controller_services",
-        "Services in the mesh model",
-        model.services.len() as u64,
-    );
-    gauge(
-        "weft_controller_policies_rejected",
-        "Policies whose Accepted condition is False",
-        rejected as u64,
-    );
-    gauge(
-        "weft_controller_subscribers",
-        "ztunnels subscribed to the config stream",
-        s.subscribers.max(0) as u64,
-    );
-    let mut counter = |name: &str, help: &str, v: u64| {
-        out += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}\n");
-    };
-    counter(
-        "weft_controller_config_pushes",
-        "Config updates sent",
-        s.pushes,
-    );
-    counter(
-        "weft_controller_config_full_pushes",
-        "Config updates that were full snapshots",
-        s.full_pushes,
-    );
-    counter(
-        "weft_controller_config_pushed_bytes",
-        "Encoded bytes of config updates sent",
-        s.bytes_pushed,
-    );
-    counter(
-        "weft_controller_config_acks",
-        "Config updates acknowledged",
-        s.acks,
-    );
-    counter(
-        "weft_controller_config_nacks",
-        "Config updates rejected by a ztunnel",
-        s.nacks,
-    );
-    counter(
-        "weft_controller_config_streams_rejected",
-        "Config streams refused (bad request or authentication)",
-        s.rejected,
-    );
-    counter(
-        "weft_controller_config_streams_disconnected",
-        "Config streams ended because the client went away",
-        s.disconnects,
-    );
-    out
 }

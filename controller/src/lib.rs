@@ -31,6 +31,7 @@ pub mod gateway_status;
 pub mod kube_source;
 pub mod leader;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod reasons;
 pub mod status;

@@ -21,13 +21,22 @@
 //! is in flight at a time and each is a delta against the last version the
 //! client acknowledged. A NACK is logged and counted; the client keeps its
 //! last good config and nothing is resent until the model changes.
+//!
+//! Each open stream is also recorded in [`XdsCounters`] (node, role,
+//! versions sent and acknowledged, the last NACK and its reason) with two
+//! latency histograms: push (a version's creation to its send on a stream)
+//! and apply (send to ACK, the client's check and apply included). The
+//! controller shows them on `/metrics` and `/debug/subscribers`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
+use prometheus_client::metrics::histogram::Histogram;
+use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -45,7 +54,7 @@ use crate::ca::auth::{authenticate, Authenticator};
 pub const DEFAULT_HISTORY: usize = 64;
 
 /// Counters for metrics and benchmarks; cheap to read at any time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct XdsCounters {
     /// Streams currently open (gauge).
     pub subscribers: AtomicI64,
@@ -62,6 +71,72 @@ pub struct XdsCounters {
     /// Streams that ended because the client went away (closed, reset,
     /// keepalive timeout).
     pub disconnects: AtomicU64,
+    /// The newest config version (gauge).
+    pub latest_version: AtomicU64,
+    /// Seconds from a version's creation to its send on a stream.
+    pub push_latency: Histogram,
+    /// Seconds from an update's send to its ACK.
+    pub apply_latency: Histogram,
+    /// Open streams by stream id.
+    streams: Mutex<BTreeMap<u64, SubscriberStatus>>,
+    next_stream: AtomicU64,
+}
+
+/// Latency buckets in seconds: 1 ms to about 16 s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)
+}
+
+impl Default for XdsCounters {
+    fn default() -> Self {
+        Self {
+            subscribers: AtomicI64::default(),
+            pushes: AtomicU64::default(),
+            bytes_pushed: AtomicU64::default(),
+            full_pushes: AtomicU64::default(),
+            acks: AtomicU64::default(),
+            nacks: AtomicU64::default(),
+            rejected: AtomicU64::default(),
+            disconnects: AtomicU64::default(),
+            latest_version: AtomicU64::default(),
+            push_latency: Histogram::new(latency_buckets()),
+            apply_latency: Histogram::new(latency_buckets()),
+            streams: Mutex::default(),
+            next_stream: AtomicU64::default(),
+        }
+    }
+}
+
+/// One open config stream as operators see it (`/debug/subscribers`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SubscriberStatus {
+    pub node: String,
+    /// `ztunnel` or `waypoint`.
+    pub role: &'static str,
+    pub connected_unix: u64,
+    /// The newest version sent (0: none yet).
+    pub sent_version: u64,
+    /// The newest version the client acknowledged (0: none yet).
+    pub acked_version: u64,
+    pub acked_unix: u64,
+    /// Whether an update awaits the client's answer.
+    pub in_flight: bool,
+    /// The last rejected update on this stream.
+    pub last_nack: Option<NackStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NackStatus {
+    pub version: u64,
+    pub error: String,
+    pub unix: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A plain copy of [`XdsCounters`].
@@ -90,6 +165,41 @@ impl XdsCounters {
             disconnects: self.disconnects.load(Ordering::Relaxed),
         }
     }
+
+    /// Every open stream, ordered by node then role.
+    pub fn subscriber_statuses(&self) -> Vec<SubscriberStatus> {
+        let mut all: Vec<SubscriberStatus> = self.lock_streams().values().cloned().collect();
+        all.sort_by(|a, b| (&a.node, a.role).cmp(&(&b.node, b.role)));
+        all
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SubscriberStatus>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open_stream(&self, node: &str, waypoint: bool) -> u64 {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.lock_streams().insert(
+            id,
+            SubscriberStatus {
+                node: node.to_owned(),
+                role: if waypoint { ROLE_WAYPOINT } else { "ztunnel" },
+                connected_unix: unix_now(),
+                sent_version: 0,
+                acked_version: 0,
+                acked_unix: 0,
+                in_flight: false,
+                last_nack: None,
+            },
+        );
+        id
+    }
+
+    fn update_stream(&self, id: u64, f: impl FnOnce(&mut SubscriberStatus)) {
+        if let Some(s) = self.lock_streams().get_mut(&id) {
+            f(s);
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -108,6 +218,8 @@ type Key = (String, String);
 /// every subscriber.
 struct Versioned {
     version: u64,
+    /// When this version was made (push latency starts here).
+    created: Instant,
     trust_domain: String,
     namespaces: BTreeMap<Key, Arc<proto::Namespace>>,
     workloads: BTreeMap<Key, Arc<proto::Workload>>,
@@ -150,6 +262,7 @@ impl Versioned {
     ) -> Self {
         Self {
             version,
+            created: Instant::now(),
             trust_domain: model.trust_domain.clone(),
             namespaces: index(&model.namespaces, previous.map(|p| &p.namespaces)),
             workloads: index(&model.workloads, previous.map(|p| &p.workloads)),
@@ -377,12 +490,14 @@ impl XdsServer {
         };
         let first = Arc::new(Versioned::new(1, &models.borrow(), &trust.borrow(), None));
         let (tx, current) = watch::channel(first.clone());
+        let counters = Arc::new(XdsCounters::default());
+        counters.latest_version.store(1, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             instance_id: random_instance_id(),
             history_len,
             history: Mutex::new(VecDeque::from([first])),
             current,
-            counters: Arc::default(),
+            counters,
             authenticator: options.authenticator,
         });
         tokio::spawn(version_changes(models, trust, tx, shared.clone()));
@@ -439,6 +554,10 @@ async fn version_changes(
             version = next.version,
             "new config version"
         );
+        shared
+            .counters
+            .latest_version
+            .store(next.version, Ordering::Relaxed);
         tx.send_replace(next);
     }
 }
@@ -498,8 +617,10 @@ impl MeshConfig for XdsServer {
             }
         }
         let (tx, rx) = mpsc::channel(4);
+        let waypoint = hello.role == ROLE_WAYPOINT;
         let sub = Subscriber {
-            waypoint: hello.role == ROLE_WAYPOINT,
+            stream_id: shared.counters.open_stream(&hello.node_name, waypoint),
+            waypoint,
             node: hello.node_name,
             shared: shared.clone(),
             models: shared.current.clone(),
@@ -523,14 +644,16 @@ fn is_decode_error(s: &Status) -> bool {
 }
 
 struct Subscriber {
+    /// This stream's entry in `XdsCounters`.
+    stream_id: u64,
     node: String,
     waypoint: bool,
     shared: Arc<Shared>,
     models: watch::Receiver<Arc<Versioned>>,
     /// What the client has applied (and we diff against).
     acked: Option<(u64, NodeView)>,
-    /// The one update awaiting ACK/NACK.
-    in_flight: Option<(u64, NodeView)>,
+    /// The one update awaiting ACK/NACK, and when it was sent.
+    in_flight: Option<(u64, NodeView, Instant)>,
     /// Newest version already turned into an update (or found empty).
     considered: u64,
     tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
@@ -539,11 +662,13 @@ struct Subscriber {
 /// Client went away.
 struct Gone;
 
-struct SubscriberGauge(Arc<XdsCounters>);
+/// Counts the stream as open and keeps its status entry while it lives.
+struct SubscriberGauge(Arc<XdsCounters>, u64);
 
 impl Drop for SubscriberGauge {
     fn drop(&mut self) {
         self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.0.lock_streams().remove(&self.1);
     }
 }
 
@@ -553,7 +678,7 @@ impl Subscriber {
             .counters
             .subscribers
             .fetch_add(1, Ordering::Relaxed);
-        let _gauge = SubscriberGauge(self.shared.counters.clone());
+        let _gauge = SubscriberGauge(self.shared.counters.clone(), self.stream_id);
         info!(component = "xds", node = %self.node, "config subscriber connected");
         if self.start(resume).await.is_err() {
             return;
@@ -648,15 +773,29 @@ impl Subscriber {
             prost::Message::encoded_len(&update) as u64,
             Ordering::Relaxed,
         );
-        self.in_flight = Some((update.version, view));
+        c.push_latency
+            .observe(view.base.created.elapsed().as_secs_f64());
+        let version = update.version;
+        c.update_stream(self.stream_id, |s| {
+            s.sent_version = version;
+            s.in_flight = true;
+        });
+        self.in_flight = Some((update.version, view, Instant::now()));
         self.tx.send(Ok(update)).await.map_err(|_| Gone)
     }
 
     fn on_request(&mut self, req: SubscribeRequest) -> Result<(), Status> {
         match req.request {
             Some(Req::Ack(ack)) => match self.in_flight.take() {
-                Some((v, view)) if v == ack.version => {
-                    self.shared.counters.acks.fetch_add(1, Ordering::Relaxed);
+                Some((v, view, sent)) if v == ack.version => {
+                    let c = &self.shared.counters;
+                    c.acks.fetch_add(1, Ordering::Relaxed);
+                    c.apply_latency.observe(sent.elapsed().as_secs_f64());
+                    c.update_stream(self.stream_id, |s| {
+                        s.acked_version = v;
+                        s.acked_unix = unix_now();
+                        s.in_flight = false;
+                    });
                     debug!(component = "xds", node = %self.node, version = v, "config acknowledged");
                     self.acked = Some((v, view));
                 }
@@ -666,8 +805,17 @@ impl Subscriber {
                 }
             },
             Some(Req::Nack(nack)) => match self.in_flight.take() {
-                Some((v, _)) if v == nack.version => {
-                    self.shared.counters.nacks.fetch_add(1, Ordering::Relaxed);
+                Some((v, _, _)) if v == nack.version => {
+                    let c = &self.shared.counters;
+                    c.nacks.fetch_add(1, Ordering::Relaxed);
+                    c.update_stream(self.stream_id, |s| {
+                        s.in_flight = false;
+                        s.last_nack = Some(NackStatus {
+                            version: v,
+                            error: nack.error.clone(),
+                            unix: unix_now(),
+                        });
+                    });
                     warn!(component = "xds", node = %self.node, version = v, error = %nack.error, "config rejected by the client; it keeps its last good config");
                 }
                 other => {

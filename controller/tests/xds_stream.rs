@@ -284,6 +284,85 @@ async fn xds_nack_is_counted_not_resent_and_the_next_delta_builds_on_the_last_ac
     assert_eq!((stats.acks, stats.nacks), (1, 1));
 }
 
+/// What `/debug/subscribers` and the per-subscriber metrics read: each
+/// stream's node, role, versions sent and acknowledged, its last NACK with
+/// the reason, and the push and apply latency histograms.
+#[tokio::test]
+async fn xds_subscriber_status_records_versions_nacks_and_latency() {
+    let h = start().await;
+    let mut s = subscribe(h.addr, "n1", None).await;
+    let full = s.next().await;
+    let c = h.xds.counters();
+    let st = c.subscriber_statuses();
+    assert_eq!(st.len(), 1);
+    assert_eq!((st[0].node.as_str(), st[0].role), ("n1", "ztunnel"));
+    assert_eq!(
+        (st[0].sent_version, st[0].acked_version, st[0].in_flight),
+        (full.version, 0, true)
+    );
+    s.ack(&full).await;
+    eventually("ack recorded", || {
+        c.subscriber_statuses()[0].acked_version == full.version
+    })
+    .await;
+    assert_eq!(
+        c.latest_version.load(std::sync::atomic::Ordering::Relaxed),
+        full.version
+    );
+
+    h.change(|m| m.services[0].vips = vec!["10.96.0.101".parse().unwrap()]);
+    let bad = s.next().await;
+    s.tx.send(SubscribeRequest::nack(bad.version, "service shop/a: nope"))
+        .await
+        .unwrap();
+    eventually("nack recorded", || {
+        c.subscriber_statuses()[0].last_nack.is_some()
+    })
+    .await;
+    let st = &c.subscriber_statuses()[0];
+    let nack = st.last_nack.as_ref().unwrap();
+    assert_eq!(
+        (nack.version, nack.error.as_str()),
+        (bad.version, "service shop/a: nope")
+    );
+    assert_eq!(
+        st.acked_version, full.version,
+        "the NACK leaves the last ACK"
+    );
+    assert!(!st.in_flight);
+
+    let metrics =
+        weft_controller::metrics::ControllerMetrics::new(weft_controller::metrics::Sources {
+            counters: c.clone(),
+            instance_id: h.xds.instance_id().to_owned(),
+            models: h.models.subscribe(),
+            status: watch::channel(Arc::new(Vec::new())).1,
+            trust: watch::channel(LocalCa::generate("cluster.local").unwrap().trust_bundle()).1,
+        });
+    let text = metrics.encode();
+    for want in [
+        format!(
+            "weft_controller_subscriber_acked_version{{node=\"n1\",role=\"ztunnel\"}} {}",
+            full.version
+        ),
+        "weft_controller_subscriber_nacked{node=\"n1\",role=\"ztunnel\"} 1".to_owned(),
+        "weft_controller_config_push_duration_seconds_count 2".to_owned(),
+        "weft_controller_config_apply_duration_seconds_count 1".to_owned(),
+        "weft_controller_root_expiration_timestamp_seconds{subject=".to_owned(),
+        "weft_build_info{component=\"controller\"".to_owned(),
+    ] {
+        assert!(text.contains(&want), "{want} missing from:\n{text}");
+    }
+    let json = metrics.subscribers_json();
+    assert_eq!(
+        json["subscribers"][0]["last_nack"]["error"],
+        "service shop/a: nope"
+    );
+
+    drop(s);
+    eventually("stream gone", || c.subscriber_statuses().is_empty()).await;
+}
+
 #[tokio::test]
 async fn xds_resume_with_same_instance_gets_only_changes_and_a_restart_gets_full() {
     let h = start().await;

@@ -19,6 +19,7 @@ pub mod dial;
 pub mod drain;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod ops;
 pub mod state;
 pub mod tls;

@@ -1,6 +1,8 @@
 //! The operator endpoints every proxy serves: `/config_dump` on the admin
-//! port (localhost), Prometheus `/metrics`, and `/healthz/ready` for the
-//! kubelet, which goes false as soon as a drain starts. Plain HTTP/1.1 with
+//! port (localhost), Prometheus `/metrics` and, where the proxy has one, a
+//! `/debug/node` report (non-secret node facts for `weftctl check`) on the
+//! metrics port, and `/healthz/ready` for the kubelet, which goes false as
+//! soon as a drain starts. Plain HTTP/1.1 with
 //! a bound on header time and on open connections per port, so a slow or
 //! flooding client cannot hold the ports.
 
@@ -33,6 +35,11 @@ pub trait OpsHandler: Send + Sync + 'static {
     fn metrics(&self) -> String;
     /// Everything the proxy knows, as JSON.
     fn config_dump(&self) -> BoxFuture<'_, serde_json::Value>;
+    /// What `/debug/node` shows (no secrets: it is on the metrics port);
+    /// `None`: 404.
+    fn node_report(&self) -> BoxFuture<'_, Option<serde_json::Value>> {
+        Box::pin(async { None })
+    }
 }
 
 /// Ready once start-up is done; not ready again from the start of a drain,
@@ -141,7 +148,13 @@ async fn serve(
                 let handler = handler.clone();
                 let readiness = readiness.clone();
                 async move {
-                    Ok::<_, Infallible>(answer(port, &*handler, &readiness, req.uri().path()).await)
+                    let accept = req
+                        .headers()
+                        .get(header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    Ok::<_, Infallible>(
+                        answer(port, &*handler, &readiness, req.uri().path(), accept).await,
+                    )
                 }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -161,13 +174,21 @@ async fn answer(
     handler: &dyn OpsHandler,
     readiness: &Readiness,
     path: &str,
+    accept: Option<&str>,
 ) -> Response<Full<Bytes>> {
     match (port, path) {
-        (Port::Metrics, "/metrics") => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            handler.metrics(),
-        ),
+        (Port::Metrics, "/metrics") => {
+            let (content_type, body) = crate::metrics::negotiate(accept, handler.metrics());
+            text(StatusCode::OK, content_type, body)
+        }
+        (Port::Metrics, "/debug/node") => match handler.node_report().await {
+            Some(report) => text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&report).unwrap_or_default(),
+            ),
+            None => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        },
         (Port::Readiness, "/healthz/ready") if readiness.is_ready() => {
             text(StatusCode::OK, "text/plain", "ready\n".into())
         }

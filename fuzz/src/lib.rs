@@ -242,7 +242,7 @@ pub fn policy_eval(data: &[u8]) {
             port: dst.port(),
             method: &method,
             path: &path,
-            headers: &headers,
+            headers: &weft_waypoint::authz::Headers(&headers),
         });
     }
 }

@@ -9,25 +9,22 @@
 //! mTLS only.
 //!
 //! The plugin reads namespaces and pods from the Kubernetes API. No API
-//! server can run here, so it talks to the fake of `controller/tests/
-//! support/` (the same one the controller's tests use), behind a real TLS
+//! server can run here, so it talks to the fake of `weft-testsupport`
+//! (the same one the controller's and weftctl's tests use), behind a real TLS
 //! front in the node's network namespace that the kubeconfig names, as the
 //! installer would write it. The controller itself runs in embedded mode on
 //! manifests of the same objects.
-
-#[path = "../../controller/tests/support/mod.rs"]
-mod fake_api;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fake_api::{FakeApi, NAMESPACES, PODS};
 use serde_json::{json, Value};
 use weft_e2e::cluster::{Capture as PacketCapture, CniError, Node};
 use weft_e2e::mesh::{wait_until, Mesh};
 use weft_e2e::Pod;
+use weft_testsupport::fake_api::{self, FakeApi, NAMESPACES, PODS};
 
 /// CNI's "try again later".
 const TRY_AGAIN: u64 = 11;

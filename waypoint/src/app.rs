@@ -41,6 +41,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         state.clone(),
         &metrics.common,
     )?;
+    metrics.common.certificates.watch(&certs);
 
     // Listeners first, so a bad address fails start-up at once.
     let hbone = match TcpListener::bind(cfg.hbone_addr).await {

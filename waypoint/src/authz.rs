@@ -1,137 +1,17 @@
 //! L7 authorization at the waypoint: the `AuthorizationPolicy`s whose
 //! `targets` name the request's Service or this waypoint's Gateway,
-//! evaluated with the request's HTTP attributes by `weft_api::policy`. A
-//! denied request is answered 403.
-
-use std::collections::HashMap;
-use std::net::IpAddr;
+//! evaluated with the request's HTTP attributes. The engine is
+//! `weft_api::authorize::Authorizer` (shared with `weftctl policy
+//! explain`); this adapts `http` headers to it. A denied request is
+//! answered 403.
 
 use http::HeaderMap;
-use weft_api::model::{AuthorizationPolicy, MeshModel, ParentKind};
-use weft_api::policy::{self, HeaderLookup, HttpAttrs, Request};
-use weft_api::Identity;
+use weft_api::policy::HeaderLookup;
 
-pub use weft_api::policy::Decision;
+pub use weft_api::authorize::{Authorizer, AuthzRequest, Decision, Target};
 
-/// A Service or Gateway by namespace and name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Target<'a> {
-    pub namespace: &'a str,
-    pub name: &'a str,
-}
-
-/// One request as the waypoint sees it.
-#[derive(Clone, Copy)]
-pub struct AuthzRequest<'a> {
-    /// The Service the request is for.
-    pub service: Target<'a>,
-    /// This waypoint's Gateway.
-    pub waypoint: Target<'a>,
-    pub src_ip: IpAddr,
-    /// The client's SPIFFE identity from mTLS; `None` for plaintext.
-    pub src_identity: Option<&'a Identity>,
-    /// The service port.
-    pub port: u16,
-    /// Empty for a connection that is not HTTP: rules naming HTTP fields
-    /// then fail closed, as at L4.
-    pub method: &'a str,
-    /// The request path; a query string, if left on, is ignored.
-    pub path: &'a str,
-    pub headers: &'a HeaderMap,
-}
-
-/// Waypoint-enforced policies indexed by what they target, built once per
-/// model version.
-#[derive(Debug, Default)]
-pub struct Authorizer {
-    policies: Vec<AuthorizationPolicy>,
-    /// namespace -> service name -> indexes into `policies`.
-    by_service: HashMap<String, HashMap<String, Vec<usize>>>,
-    /// namespace -> gateway name -> indexes into `policies`.
-    by_gateway: HashMap<String, HashMap<String, Vec<usize>>>,
-}
-
-impl Authorizer {
-    pub fn build(model: &MeshModel) -> Self {
-        let mut a = Authorizer::default();
-        for p in model.policies.iter().filter(|p| !p.targets.is_empty()) {
-            let i = a.policies.len();
-            a.policies.push(p.clone());
-            for t in &p.targets {
-                let index = match t.kind {
-                    ParentKind::Service => &mut a.by_service,
-                    ParentKind::Gateway => &mut a.by_gateway,
-                };
-                let list = index
-                    .entry(p.namespace.clone())
-                    .or_default()
-                    .entry(t.name.clone())
-                    .or_default();
-                // A policy naming the same target twice counts once.
-                if list.last() != Some(&i) {
-                    list.push(i);
-                }
-            }
-        }
-        a
-    }
-
-    /// Allow, or Deny with the deciding policy (`None`: no ALLOW policy
-    /// matched).
-    pub fn check(&self, req: &AuthzRequest<'_>) -> Decision {
-        let service = lookup(&self.by_service, req.service);
-        let gateway = lookup(&self.by_gateway, req.waypoint);
-        // A policy targeting both is evaluated once.
-        let applicable = service
-            .iter()
-            .chain(gateway.iter().filter(|i| !service.contains(i)));
-        let headers = Headers(req.headers);
-        let path = req.path.split('?').next().unwrap_or(req.path);
-        let request = Request {
-            src_ip: req.src_ip,
-            src_identity: req.src_identity,
-            dst_port: req.port,
-            http: (!req.method.is_empty()).then_some(HttpAttrs {
-                method: req.method,
-                path,
-                headers: &headers,
-            }),
-        };
-        policy::evaluate(applicable.map(|&i| &self.policies[i]), &request)
-    }
-
-    /// `Err(policy)` when denied: the deciding policy (`namespace/name`),
-    /// or `no-matching-allow`.
-    pub fn verdict(&self, req: &AuthzRequest<'_>) -> Result<(), String> {
-        if self.is_empty() {
-            return Ok(());
-        }
-        match self.check(req) {
-            Decision::Allow => Ok(()),
-            Decision::Deny { policy } => {
-                Err(policy.unwrap_or_else(|| "no-matching-allow".to_owned()))
-            }
-        }
-    }
-
-    /// Whether any policy applies at this waypoint at all (to skip the work
-    /// when none does).
-    pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
-    }
-}
-
-fn lookup<'a>(
-    index: &'a HashMap<String, HashMap<String, Vec<usize>>>,
-    t: Target<'_>,
-) -> &'a [usize] {
-    index
-        .get(t.namespace)
-        .and_then(|m| m.get(t.name))
-        .map_or(&[], Vec::as_slice)
-}
-
-struct Headers<'a>(&'a HeaderMap);
+/// A request's headers as the policy evaluator reads them.
+pub struct Headers<'a>(pub &'a HeaderMap);
 
 impl HeaderLookup for Headers<'_> {
     fn any_value(&self, name: &str, pred: &mut dyn FnMut(&str) -> bool) -> bool {
@@ -147,6 +27,7 @@ impl HeaderLookup for Headers<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_api::{Identity, MeshModel};
 
     fn authorizer(policies: &str) -> Authorizer {
         let model = MeshModel::from_yaml(&format!("policies:\n{policies}")).unwrap();
@@ -199,7 +80,7 @@ mod tests {
                 port: 80,
                 method: self.method,
                 path: self.path,
-                headers: &self.headers,
+                headers: &Headers(&self.headers),
             })
         }
     }

@@ -97,6 +97,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("strip", "binutils"),
     ("skopeo", "skopeo"),
     ("umoci", "umoci"),
+    // The monitoring tests run a real Prometheus; promtool checks the
+    // alerting rules and every /metrics endpoint.
+    ("promtool", "prometheus"),
 ];
 
 fn main() -> ExitCode {
@@ -459,7 +462,11 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 const KUBERNETES_VERSIONS: &[&str] = &["1.29.0", "1.32.0"];
 /// API groups whose objects kubernetes-validate has no schema for: custom
 /// resource instances, skipped (their CRDs are validated as CRDs).
-const CUSTOM_API_GROUPS: &[&str] = &["weft.dev/", "gateway.networking.k8s.io/"];
+const CUSTOM_API_GROUPS: &[&str] = &[
+    "weft.dev/",
+    "gateway.networking.k8s.io/",
+    "monitoring.coreos.com/",
+];
 /// Values the chart is linted, rendered and validated with, besides defaults.
 const CHART_VARIANTS: &[(&str, &[&str])] = &[
     ("default", &[]),
@@ -483,7 +490,20 @@ const CHART_VARIANTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("uninstall", &["ztunnel.uninstall=true"]),
+    (
+        "monitoring",
+        &[
+            "monitoring.prometheusRule.enabled=true",
+            "monitoring.podMonitor.enabled=true",
+            "monitoring.serviceMonitor.enabled=true",
+            "monitoring.dashboards.label=grafana_dashboard_weft",
+        ],
+    ),
 ];
+/// Grafana's published dashboard type (its schema, as TypeScript
+/// declarations) and the compiler that checks the chart's dashboards
+/// against it.
+const GRAFANA_SCHEMA_NPM: &[&str] = &["@grafana/schema@13.2.3", "typescript@5.9.3"];
 
 /// helm and kubernetes-validate, installed under ~/.cache/weft.
 struct ChartTools {
@@ -668,8 +688,73 @@ fn chart_checks() -> Result<()> {
             describe(&bad)
         );
     }
+    monitoring_checks(&root)?;
     eprintln!("xtask: chart checks passed");
     Ok(())
+}
+
+/// The alerting rules (`promtool check rules`, and `promtool test rules`
+/// with a unit test per alert) and the dashboards, type-checked against
+/// Grafana's published `Dashboard` schema (`@grafana/schema`): each
+/// dashboard becomes a TypeScript constant of that type, so an unknown
+/// field or a wrong type fails `tsc`.
+fn monitoring_checks(root: &Path) -> Result<()> {
+    let files = root.join(CHART_DIR).join("files");
+    run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(files.join("alerts.yaml")))
+    .context("charts/weft/files/alerts.yaml")?;
+    run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(files.join("alerts-test.yaml")))
+    .context("the alerts' unit tests (charts/weft/files/alerts-test.yaml)")?;
+    let dir = chart_tools_dir().join("grafana-schema");
+    let tsc = dir.join("node_modules/.bin/tsc");
+    let installed = |p: &str| {
+        let (name, version) = p.rsplit_once('@').unwrap_or((p, ""));
+        std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json"))
+            .is_ok_and(|j| j.contains(&format!("\"version\": \"{version}\"")))
+    };
+    if !GRAFANA_SCHEMA_NPM.iter().all(|p| installed(p)) {
+        std::fs::create_dir_all(&dir)?;
+        run(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .args(GRAFANA_SCHEMA_NPM))?;
+    }
+    // Under the npm prefix, so `@grafana/schema` resolves.
+    let check = dir.join("check");
+    let _ = std::fs::remove_dir_all(&check);
+    std::fs::create_dir_all(&check)?;
+    let mut sources = Vec::new();
+    for entry in std::fs::read_dir(root.join(CHART_DIR).join("dashboards"))? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let json = std::fs::read_to_string(&path)?;
+        let name = path.file_stem().unwrap_or_default().to_string_lossy();
+        let ts = check.join(format!("{name}.ts"));
+        std::fs::write(
+            &ts,
+            format!("// {}\nimport type {{ Dashboard }} from \"@grafana/schema\";\nexport const dashboard: Dashboard = {json};\n", path.display()),
+        )?;
+        sources.push(ts);
+    }
+    if sources.is_empty() {
+        bail!("no dashboards in {CHART_DIR}/dashboards");
+    }
+    run(Command::new(&tsc)
+        .args([
+            "--noEmit",
+            "--strict",
+            "--skipLibCheck",
+            "--module",
+            "esnext",
+        ])
+        .args(["--moduleResolution", "bundler", "--target", "es2022"])
+        .args(&sources))
+    .context("a dashboard does not match Grafana's dashboard schema (@grafana/schema)")
 }
 
 fn kubernetes_validate(tools: &ChartTools, file: &Path, version: &str) -> Result<()> {

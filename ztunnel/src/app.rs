@@ -27,6 +27,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let state = MeshState::default();
     let certs = model_and_certificates(&cfg, &state, &metrics)?;
+    metrics.common.certificates.watch(&certs);
     let capture = Arc::new(Capture::install(&cfg.bpf_pin_dir)?);
     let (drain, _) = drain::channel();
     let drain = Arc::new(drain);
@@ -66,6 +67,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Arc::new(Admin {
             pi: pi.clone(),
             inpod: inpod.clone(),
+            readiness: readiness.clone(),
         }),
         readiness.clone(),
     );

@@ -33,10 +33,7 @@ pub fn evaluate(snap: &Snapshot, dst: &Workload, conn: &Connection<'_>) -> Decis
         dst_port: conn.dst_port,
         http: None,
     };
-    policy::evaluate(
-        snap.policies_for(dst).filter(|p| p.targets.is_empty()),
-        &req,
-    )
+    policy::evaluate(snap.policies_for(dst), &req)
 }
 
 #[cfg(test)]

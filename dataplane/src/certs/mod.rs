@@ -87,6 +87,7 @@ pub struct CertStats {
 #[derive(Clone, Debug)]
 pub struct CertStatus {
     pub identity: Identity,
+    pub not_before: Option<SystemTime>,
     pub not_after: Option<SystemTime>,
     pub renew_at: Option<SystemTime>,
     pub last_error: Option<String>,
@@ -98,6 +99,12 @@ pub struct CertManager {
     policy: RenewalPolicy,
     entries: Mutex<HashMap<Identity, Entry>>,
     stats: Arc<CertStats>,
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertManager").finish_non_exhaustive()
+    }
 }
 
 impl CertManager {
@@ -184,6 +191,7 @@ impl CertManager {
                 let slot = e.slot.borrow();
                 CertStatus {
                     identity: id.clone(),
+                    not_before: slot.cert.as_ref().map(|c| c.not_before),
                     not_after: slot.cert.as_ref().map(|c| c.not_after),
                     renew_at: slot.renew_at,
                     last_error: slot.error.as_ref().map(|e| e.to_string()),
@@ -194,8 +202,9 @@ impl CertManager {
         out
     }
 
-    /// The managed certificates (`identity`, `expires_unix`, `renew_unix`,
-    /// `last_error`) as `/config_dump` shows them.
+    /// The managed certificates (`identity`, `valid_from_unix`,
+    /// `expires_unix`, `renew_unix`, `last_error`) as `/config_dump` shows
+    /// them.
     pub fn to_json(&self) -> serde_json::Value {
         let unix = |t: Option<SystemTime>| {
             t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -207,6 +216,7 @@ impl CertManager {
             .map(|c| {
                 serde_json::json!({
                     "identity": c.identity.to_string(),
+                    "valid_from_unix": unix(c.not_before),
                     "expires_unix": unix(c.not_after),
                     "renew_unix": unix(c.renew_at),
                     "last_error": c.last_error,

@@ -8,7 +8,7 @@ use http::{HeaderMap, StatusCode};
 use tracing::info;
 
 use super::reply::{LocalReply, Stage};
-use crate::authz::{Authorizer, AuthzRequest, Target as AuthzTarget};
+use crate::authz::{Authorizer, AuthzRequest, Headers, Target as AuthzTarget};
 use crate::context::{ConnCtx, Target};
 use crate::metrics::Metrics;
 
@@ -87,7 +87,7 @@ fn check(authz: &Authorizer, waypoint: &str, ctx: &ConnCtx, http: Http) -> Resul
         port: ctx.original_dst.port(),
         method: http.method,
         path: http.path,
-        headers: http.headers,
+        headers: &Headers(http.headers),
     })
 }
 

@@ -11,11 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-use weft_api::model::MtlsMode;
 use weft_api::Identity;
 
 use crate::metrics::{DenialLabels, Metrics};
-use crate::rbac::{self, Decision};
 use crate::state::Snapshot;
 
 #[derive(Clone)]
@@ -45,27 +43,7 @@ impl Drop for Registration {
     }
 }
 
-/// Why an inbound connection may not proceed (or continue).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    Policy(Option<String>),
-    StrictMtls,
-    /// A Service selecting the pod uses this waypoint (`namespace/name`),
-    /// and the connection did not come from it.
-    WaypointRequired(String),
-}
-
-impl Refusal {
-    /// The `policy` label of the denial: the policy's namespace/name, or
-    /// what denied it when no single policy did.
-    pub fn policy_name(&self) -> String {
-        match self {
-            Refusal::Policy(p) => p.clone().unwrap_or_else(|| "no-matching-allow".into()),
-            Refusal::StrictMtls => "peer-authentication-strict".into(),
-            Refusal::WaypointRequired(w) => format!("waypoint-required:{w}"),
-        }
-    }
-}
+pub use weft_api::authorize::Refusal;
 
 /// Counts one denied connection to `dst`.
 pub fn record_denial(metrics: &Metrics, dst: &weft_api::model::Workload, policy: &str) {
@@ -79,7 +57,9 @@ pub fn record_denial(metrics: &Metrics, dst: &weft_api::model::Workload, policy:
         .inc();
 }
 
-/// Evaluates one inbound connection against the current model.
+/// Evaluates one inbound connection against the current model (the
+/// decision itself is `weft_api::authorize::inbound`, which `weftctl
+/// policy explain` runs too).
 pub fn check(
     snap: &Snapshot,
     src_ip: IpAddr,
@@ -89,23 +69,16 @@ pub fn check(
     let Some(dst) = snap.workload_by_ip(target.ip()) else {
         return Err(Refusal::Policy(Some("unknown-destination".into())));
     };
-    if src_identity.is_none() && snap.model.mtls_mode(dst.workload) == MtlsMode::Strict {
-        return Err(Refusal::StrictMtls);
-    }
-    // L7 policy lives in the waypoint: a client that skips it is refused.
-    let waypoints = snap.required_waypoints(dst.workload);
-    if !waypoints.is_empty() && !waypoints.iter().any(|(id, _)| src_identity == Some(id)) {
-        return Err(Refusal::WaypointRequired(waypoints[0].1.clone()));
-    }
-    let conn = rbac::Connection {
+    weft_api::authorize::inbound(
+        &snap.model,
+        dst.workload,
+        snap.required_waypoints(dst.workload),
         src_ip,
         src_identity,
-        dst_port: target.port(),
-    };
-    match rbac::evaluate(snap, dst.workload, &conn) {
-        Decision::Allow => Ok(()),
-        Decision::Deny { policy } => Err(Refusal::Policy(policy)),
-    }
+        target.port(),
+    )
+    .map(drop)
+    .map_err(|(refusal, _)| refusal)
 }
 
 impl Connections {

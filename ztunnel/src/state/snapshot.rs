@@ -94,24 +94,7 @@ impl Snapshot {
                 }
             }
         }
-        let mut waypoint_required: HashMap<usize, Vec<(Identity, String)>> = HashMap::new();
-        for (si, s) in model.services.iter().enumerate() {
-            let Some(wp) = &s.waypoint else { continue };
-            let sa = model
-                .waypoints
-                .iter()
-                .find(|w| w.namespace == s.namespace && &w.name == wp)
-                .map(|w| w.service_account().to_owned())
-                .unwrap_or_else(|| wp.clone());
-            let id = Identity::new(&model.trust_domain, &s.namespace, &sa);
-            for &e in &endpoints[si] {
-                let entry = (id.clone(), format!("{}/{}", s.namespace, wp));
-                let list = waypoint_required.entry(e).or_default();
-                if !list.contains(&entry) {
-                    list.push(entry);
-                }
-            }
-        }
+        let waypoint_required = weft_api::authorize::waypoint_requirements(&model, &endpoints);
         Self {
             version,
             model,
@@ -249,19 +232,13 @@ impl Snapshot {
         }
     }
 
-    /// Policies of `w`'s namespace that select it.
+    /// Policies of `w`'s namespace that select it and that the ztunnel
+    /// enforces.
     pub fn policies_for<'a>(
         &'a self,
         w: &'a Workload,
     ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
-        self.model.policies.iter().filter(move |p| {
-            // Policies with targets are the waypoint's to enforce.
-            p.targets.is_empty()
-                && p.namespace == w.namespace
-                && p.selector
-                    .as_ref()
-                    .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-        })
+        weft_api::authorize::l4_policies(&self.model, w)
     }
 
     /// Workloads scheduled on `node`.
