@@ -276,13 +276,20 @@ fn compare_location(r: &Redirect, e: &Expect, t: &Target, a: &Answer) -> Result<
 /// `CONSISTENCY`.
 pub fn eventually(client: &Pod, t: &Target, e: &Expect) -> Result<(), String> {
     let deadline = Instant::now() + CONSISTENCY;
+    let started = Instant::now();
     let mut streak = 0;
+    let mut misses = 0;
     loop {
         let last = match send(client, t, e, &[]) {
             Ok(a) => match compare(e, t, &a) {
                 Ok(()) => {
                     streak += 1;
                     if streak >= CONSECUTIVE {
+                        eprintln!(
+                            "{}: consistent after {:?} ({misses} misses)",
+                            e.name,
+                            started.elapsed()
+                        );
                         return Ok(());
                     }
                     continue;
@@ -291,6 +298,10 @@ pub fn eventually(client: &Pod, t: &Target, e: &Expect) -> Result<(), String> {
             },
             Err(err) => format!("request failed: {err:#}"),
         };
+        if misses == 0 {
+            eprintln!("{}: not yet: {last}", e.name);
+        }
+        misses += 1;
         streak = 0;
         if Instant::now() >= deadline {
             return Err(format!("not consistent within {CONSISTENCY:?}: {last}"));

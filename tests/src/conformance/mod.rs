@@ -141,11 +141,14 @@ pub fn run(name: &str) {
 
 /// Set-up, routes, checks. `Ok` holds the failed expectations.
 fn run_case(case: &Case) -> Result<Vec<String>> {
+    let t0 = Instant::now();
     let h = Harness::start()?;
+    eprintln!("{}: mesh ready after {:?}", case.name, t0.elapsed());
     let routes = h.apply_case(case)?;
     if let Err(e) = h.wait_routes_applied(&routes) {
         return Ok(vec![format!("{e:#}")]);
     }
+    eprintln!("{}: routes applied after {:?}", case.name, t0.elapsed());
     let mut failures = Vec::new();
     match &case.check {
         Check::Requests(list) => {
@@ -211,6 +214,17 @@ struct Harness {
     /// server would.
     vips: BTreeMap<(String, String), Ipv4Addr>,
     folder: PathBuf,
+}
+
+/// The waypoint goes first: its pooled connections to the echo pods would
+/// otherwise hold each ztunnel's drain for its whole timeout.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let spawns: Vec<String> = self.mesh.waypoints.iter().map(|w| w.1.clone()).collect();
+        for spawn in spawns {
+            let _ = self.mesh.cluster.stop(&spawn, Duration::from_secs(2));
+        }
+    }
 }
 
 fn read_yaml_docs(path: &Path) -> Result<Vec<Yaml>> {

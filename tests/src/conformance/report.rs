@@ -7,7 +7,7 @@
 //! `failedTests`, so the report lists every case. Keys are sorted, as
 //! upstream's YAML is.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
@@ -166,24 +166,15 @@ pub fn build(results: &BTreeMap<String, CaseResult>, date: &str, version: &str) 
             .copied()
             .filter(|(c, _)| !p.is_core(c))
             .collect();
-        let exercised: BTreeSet<&str> = mine
-            .iter()
-            .flat_map(|(c, _)| c.features.iter().copied())
-            .filter(|f| p.extended.contains(f))
-            .collect();
-        let supported: Vec<&str> = exercised
-            .iter()
-            .copied()
-            .filter(|f| SUPPORTED_FEATURES.contains(f))
-            .collect();
-        let mut unsupported: Vec<&str> = p
+        // As upstream: the profile's extended features the implementation
+        // declares, and the rest.
+        let (mut supported, mut unsupported): (Vec<&str>, Vec<&str>) = p
             .extended
             .iter()
             .copied()
-            .filter(|f| !supported.contains(f))
-            .collect();
+            .partition(|f| SUPPORTED_FEATURES.contains(f));
+        supported.sort_unstable();
         unsupported.sort_unstable();
-        unsupported.dedup();
         let core_status = status(&core);
         let mut ext_status = status(&ext);
         ext_status["supportedFeatures"] = json!(supported);
@@ -218,8 +209,10 @@ pub fn to_yaml(report: &Value, results: &BTreeMap<String, CaseResult>) -> String
     let mut out = String::from(
         "# Gateway API mesh conformance report for Weft, written by `cargo xtask conformance`\n\
          # from the cases in tests/conformance/ (run by tests/tests/conformance.rs on the\n\
-         # simulated cluster). `unsupportedFeatures` lists the extended features of each\n\
-         # profile this run does not claim: Weft lacks them, or no case here tests them.\n",
+         # simulated cluster). `supportedFeatures` are the extended features Weft declares\n\
+         # (SUPPORTED_FEATURES in tests/src/conformance/mod.rs), each tested by a case here;\n\
+         # `unsupportedFeatures` the rest of the profile: Weft lacks them, or no case here\n\
+         # tests them. `passedTests` is Weft's addition to the upstream shape.\n",
     );
     for c in cases::all() {
         let line = match results.get(c.name) {
