@@ -71,26 +71,9 @@ fn ports(args: &[String], name: &str) -> Result<Vec<u16>> {
         .collect()
 }
 
-fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("weft-echo: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("weft-echo: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+#[tokio::main(worker_threads = 2)]
+async fn main() -> Result<()> {
+    run(std::env::args().skip(1).collect()).await
 }
 
 async fn run(args: Vec<String>) -> Result<()> {

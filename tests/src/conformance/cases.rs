@@ -583,50 +583,73 @@ fn redirect_path() -> Case {
     }
 }
 
-fn redirect_port() -> Case {
+/// The port and scheme redirect cases: the same four requests (alone, with
+/// a hostname, with 301, with a hostname and 302) around one redirect.
+fn redirect_matrix(
+    name: &'static str,
+    file: &'static str,
+    description: &'static str,
+    features: &'static [&'static str],
+    paths: [&str; 4],
+    base: Redirect,
+) -> Case {
     let r = |path: &str, code, host: Option<&'static str>| {
         Expect::get(path).status(code).redirect(Redirect {
             host,
-            port: Some("8083"),
-            ..Default::default()
+            ..base.clone()
         })
     };
     Case {
-        name: "MeshHTTPRouteRedirectPort",
-        file: "httproute-redirect-port.yaml",
-        description: "An HTTPRoute with a port redirect filter",
-        features: &[MESH, HTTP_ROUTE, "MeshHTTPRouteRedirectPort"],
+        name,
+        file,
+        description,
+        features,
         provisional: false,
         check: Check::Requests(numbered(vec![
-            r("/port", 302, None),
-            r("/port-and-host", 302, Some("example.org")),
-            r("/port-and-status", 301, None),
-            r("/port-and-host-and-status", 302, Some("example.org")),
+            r(paths[0], 302, None),
+            r(paths[1], 302, Some("example.org")),
+            r(paths[2], 301, None),
+            r(paths[3], 302, Some("example.org")),
         ])),
     }
 }
 
-fn redirect_scheme() -> Case {
-    let r = |path: &str, code, host: Option<&'static str>| {
-        Expect::get(path).status(code).redirect(Redirect {
-            scheme: Some("https"),
-            host,
+fn redirect_port() -> Case {
+    redirect_matrix(
+        "MeshHTTPRouteRedirectPort",
+        "httproute-redirect-port.yaml",
+        "An HTTPRoute with a port redirect filter",
+        &[MESH, HTTP_ROUTE, "MeshHTTPRouteRedirectPort"],
+        [
+            "/port",
+            "/port-and-host",
+            "/port-and-status",
+            "/port-and-host-and-status",
+        ],
+        Redirect {
+            port: Some("8083"),
             ..Default::default()
-        })
-    };
-    Case {
-        name: "MeshHTTPRouteSchemeRedirect",
-        file: "httproute-redirect-scheme.yaml",
-        description: "An HTTPRoute with a scheme redirect filter",
-        features: &[MESH, HTTP_ROUTE, "MeshHTTPRouteSchemeRedirect"],
-        provisional: false,
-        check: Check::Requests(numbered(vec![
-            r("/scheme", 302, None),
-            r("/scheme-and-host", 302, Some("example.org")),
-            r("/scheme-and-status", 301, None),
-            r("/scheme-and-host-and-status", 302, Some("example.org")),
-        ])),
-    }
+        },
+    )
+}
+
+fn redirect_scheme() -> Case {
+    redirect_matrix(
+        "MeshHTTPRouteSchemeRedirect",
+        "httproute-redirect-scheme.yaml",
+        "An HTTPRoute with a scheme redirect filter",
+        &[MESH, HTTP_ROUTE, "MeshHTTPRouteSchemeRedirect"],
+        [
+            "/scheme",
+            "/scheme-and-host",
+            "/scheme-and-status",
+            "/scheme-and-host-and-status",
+        ],
+        Redirect {
+            scheme: Some("https"),
+            ..Default::default()
+        },
+    )
 }
 
 /// Shared by the rule-filter and backend-filter cases, as upstream.

@@ -20,7 +20,7 @@ pub mod check;
 pub mod report;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use serde_yaml::Value as Yaml;
 use sha2::{Digest, Sha256};
-use weft_api::model::{Workload, USE_WAYPOINT_LABEL};
+use weft_api::model::USE_WAYPOINT_LABEL;
 
 use self::cases::{Case, Check, Expect, Host, Protocol, MESH_NS};
 use self::check::Target;
@@ -363,16 +363,17 @@ impl Harness {
             for r in 0..replicas {
                 let name = pod_name(ns, deployment, r);
                 let node = pods.len() % NODES;
-                let pod = mesh.cluster.add_pod(node, ns, &name)?;
-                mesh.model.workloads.push(Workload {
-                    uid: pod.uid.clone(),
-                    name: name.clone(),
-                    namespace: ns.to_owned(),
-                    service_account: sa.clone(),
-                    node: mesh.cluster.node(node).name.clone(),
-                    ips: vec![IpAddr::V4(pod.ip)],
-                    labels: labels.clone(),
-                });
+                let pod = mesh.add_pod(node, ns, &name, &sa)?;
+                // Exactly the Deployment's labels (`add_pod` gave it
+                // `app=<name>`); written once every pod exists.
+                if let Some(w) = mesh
+                    .model
+                    .workloads
+                    .iter_mut()
+                    .find(|w| w.namespace == ns && w.name == name)
+                {
+                    w.labels = labels.clone();
+                }
                 starts.push((pod.clone(), echo_ports(&args)));
                 pods.push(EchoPod {
                     pod,
@@ -382,7 +383,6 @@ impl Harness {
         }
         mesh.write_model()?;
         for (pod, (http, grpc, tcp)) in starts {
-            mesh.cni(&pod, "ADD")?;
             let mut cmd = pod.command_os(bin_path("weft-echo"));
             cmd.args(["serve", "--pod", &pod.name, "--namespace", &pod.namespace]);
             for (flag, ports) in [("--http", &http), ("--grpc", &grpc), ("--tcp", &tcp)] {
