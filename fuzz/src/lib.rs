@@ -267,6 +267,7 @@ pub fn route_match(data: &[u8]) {
         let uri = input.str();
         let headers = input.headers(16);
         let (ns, name, port) = (input.str(), input.str(), input.u16());
+        let client_ns = input.str();
         let Ok(mut request) = http::Request::builder()
             .method(method)
             .uri(if uri.starts_with('/') {
@@ -281,7 +282,7 @@ pub fn route_match(data: &[u8]) {
         *request.headers_mut() = headers;
         let (parts, ()) = request.into_parts();
         if let weft_waypoint::route::RouteDecision::Forward(f) =
-            table.route_with_rng(&ns, &name, port, &parts, &mut rng)
+            table.route_with_rng(&ns, &name, port, &client_ns, &parts, &mut rng)
         {
             let mut h = parts.headers.clone();
             f.apply_request_headers(&mut h);

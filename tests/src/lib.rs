@@ -3,6 +3,7 @@
 //! `weft-testapp` client/server program that runs inside simulated pods.
 
 pub mod cluster;
+pub mod conformance;
 pub mod manifests;
 pub mod mesh;
 pub mod waypoint;

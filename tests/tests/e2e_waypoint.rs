@@ -96,7 +96,8 @@ fn who(vip: Ipv4Addr, path: &str) -> String {
 
 /// A 90/10 split measured over 1,000 requests lands within tolerance;
 /// marked requests go to v2; the app sees the waypoint forwarding the
-/// client's identity; a client that skips the waypoint and dials the pod
+/// client's identity; a mesh client dialling the pod's address goes
+/// through the waypoint too, and a client outside the mesh that skips it
 /// is refused.
 #[test]
 fn e2e_waypoint_weighted_split_header_routing_and_no_bypass() {
@@ -187,10 +188,22 @@ fn e2e_waypoint_weighted_split_header_routing_and_no_bypass() {
         "{m}"
     );
 
-    // Straight to the pod, skipping the waypoint: refused by the
-    // destination ztunnel.
+    // A mesh client dialling the pod's address still goes through the
+    // waypoint (forwarded unrouted: no route names a pod).
     let direct = format!("http://{}:8080/who", pods[0].ip);
-    let (ok, _, err) = curl(&mesh, &client, &["--max-time", "5", &direct]);
+    let (ok, body, err) = curl(&mesh, &client, &["--max-time", "5", &direct]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["headers"]["x-forwarded-client-cert"]
+            .as_str()
+            .is_some_and(|x| x.contains("spiffe://cluster.local/ns/shop/sa/wp")),
+        "the pod saw the waypoint forward it: {v}"
+    );
+    // A client outside the mesh skips the waypoint: refused by the
+    // destination ztunnel.
+    let stranger = mesh.add_pod(0, "outside", "stranger", "stranger").unwrap();
+    let (ok, _, err) = curl(&mesh, &stranger, &["--max-time", "5", &direct]);
     assert!(!ok, "a client skipping the waypoint must be refused");
     let dst = mesh.metrics(1).unwrap();
     assert!(

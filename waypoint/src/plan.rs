@@ -64,9 +64,15 @@ pub enum Verdict<'a> {
     },
 }
 
-/// The plan for a request to `target`: a workload addressed directly is
-/// forwarded as is; a service's request goes where its routes say.
-pub fn plan<'a>(snap: &'a Compiled, target: &Target, parts: &Parts) -> Verdict<'a> {
+/// The plan for a request to `target` from a client of namespace
+/// `client_ns`: a workload addressed directly is forwarded as is; a
+/// service's request goes where its routes (for that client) say.
+pub fn plan<'a>(
+    snap: &'a Compiled,
+    target: &Target,
+    client_ns: &str,
+    parts: &Parts,
+) -> Verdict<'a> {
     let (namespace, name, port) = match target {
         Target::Service {
             namespace,
@@ -86,7 +92,7 @@ pub fn plan<'a>(snap: &'a Compiled, target: &Target, parts: &Parts) -> Verdict<'
             }))
         }
     };
-    match snap.routes.route(namespace, name, port, parts) {
+    match snap.routes.route(namespace, name, port, client_ns, parts) {
         RouteDecision::Forward(f) => {
             let route = if f.rule == DEFAULT_RULE {
                 String::new()

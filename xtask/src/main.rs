@@ -66,6 +66,14 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Gateway API mesh conformance: run the upstream cases
+    /// (tests/conformance/) on the simulated cluster and write the report
+    /// (docs/conformance/report.yaml), also printed.
+    Conformance {
+        /// Extra arguments for `cargo nextest run` (e.g. a test filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Regenerate the chart's CRDs (charts/weft/crds/weft.dev.yaml) from
     /// weft-api's Rust types, via `weft-controller print-crds`.
     Chart {
@@ -119,6 +127,7 @@ fn main() -> ExitCode {
             .map(drop),
         Cmd::Chart { check } => chart(check),
         Cmd::Fuzz { target, time } => setup().and_then(|_| fuzz(target.as_deref(), time)),
+        Cmd::Conformance { args } => setup().and_then(|_| conformance(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -416,6 +425,37 @@ fn test(args: &[String]) -> Result<()> {
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .args(args))
+}
+
+const CONFORMANCE_REPORT: &str = "docs/conformance/report.yaml";
+
+fn conformance(args: &[String]) -> Result<()> {
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root_dir().join("target"));
+    let results = target.join("conformance-results");
+    if results.exists() {
+        std::fs::remove_dir_all(&results)
+            .with_context(|| format!("clearing {}", results.display()))?;
+    }
+    let tests = run(cargo()
+        .args(["nextest", "run", "-p", "weft-e2e", "--test", "conformance"])
+        .args(["--no-fail-fast"])
+        .args(args)
+        .env("WEFT_CONFORMANCE_RESULTS", &results));
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .context("running date")?;
+    run(Command::new(target.join("debug/weft-conformance-report"))
+        .arg("--results")
+        .arg(&results)
+        .arg("--out")
+        .arg(root_dir().join(CONFORMANCE_REPORT))
+        .args(["--date", String::from_utf8_lossy(&date.stdout).trim()])
+        .args(["--version", concat!("v", env!("CARGO_PKG_VERSION"))]))?;
+    tests.context("some conformance cases failed: the report lists them")
 }
 
 fn demo() -> Result<()> {

@@ -315,6 +315,35 @@ fn resolve_parent(
     }
 }
 
+/// The route a rule belongs to, as its references are resolved against.
+struct RouteCtx {
+    namespace: String,
+    /// `(namespace, name)` of each Service the route names as parent.
+    parent_services: Vec<(String, String)>,
+}
+
+impl RouteCtx {
+    fn new(namespace: &str, parent_refs: &[crd::ParentReference]) -> Self {
+        let parent_services = parent_refs
+            .iter()
+            .filter(|p| {
+                matches!(p.group.as_deref(), Some("" | "core"))
+                    && p.kind.as_deref() == Some("Service")
+            })
+            .map(|p| {
+                (
+                    p.namespace.clone().unwrap_or_else(|| namespace.to_owned()),
+                    p.name.clone(),
+                )
+            })
+            .collect();
+        Self {
+            namespace: namespace.to_owned(),
+            parent_services,
+        }
+    }
+}
+
 /// Why a backend reference is not (fully) resolved.
 struct RefIssue {
     reason: &'static str,
@@ -326,7 +355,7 @@ struct RefIssue {
 /// for its share, as the spec asks).
 fn resolve_backend(
     inputs: &Inputs,
-    route_ns: &str,
+    route: &RouteCtx,
     b: &crd::BackendObjectReference,
     issues: &mut Vec<RefIssue>,
 ) -> Option<model::BackendRef> {
@@ -342,12 +371,22 @@ fn resolve_backend(
         });
         return None;
     }
-    let ns = b.namespace.clone().unwrap_or_else(|| route_ns.to_owned());
-    if ns != route_ns {
+    let ns = b
+        .namespace
+        .clone()
+        .unwrap_or_else(|| route.namespace.to_owned());
+    // A consumer route may send to the Service it is a route for: that
+    // traffic was addressed to the Service already, so no grant is needed.
+    // Any other namespace needs a ReferenceGrant.
+    if ns != route.namespace
+        && !route
+            .parent_services
+            .contains(&(ns.clone(), b.name.clone()))
+    {
         issues.push(RefIssue {
             reason: reasons::REF_NOT_PERMITTED,
             message: format!(
-                "backendRef {ns}/{}: backends in another namespace need a ReferenceGrant, which weft does not support yet",
+                "backendRef {ns}/{}: backends in another namespace than the route's need a ReferenceGrant, which weft does not support yet (a consumer route may name its parent Service)",
                 b.name
             ),
         });
@@ -372,7 +411,11 @@ fn resolve_backend(
     }
     Some(model::BackendRef {
         name: b.name.clone(),
-        namespace: String::new(),
+        namespace: if ns == route.namespace {
+            String::new()
+        } else {
+            ns
+        },
         port,
     })
 }
@@ -437,7 +480,7 @@ fn path_modifier(p: &Option<crd::HTTPPathModifier>) -> Result<Option<model::Path
 
 fn filter(
     inputs: &Inputs,
-    route_ns: &str,
+    route: &RouteCtx,
     kind: RouteKind,
     f: &crd::HTTPRouteFilter,
     issues: &mut Vec<RefIssue>,
@@ -509,7 +552,7 @@ fn filter(
                 (None, Some(p)) => return Err(format!("mirror percent {p} is not 0-100")),
                 (None, None) => None,
             };
-            let Some(backend) = resolve_backend(inputs, route_ns, &m.backend_ref, issues) else {
+            let Some(backend) = resolve_backend(inputs, route, &m.backend_ref, issues) else {
                 return Ok(None); // reported in ResolvedRefs; mirroring is skipped
             };
             model::HttpFilter::RequestMirror(model::RequestMirror { backend, percent })
@@ -524,21 +567,21 @@ fn filter(
 
 fn filters(
     inputs: &Inputs,
-    route_ns: &str,
+    route: &RouteCtx,
     kind: RouteKind,
     fs: &[crd::HTTPRouteFilter],
     issues: &mut Vec<RefIssue>,
 ) -> Result<Vec<model::HttpFilter>, String> {
     let mut out = Vec::new();
     for f in fs {
-        out.extend(filter(inputs, route_ns, kind, f, issues)?);
+        out.extend(filter(inputs, route, kind, f, issues)?);
     }
     Ok(out)
 }
 
 fn backends(
     inputs: &Inputs,
-    route_ns: &str,
+    route: &RouteCtx,
     kind: RouteKind,
     refs: &[crd::HTTPBackendRef],
     issues: &mut Vec<RefIssue>,
@@ -555,8 +598,8 @@ fn backends(
                 ))
             }
         };
-        let filters = filters(inputs, route_ns, kind, &b.filters, issues)?;
-        if let Some(backend) = resolve_backend(inputs, route_ns, &b.backend, issues) {
+        let filters = filters(inputs, route, kind, &b.filters, issues)?;
+        if let Some(backend) = resolve_backend(inputs, route, &b.backend, issues) {
             out.push(model::HttpBackend {
                 backend,
                 weight,
@@ -569,7 +612,7 @@ fn backends(
 
 fn http_rule(
     inputs: &Inputs,
-    route_ns: &str,
+    route: &RouteCtx,
     r: &crd::HTTPRouteRule,
     issues: &mut Vec<RefIssue>,
 ) -> Result<model::HttpRouteRule, String> {
@@ -655,8 +698,8 @@ fn http_rule(
     Ok(model::HttpRouteRule {
         name: r.name.clone(),
         matches,
-        filters: filters(inputs, route_ns, KIND, &r.filters, issues)?,
-        backends: backends(inputs, route_ns, KIND, &r.backend_refs, issues)?,
+        filters: filters(inputs, route, KIND, &r.filters, issues)?,
+        backends: backends(inputs, route, KIND, &r.backend_refs, issues)?,
         timeouts,
         retry,
     })
@@ -664,7 +707,7 @@ fn http_rule(
 
 fn grpc_rule(
     inputs: &Inputs,
-    route_ns: &str,
+    route: &RouteCtx,
     r: &crd::GRPCRouteRule,
     issues: &mut Vec<RefIssue>,
 ) -> Result<model::GrpcRouteRule, String> {
@@ -696,8 +739,8 @@ fn grpc_rule(
     Ok(model::GrpcRouteRule {
         name: r.name.clone(),
         matches,
-        filters: filters(inputs, route_ns, KIND, &r.filters, issues)?,
-        backends: backends(inputs, route_ns, KIND, &r.backend_refs, issues)?,
+        filters: filters(inputs, route, KIND, &r.filters, issues)?,
+        backends: backends(inputs, route, KIND, &r.backend_refs, issues)?,
     })
 }
 
@@ -715,15 +758,16 @@ fn convert_route<K: ResourceExt, S, R>(
     obj: &K,
     parent_refs: &[crd::ParentReference],
     spec_rules: &[S],
-    rule: impl Fn(&Inputs, &str, &S, &mut Vec<RefIssue>) -> Result<R, String>,
+    rule: impl Fn(&Inputs, &RouteCtx, &S, &mut Vec<RefIssue>) -> Result<R, String>,
     problems: &mut BTreeSet<String>,
 ) -> Converted<R> {
     let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+    let ctx = RouteCtx::new(&ns, parent_refs);
     let mut issues = Vec::new();
     let mut rules = Vec::new();
     let mut invalid = Vec::new();
     for (i, r) in spec_rules.iter().enumerate() {
-        match rule(inputs, &ns, r, &mut issues) {
+        match rule(inputs, &ctx, r, &mut issues) {
             Ok(r) => rules.push(r),
             Err(e) => {
                 problems.insert(format!(

@@ -385,6 +385,56 @@ mod waypoints {
     }
 
     #[test]
+    fn consumer_routes_may_send_to_their_parent_service_only() {
+        let mut st = state();
+        st.namespaces.push(obj(
+            "metadata: {name: front, labels: {weft.dev/dataplane-mode: ambient}}",
+        ));
+        st.http_routes = vec![
+            obj("metadata: {name: mine, namespace: front}\nspec: {parentRefs: [{group: '', kind: Service, name: web, namespace: shop}], rules: [{backendRefs: [{name: web, namespace: shop, port: 80}]}]}"),
+            obj("metadata: {name: sneaky, namespace: front}\nspec: {parentRefs: [{group: '', kind: Service, name: web, namespace: shop}], rules: [{backendRefs: [{name: web-v2, namespace: shop, port: 80}]}]}"),
+        ];
+        let out = build(&st, "cluster.local");
+        let by_name = |n: &str| out.gateway_api.routes.iter().find(|r| r.name == n).unwrap();
+        let resolved = |n: &str| {
+            cond(&by_name(n).parents[0], reasons::RESOLVED_REFS)
+                .unwrap()
+                .clone()
+        };
+        assert!(resolved("mine").status, "{:?}", resolved("mine"));
+        let r = resolved("sneaky");
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (false, reasons::REF_NOT_PERMITTED)
+        );
+        let mine = out
+            .model
+            .http_routes
+            .iter()
+            .find(|r| r.name == "mine")
+            .unwrap();
+        assert_eq!(mine.parents[0].namespace, "shop");
+        assert_eq!(
+            mine.rules[0].backends[0].backend,
+            model::BackendRef {
+                name: "web".into(),
+                namespace: "shop".into(),
+                port: 80
+            }
+        );
+        let sneaky = out
+            .model
+            .http_routes
+            .iter()
+            .find(|r| r.name == "sneaky")
+            .unwrap();
+        assert!(
+            sneaky.rules[0].backends.is_empty(),
+            "the other Service is not sent to"
+        );
+    }
+
+    #[test]
     fn grpc_route_converts() {
         let mut st = state();
         st.grpc_routes = vec![obj(r#"

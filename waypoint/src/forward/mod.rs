@@ -202,7 +202,9 @@ fn route<'s>(
     parts: &Parts,
     ledger: &mut Ledger,
 ) -> Stage<Box<Plan<'s>>> {
-    match plan::plan(snap, &ctx.target, parts) {
+    // The client's namespace as its certificate proves it: it selects
+    // consumer routes, so a forged source address cannot.
+    match plan::plan(snap, &ctx.target, &ctx.peer.namespace, parts) {
         Verdict::Forward(plan) => {
             ledger.route = plan.route.clone();
             Ok(plan)

@@ -1,7 +1,10 @@
 //! Gateway API routing at the waypoint: the `HTTPRoute`s and `GRPCRoute`s
-//! attached to a Service, compiled once per model version into a
-//! `RouteTable` that turns a request's head into a `RouteDecision`. Pure: no
-//! I/O; the proxy applies the decision.
+//! attached to a Service (a Service parent, or the waypoint Gateway the
+//! Service uses), compiled once per model version into a `RouteTable` that
+//! turns a request's head into a `RouteDecision`. A route whose Service
+//! parent is in another namespace is a consumer route: it applies only to
+//! clients of its own namespace, and for them instead of the producer's
+//! routes (GEP-1294). Pure: no I/O; the proxy applies the decision.
 
 mod filters;
 #[cfg(test)]
@@ -145,18 +148,20 @@ impl Mirror {
 }
 
 impl RouteTable {
-    /// Compiles every route whose parent is a Service.
+    /// Compiles every route, attached to each Service it names as parent
+    /// and to every Service using a waypoint Gateway it names.
     pub fn build(model: &MeshModel) -> Self {
         let mut table = RouteTable::default();
         for r in &model.http_routes {
             let (route, matchers) = compile_http_route(r, &mut table.problems);
-            for (ns, name, port) in service_parents(&r.parents, &r.namespace) {
-                let routes = table.service_mut(ns, name);
+            for a in attachments(model, &r.parents, &r.namespace) {
+                let routes = table.service_mut(a.namespace, a.name);
                 for (rule, matcher) in &matchers {
                     routes.http.push(Entry {
                         route: route.clone(),
                         rule: *rule,
-                        port,
+                        port: a.port,
+                        consumer: a.consumer.clone(),
                         matcher: matcher.clone(),
                     });
                 }
@@ -164,13 +169,14 @@ impl RouteTable {
         }
         for r in &model.grpc_routes {
             let (route, matchers) = compile_grpc_route(r, &mut table.problems);
-            for (ns, name, port) in service_parents(&r.parents, &r.namespace) {
-                let routes = table.service_mut(ns, name);
+            for a in attachments(model, &r.parents, &r.namespace) {
+                let routes = table.service_mut(a.namespace, a.name);
                 for (rule, matcher) in &matchers {
                     routes.grpc.push(Entry {
                         route: route.clone(),
                         rule: *rule,
-                        port,
+                        port: a.port,
+                        consumer: a.consumer.clone(),
                         matcher: matcher.clone(),
                     });
                 }
@@ -191,16 +197,25 @@ impl RouteTable {
             .or_default()
     }
 
-    /// Routes a request for Service `service_ns/service_name` on `port`,
-    /// picking a weighted backend with the thread's RNG.
+    /// Routes a request for Service `service_ns/service_name` on `port` from
+    /// a client of namespace `client_ns`, picking a weighted backend with
+    /// the thread's RNG.
     pub fn route(
         &self,
         service_ns: &str,
         service_name: &str,
         port: u16,
+        client_ns: &str,
         req: &Parts,
     ) -> RouteDecision<'_> {
-        self.route_with_rng(service_ns, service_name, port, req, &mut rand::thread_rng())
+        self.route_with_rng(
+            service_ns,
+            service_name,
+            port,
+            client_ns,
+            req,
+            &mut rand::thread_rng(),
+        )
     }
 
     pub fn route_with_rng<R: Rng + ?Sized>(
@@ -208,15 +223,16 @@ impl RouteTable {
         service_ns: &str,
         service_name: &str,
         port: u16,
+        client_ns: &str,
         req: &Parts,
         rng: &mut R,
     ) -> RouteDecision<'_> {
         let routes = self
             .services
             .get(service_ns)
-            .and_then(|m| m.get(service_name))
-            .filter(|r| r.attached_on(port));
-        let Some(routes) = routes else {
+            .and_then(|m| m.get(service_name));
+        let audience = routes.and_then(|r| r.audience(port, client_ns));
+        let (Some(routes), Some(audience)) = (routes, audience) else {
             return RouteDecision::Forward(Forward {
                 rule: DEFAULT_RULE,
                 backend: Cow::Owned(BackendRef {
@@ -234,7 +250,7 @@ impl RouteTable {
         let view = RequestView::new(req);
 
         if let Some((service, method)) = view.grpc {
-            let found = best_match(&routes.grpc, port, view.host, |m| {
+            let found = best_match(&routes.grpc, port, audience, view.host, |m| {
                 m.matches(service, method, &req.headers)
             });
             if let Some(e) = found {
@@ -250,7 +266,7 @@ impl RouteTable {
                 );
             }
         }
-        let found = best_match(&routes.http, port, view.host, |m| m.matches(req));
+        let found = best_match(&routes.http, port, audience, view.host, |m| m.matches(req));
         match found {
             Some(e) => decide(
                 e.rule(),
@@ -321,12 +337,13 @@ fn decide<'a, R: Rng + ?Sized>(
 fn best_match<'t, M>(
     entries: &'t [Entry<M>],
     port: u16,
+    audience: Option<&str>,
     host: Option<&str>,
     matches: impl Fn(&M) -> bool,
 ) -> Option<&'t Entry<M>> {
     let mut best: Option<(HostScore, &Entry<M>)> = None;
     for e in entries {
-        if e.port.is_some_and(|p| p != port) {
+        if !e.applies(port, audience) {
             continue;
         }
         let Some(score) = e.route.host_score(host) else {
@@ -355,22 +372,54 @@ fn sort_by_precedence<M, K: Ord>(entries: &mut [Entry<M>], key: impl Fn(&M) -> K
     });
 }
 
-/// `(namespace, name, port)` of each parent that is a Service.
-fn service_parents<'r>(
-    parents: &'r [ParentRef],
-    route_ns: &'r str,
-) -> impl Iterator<Item = (&'r str, &'r str, Option<u16>)> {
-    parents
-        .iter()
-        .filter(|p| p.kind == ParentKind::Service)
-        .map(move |p| {
-            let ns = if p.namespace.is_empty() {
-                route_ns
-            } else {
-                &p.namespace
-            };
-            (ns, p.name.as_str(), p.port)
-        })
+/// One Service a route applies to.
+struct Attachment<'m> {
+    namespace: &'m str,
+    name: &'m str,
+    /// Only this service port.
+    port: Option<u16>,
+    /// A consumer route: only for clients of this namespace.
+    consumer: Option<Arc<str>>,
+}
+
+/// Where a route's parents attach it: a Service parent to that Service (a
+/// consumer route when the Service is in another namespace), a waypoint
+/// Gateway parent to every Service of its namespace using it (its `port`
+/// names a listener, not a service port).
+fn attachments<'m>(
+    model: &'m MeshModel,
+    parents: &'m [ParentRef],
+    route_ns: &'m str,
+) -> Vec<Attachment<'m>> {
+    let mut out = Vec::new();
+    for p in parents {
+        let ns = if p.namespace.is_empty() {
+            route_ns
+        } else {
+            &p.namespace
+        };
+        match p.kind {
+            ParentKind::Service => out.push(Attachment {
+                namespace: ns,
+                name: &p.name,
+                port: p.port,
+                consumer: (ns != route_ns).then(|| Arc::from(route_ns)),
+            }),
+            ParentKind::Gateway => out.extend(
+                model
+                    .services
+                    .iter()
+                    .filter(|s| s.namespace == ns && s.waypoint.as_deref() == Some(&p.name))
+                    .map(|s| Attachment {
+                        namespace: &s.namespace,
+                        name: &s.name,
+                        port: None,
+                        consumer: None,
+                    }),
+            ),
+        }
+    }
+    out
 }
 
 #[derive(Debug, Default)]
@@ -380,22 +429,41 @@ struct ServiceRoutes {
 }
 
 impl ServiceRoutes {
-    fn attached_on(&self, port: u16) -> bool {
-        let on = |p: Option<u16>| p.is_none_or(|p| p == port);
-        self.http.iter().any(|e| on(e.port)) || self.grpc.iter().any(|e| on(e.port))
+    /// Whose routes a client of `client_ns` gets on `port`: its own
+    /// namespace's consumer routes when there are any (`Some(Some(ns))`),
+    /// else the producer routes (`Some(None)`); `None` when neither is
+    /// attached there, so the Service itself is the backend.
+    fn audience<'c>(&self, port: u16, client_ns: &'c str) -> Option<Option<&'c str>> {
+        let any = |who: Option<&str>| {
+            self.http.iter().any(|e| e.applies(port, who))
+                || self.grpc.iter().any(|e| e.applies(port, who))
+        };
+        if any(Some(client_ns)) {
+            Some(Some(client_ns))
+        } else if any(None) {
+            Some(None)
+        } else {
+            None
+        }
     }
 }
 
-/// One match of one rule, attached to one service (and maybe one port).
 #[derive(Debug)]
 struct Entry<M> {
     route: Arc<CompiledRoute>,
     rule: usize,
     port: Option<u16>,
+    /// A consumer route's namespace; `None` for a producer route.
+    consumer: Option<Arc<str>>,
     matcher: M,
 }
 
 impl<M> Entry<M> {
+    /// Attached on `port`, and one of `audience`'s routes.
+    fn applies(&self, port: u16, audience: Option<&str>) -> bool {
+        self.port.is_none_or(|p| p == port) && self.consumer.as_deref() == audience
+    }
+
     fn rule(&self) -> &CompiledRule {
         &self.route.rules[self.rule]
     }

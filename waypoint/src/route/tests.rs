@@ -28,7 +28,7 @@ fn get(uri: &str) -> Parts {
 
 /// The rule that forwards `r` to service shop/web:80.
 fn rule_of(t: &RouteTable, r: &Parts) -> String {
-    match t.route("shop", "web", 80, r) {
+    match t.route("shop", "web", 80, "shop", r) {
         RouteDecision::Forward(f) => f.rule.to_owned(),
         other => format!("{:?}", other.status()),
     }
@@ -57,7 +57,7 @@ fn rules(route: &str, created: &str, matches: &[&str]) -> String {
 #[test]
 fn without_routes_the_service_itself_is_the_backend() {
     let t = http("  []");
-    let f = forward(t.route("shop", "web", 8080, &get("/x")));
+    let f = forward(t.route("shop", "web", 8080, "shop", &get("/x")));
     assert_eq!(f.rule, DEFAULT_RULE);
     assert_eq!(
         *f.backend,
@@ -78,16 +78,16 @@ fn routes_attach_to_a_service_port_and_unmatched_requests_get_404() {
     );
     assert_eq!(rule_of(&t, &get("/a")), "shop/r#0");
     assert_eq!(
-        t.route("shop", "web", 80, &get("/b")).status(),
+        t.route("shop", "web", 80, "shop", &get("/b")).status(),
         Some(StatusCode::NOT_FOUND)
     );
     // Another port, another namespace: nothing attached, default route.
     assert_eq!(
-        forward(t.route("shop", "web", 81, &get("/b"))).rule,
+        forward(t.route("shop", "web", 81, "shop", &get("/b"))).rule,
         DEFAULT_RULE
     );
     assert_eq!(
-        forward(t.route("other", "web", 80, &get("/b"))).rule,
+        forward(t.route("other", "web", 80, "shop", &get("/b"))).rule,
         DEFAULT_RULE
     );
 }
@@ -257,7 +257,7 @@ fn weights_split_traffic_and_zero_weight_gets_none() {
     let r = get("/");
     let mut counts = HashMap::<String, u32>::new();
     for _ in 0..10_000 {
-        let f = forward(t.route_with_rng("shop", "web", 80, &r, &mut rng));
+        let f = forward(t.route_with_rng("shop", "web", 80, "shop", &r, &mut rng));
         *counts.entry(f.backend.name.clone()).or_default() += 1;
     }
     let v1 = counts.get("v1").copied().unwrap_or(0);
@@ -275,7 +275,7 @@ fn rules_without_a_usable_backend_answer_500() {
   - { name: bad, namespace: shop, parents: [{ name: web }], rules: [{ matches: [{ path: { type: Exact, value: /bad } }], backends: [{ name: '', port: 80 }] }] }",
     );
     for path in ["/none", "/zero", "/bad"] {
-        let d = t.route("shop", "web", 80, &get(path));
+        let d = t.route("shop", "web", 80, "shop", &get(path));
         assert_eq!(
             d.status(),
             Some(StatusCode::INTERNAL_SERVER_ERROR),
@@ -323,7 +323,7 @@ fn forward_carries_filters_rewrite_mirrors_timeouts_and_retry() {
         timeouts: { request_ms: 1000, backend_request_ms: 300 }
         retry: { attempts: 2, codes: [503] }",
     );
-    let f = forward(t.route("shop", "web", 80, &get("/api/items?page=2")));
+    let f = forward(t.route("shop", "web", 80, "shop", &get("/api/items?page=2")));
     assert_eq!(f.backend.namespace, "backend");
     assert_eq!(f.backend.port, 8080);
     assert_eq!(
@@ -426,7 +426,13 @@ fn redirects_compose_location_per_spec() {
         let t = http(&format!(
             "  - {{ name: r, namespace: shop, parents: [{{ name: web }}], rules: [{{ matches: [{{ path: {{ type: PathPrefix, value: /old }} }}], filters: [!RequestRedirect {filter}] }}] }}"
         ));
-        match t.route("shop", "web", 8080, &req("GET", uri, &[("host", host)])) {
+        match t.route(
+            "shop",
+            "web",
+            8080,
+            "shop",
+            &req("GET", uri, &[("host", host)]),
+        ) {
             RouteDecision::Redirect { rule, response } => {
                 assert_eq!(rule, "shop/r#0");
                 let loc = response.headers()[http::header::LOCATION]
@@ -505,7 +511,7 @@ fn grpc_methods_match_with_grpcroute_precedence() {
       - { matches: [{ method: { type: RegularExpression, service: 'shop\\..*', method: 'List.*' } }], backends: [{ name: regex, port: 80 }] }
       - { matches: [{ method: { service: shop.Cart, method: Get }, headers: [{ name: x-canary, value: 'yes' }] }], backends: [{ name: canary, port: 80 }] }",
     );
-    let backend = |r: &Parts| match t.route("shop", "web", 80, r) {
+    let backend = |r: &Parts| match t.route("shop", "web", 80, "shop", r) {
         RouteDecision::Forward(f) => f.backend.name.clone(),
         other => format!("{:?}", other.status()),
     };
@@ -535,8 +541,65 @@ fn grpc_requests_try_grpcroutes_before_httproutes() {
         "  - { name: h, namespace: shop, parents: [{ name: web }], rules: [{ backends: [{ name: http, port: 80 }] }] }",
         "  - { name: g, namespace: shop, parents: [{ name: web }], rules: [{ matches: [{ method: { service: shop.Cart } }], backends: [{ name: grpc, port: 80 }] }] }",
     );
-    let backend = |r: &Parts| forward(t.route("shop", "web", 80, r)).backend.name.clone();
+    let backend = |r: &Parts| {
+        forward(t.route("shop", "web", 80, "shop", r))
+            .backend
+            .name
+            .clone()
+    };
     assert_eq!(backend(&grpc_req("/shop.Cart/Get")), "grpc");
     assert_eq!(backend(&grpc_req("/shop.Orders/Get")), "http");
     assert_eq!(backend(&get("/shop.Cart/Get")), "http");
+}
+
+#[test]
+fn consumer_routes_apply_only_to_their_namespace_and_replace_the_producer_routes() {
+    let t = http(
+        "  - { name: producer, namespace: shop, parents: [{ name: web }], rules: [{ backends: [{ name: web, port: 80 }] }] }
+  - { name: mine, namespace: front, parents: [{ name: web, namespace: shop, port: 80 }], rules: [{ filters: [!ResponseHeaderModifier { set: [[x-consumer, front]] }], backends: [{ name: web, namespace: shop, port: 80 }] }] }",
+    );
+    let from = |ns: &str, port| match t.route("shop", "web", port, ns, &get("/")) {
+        RouteDecision::Forward(f) => (f.rule.to_owned(), f.backend.namespace.clone()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(from("front", 80), ("front/mine#0".into(), "shop".into()));
+    assert_eq!(from("shop", 80), ("shop/producer#0".into(), "shop".into()));
+    assert_eq!(
+        from("elsewhere", 80),
+        ("shop/producer#0".into(), "shop".into())
+    );
+    // The consumer route names port 80 only: on 8080 the producer's apply.
+    assert_eq!(
+        from("front", 8080),
+        ("shop/producer#0".into(), "shop".into())
+    );
+    let f = forward(t.route("shop", "web", 80, "front", &get("/")));
+    let mut h = HeaderMap::new();
+    f.apply_response_headers(&mut h);
+    assert_eq!(h["x-consumer"], "front");
+}
+
+#[test]
+fn a_waypoint_gateway_parent_routes_every_service_using_that_waypoint() {
+    let doc = "services:
+  - { name: web, namespace: shop, vips: [10.96.0.1], ports: [{ port: 80 }], waypoint: wp }
+  - { name: api, namespace: shop, vips: [10.96.0.2], ports: [{ port: 80 }], waypoint: wp }
+  - { name: direct, namespace: shop, vips: [10.96.0.3], ports: [{ port: 80 }] }
+http_routes:
+  - { name: all, namespace: shop, parents: [{ kind: Gateway, name: wp, port: 15008 }], rules: [{ matches: [{ path: { type: PathPrefix, value: /v2 } }], backends: [{ name: v2, port: 80 }] }] }
+";
+    let t = RouteTable::build(&MeshModel::from_yaml(doc).unwrap());
+    for svc in ["web", "api"] {
+        let f = forward(t.route("shop", svc, 80, "shop", &get("/v2/x")));
+        assert_eq!((f.rule, f.backend.name.as_str()), ("shop/all#0", "v2"));
+        assert_eq!(
+            t.route("shop", svc, 80, "shop", &get("/v1")).status(),
+            Some(StatusCode::NOT_FOUND)
+        );
+    }
+    // A Service not using the waypoint is not attached.
+    assert_eq!(
+        forward(t.route("shop", "direct", 80, "shop", &get("/v2"))).rule,
+        DEFAULT_RULE
+    );
 }

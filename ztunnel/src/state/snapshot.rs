@@ -145,7 +145,8 @@ impl Snapshot {
                 };
             };
             if let Some(wp) = &svc.waypoint {
-                return self.route_to_waypoint(svc, wp, dst);
+                let service = format!("{}.{}", svc.name, svc.namespace);
+                return self.route_to_waypoint(&svc.namespace, wp, dst, Some(service));
             }
             let eps = &self.endpoints[si];
             if eps.is_empty() {
@@ -163,7 +164,16 @@ impl Snapshot {
             );
         }
         match self.workload_by_ip.get(&dst.ip()) {
-            Some(&wi) => self.route_to_workload(&self.model.workloads[wi], dst, None),
+            // A pod that takes traffic only from its waypoint is reached
+            // through it when dialled by address too (the waypoint forwards
+            // such a request unrouted, its L7 policy applied).
+            Some(&wi) => match self.waypoint_required.get(&wi).and_then(|l| l.first()) {
+                Some((_, wp)) => {
+                    let (ns, name) = wp.split_once('/').unwrap_or(("", wp));
+                    self.route_to_waypoint(ns, name, dst, None)
+                }
+                None => self.route_to_workload(&self.model.workloads[wi], dst, None),
+            },
             None => OutboundRoute::Passthrough {
                 target: dst,
                 service: None,
@@ -171,21 +181,26 @@ impl Snapshot {
         }
     }
 
-    /// A Service with a waypoint: HBONE to one of the waypoint's pods,
+    /// Through waypoint `namespace/waypoint`: HBONE to one of its pods,
     /// CONNECT to the address the app dialled (the waypoint routes it). No
     /// waypoint pod: refuse rather than bypass its policy.
-    fn route_to_waypoint(&self, svc: &Service, waypoint: &str, dst: SocketAddr) -> OutboundRoute {
-        let service = format!("{}.{}", svc.name, svc.namespace);
+    fn route_to_waypoint(
+        &self,
+        namespace: &str,
+        waypoint: &str,
+        dst: SocketAddr,
+        service: Option<String>,
+    ) -> OutboundRoute {
         let pods = self
             .waypoint_pods
-            .get(&(svc.namespace.clone(), waypoint.to_owned()))
+            .get(&(namespace.to_owned(), waypoint.to_owned()))
             .map(Vec::as_slice)
             .unwrap_or_default();
         if pods.is_empty() {
             return OutboundRoute::NoEndpoint {
                 service: format!(
-                    "{}/{} (waypoint {waypoint} has no pod)",
-                    svc.namespace, svc.name
+                    "{} (waypoint {namespace}/{waypoint} has no pod)",
+                    service.as_deref().unwrap_or(&dst.to_string())
                 ),
             };
         }
@@ -198,7 +213,7 @@ impl Snapshot {
             identity: self.identity(w),
             workload: w.name.clone(),
             namespace: w.namespace.clone(),
-            service: Some(service),
+            service,
         }
     }
 
@@ -357,6 +372,20 @@ waypoints:
             s.route_outbound("10.96.0.2:80".parse().unwrap()),
             OutboundRoute::NoEndpoint { .. }
         ));
+        // Dialled by its address, the pod is still reached through wp.
+        match s.route_outbound("10.1.0.2:8080".parse().unwrap()) {
+            OutboundRoute::Hbone {
+                target,
+                hbone,
+                service,
+                ..
+            } => {
+                assert_eq!(target, "10.1.0.2:8080".parse().unwrap());
+                assert_eq!(hbone, "10.1.0.9:15008".parse().unwrap());
+                assert_eq!(service, None);
+            }
+            other => panic!("{other:?}"),
+        }
         let web = s.workload("shop", "web").unwrap().workload;
         let required: Vec<String> = s
             .required_waypoints(web)
