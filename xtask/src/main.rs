@@ -126,7 +126,7 @@ fn main() -> ExitCode {
             .and_then(|_| image::build(cargo(), &target_dir(), release))
             .map(drop),
         Cmd::Chart { check } => chart(check),
-        Cmd::Fuzz { target, time } => setup().and_then(|_| fuzz(target.as_deref(), time)),
+        Cmd::Fuzz { target, time } => setup().and_then(|_| fuzz(target.as_deref(), time, true)),
         Cmd::Conformance { args } => setup().and_then(|_| conformance(&args)),
     };
     match result {
@@ -325,8 +325,11 @@ const FUZZ_TARGETS: &[&str] = &[
 /// Runs each target (or `only`) for `seconds` from a scratch copy of its
 /// seed corpus (the repository's seeds stay as they are), and prints how
 /// many inputs each ran. libFuzzer's crash input is kept under
-/// target/fuzz/artifacts/ and named in the error.
-fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
+/// target/fuzz/artifacts/ and named in the error. `release` builds the
+/// targets optimised (the long runs by hand); the short run inside
+/// `cargo xtask test` builds them in the dev profile, which compiles in
+/// about half the time and still finds panics, only more slowly.
+fn fuzz(only: Option<&str>, seconds: u64, release: bool) -> Result<()> {
     let targets: Vec<&str> = match only {
         Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
         Some(t) => bail!("unknown fuzz target {t:?}; the targets are {FUZZ_TARGETS:?}"),
@@ -336,8 +339,11 @@ fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
     let fuzz_dir = root.join("fuzz/targets");
     // Without sanitizers: Weft is safe Rust above its dependencies, and a
     // panic is what the targets look for; it also keeps the build short.
+    let profile: &[&str] = if release { &[] } else { &["--dev"] };
     run(cargo()
-        .args(["+nightly", "fuzz", "build", "-s", "none", "--fuzz-dir"])
+        .args(["+nightly", "fuzz", "build", "-s", "none"])
+        .args(profile)
+        .arg("--fuzz-dir")
         .arg(&fuzz_dir))
     .context("building the fuzz targets (needs the nightly toolchain and cargo-fuzz: `cargo xtask setup`)")?;
     let mut summary = Vec::new();
@@ -347,7 +353,9 @@ fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
         std::fs::create_dir_all(&scratch)?;
         std::fs::create_dir_all(&artifacts)?;
         let out = cargo()
-            .args(["+nightly", "fuzz", "run", "-s", "none", "--fuzz-dir"])
+            .args(["+nightly", "fuzz", "run", "-s", "none"])
+            .args(profile)
+            .arg("--fuzz-dir")
             .arg(&fuzz_dir)
             .arg(t)
             .arg(&scratch)
@@ -413,7 +421,9 @@ fn test(args: &[String]) -> Result<()> {
     // of every fuzz target before the tests, so the run ends with the test
     // runner's summary.
     chart_checks()?;
-    fuzz(None, CI_FUZZ_SECONDS)?;
+    let started = std::time::Instant::now();
+    fuzz(None, CI_FUZZ_SECONDS, false)?;
+    eprintln!("xtask: fuzzing took {} s", started.elapsed().as_secs());
     // End-to-end tests start these binaries.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     // The images from debug binaries (tests/tests/images.rs checks them and
