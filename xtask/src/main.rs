@@ -340,8 +340,8 @@ fn fuzz(only: Option<&str>, seconds: u64, release: bool) -> Result<()> {
     // Without sanitizers: Weft is safe Rust above its dependencies, and a
     // panic is what the targets look for; it also keeps the build short.
     let profile: &[&str] = if release { &[] } else { &["--dev"] };
-    run(cargo()
-        .args(["+nightly", "fuzz", "build", "-s", "none"])
+    run(cargo_fuzz()
+        .args(["build", "-s", "none"])
         .args(profile)
         .arg("--fuzz-dir")
         .arg(&fuzz_dir))
@@ -352,8 +352,8 @@ fn fuzz(only: Option<&str>, seconds: u64, release: bool) -> Result<()> {
         let artifacts = root.join("target/fuzz/artifacts").join(t);
         std::fs::create_dir_all(&scratch)?;
         std::fs::create_dir_all(&artifacts)?;
-        let out = cargo()
-            .args(["+nightly", "fuzz", "run", "-s", "none"])
+        let out = cargo_fuzz()
+            .args(["run", "-s", "none"])
             .args(profile)
             .arg("--fuzz-dir")
             .arg(&fuzz_dir)
@@ -403,6 +403,18 @@ fn target_dir() -> PathBuf {
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root_dir());
+    c
+}
+
+/// `cargo fuzz` on the nightly toolchain (through rustup: the `cargo` this
+/// runs under is the stable one, which knows no `+nightly`).
+fn cargo_fuzz() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", "cargo", "fuzz"])
+        .env_remove("CARGO")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .current_dir(root_dir());
     c
 }
 
