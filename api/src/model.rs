@@ -51,7 +51,17 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     #[serde(default)]
     pub labels: Labels,
+    /// The container ports the pod's liveness, readiness and startup probes
+    /// use (named ports resolved). Only these are reachable from the node's
+    /// own addresses (the kubelet) without going through the ztunnel; every
+    /// other connection from the node meets policy like any client's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_ports: Vec<u16>,
 }
+
+/// At most this many probe ports per pod (the kernel's steering entry has
+/// room for this many; a pod declaring more is refused by validation).
+pub const MAX_PROBE_PORTS: usize = 8;
 
 fn default_service_account() -> String {
     "default".to_owned()
@@ -203,6 +213,12 @@ pub enum ModelError {
 pub fn validate_workload(w: &Workload) -> Result<(), String> {
     if w.name.is_empty() || w.namespace.is_empty() {
         return Err("a workload needs a name and a namespace".into());
+    }
+    if w.probe_ports.len() > MAX_PROBE_PORTS || w.probe_ports.contains(&0) {
+        return Err(format!(
+            "workload {}/{}: at most {MAX_PROBE_PORTS} probe ports, none 0 (got {:?})",
+            w.namespace, w.name, w.probe_ports
+        ));
     }
     Ok(())
 }

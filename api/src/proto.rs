@@ -135,6 +135,7 @@ impl From<&model::Workload> for Workload {
             node: w.node.clone(),
             ips: w.ips.iter().map(ToString::to_string).collect(),
             labels: w.labels.clone().into_iter().collect(),
+            probe_ports: w.probe_ports.iter().map(|&p| u32::from(p)).collect(),
         }
     }
 }
@@ -327,6 +328,11 @@ impl TryFrom<&Workload> for model::Workload {
             node: w.node.clone(),
             ips: parse_ips("workload", &w.namespace, &w.name, &w.ips)?,
             labels: w.labels.clone().into_iter().collect(),
+            probe_ports: w
+                .probe_ports
+                .iter()
+                .map(|&p| port16("workload", &w.namespace, &w.name, p))
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -469,7 +469,22 @@ impl Mesh {
             node: self.cluster.node(pod.node).name.clone(),
             ips: vec![IpAddr::V4(pod.ip), IpAddr::V6(pod.ip6)],
             labels: all,
+            probe_ports: Vec::new(),
         });
+        self.write_model()
+    }
+
+    /// Gives a recorded pod probe ports, as the controller does from the
+    /// pod spec's probes (the only ports the node reaches without the
+    /// ztunnel), and writes the model.
+    pub fn set_probe_ports(&mut self, pod: &Pod, ports: &[u16]) -> Result<()> {
+        let w = self
+            .model
+            .workloads
+            .iter_mut()
+            .find(|w| w.namespace == pod.namespace && w.name == pod.name)
+            .with_context(|| format!("pod {}/{} is not in the model", pod.namespace, pod.name))?;
+        w.probe_ports = ports.to_vec();
         self.write_model()
     }
 

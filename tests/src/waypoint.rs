@@ -111,6 +111,7 @@ impl Mesh {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            probe_ports: Vec::new(),
         });
         self.write_model()?;
         self.cni(&pod, "ADD")?;

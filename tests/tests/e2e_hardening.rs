@@ -457,3 +457,97 @@ fn e2e_hardening_post_quantum_key_exchange_with_ztunnel_and_waypoint() {
         }
     }
 }
+
+/// The node's own addresses reach an enrolled pod directly only on the
+/// pod's probe ports (what the kubelet needs); a hostNetwork process
+/// connecting to any other port goes through the ztunnel and meets policy:
+/// a DENY of the node's addresses refuses it, while the probe port still
+/// reaches the app directly, uncounted by the ztunnel.
+#[test]
+fn e2e_hardening_the_node_bypasses_policy_only_on_probe_ports() {
+    let mut mesh = Mesh::new(1, &["shop"]).expect("mesh");
+    let web = mesh.add_pod(0, "shop", "web", "web").unwrap();
+    mesh.wait_enrolled(0, &web, true).unwrap();
+    mesh.serve_testapp(&web, 7000).unwrap();
+    mesh.serve_testapp(&web, 7001).unwrap();
+    mesh.set_probe_ports(&web, &[7000]).unwrap();
+    let node = mesh.cluster.node(0).clone();
+    let from_node = |mesh: &Mesh, port: u16| -> serde_json::Value {
+        let out = node
+            .command_os(bin_path("weft-testapp"))
+            .args([
+                "connect",
+                "--connect",
+                &format!("{}:{port}", web.ip),
+                "--timeout",
+                "5",
+            ])
+            .output()
+            .expect("run weft-testapp in the node");
+        let _ = mesh;
+        serde_json::from_slice(&out.stdout).unwrap_or_else(
+            |_| serde_json::json!({"ok": false, "error": String::from_utf8_lossy(&out.stderr)}),
+        )
+    };
+    let node_sources = vec![
+        format!("{}/32", node.ip),
+        format!("{}/32", weft_e2e::cluster::POD_GATEWAY),
+        format!("{}/128", node.ip6),
+    ];
+    mesh.model.policies.push(AuthorizationPolicy {
+        name: "deny-node".into(),
+        namespace: "shop".into(),
+        selector: Some([("app".to_owned(), "web".to_owned())].into()),
+        action: PolicyAction::Deny,
+        rules: vec![Rule {
+            from: vec![Source {
+                ip_blocks: node_sources,
+                ..Default::default()
+            }],
+            to: vec![],
+        }],
+        targets: vec![],
+    });
+    mesh.write_model().unwrap();
+
+    // A hostNetwork process to the app port: through the ztunnel, denied.
+    wait_until(Duration::from_secs(10), || {
+        (from_node(&mesh, 7001)["ok"] == false).then_some(())
+    })
+    .expect("the node's connection to a non-probe port meets the DENY");
+    let m = mesh.metrics(0).unwrap();
+    assert!(
+        metric_sum(
+            &m,
+            "weft_authorization_denials_total",
+            &[("policy", "shop/deny-node")]
+        ) >= 1.0,
+        "the denial is counted under the policy: {m}"
+    );
+
+    // The kubelet's probe to the probe port: straight to the app, from the
+    // node's address, not seen by the ztunnel.
+    let opened = |m: &str| metric_sum(m, "weft_tcp_connections_opened_total", &[]);
+    let before = opened(&mesh.metrics(0).unwrap());
+    let v = from_node(&mesh, 7000);
+    assert_eq!(v["ok"], true, "the probe port reaches the app: {v}");
+    let peer = v["peer_seen_by_server"].as_str().unwrap_or_default();
+    assert!(
+        peer.starts_with(&format!("{}:", node.ip))
+            || peer.starts_with(&format!("{}:", weft_e2e::cluster::POD_GATEWAY)),
+        "the app sees the node: {v}"
+    );
+    assert_eq!(
+        before,
+        opened(&mesh.metrics(0).unwrap()),
+        "the probe went through the ztunnel"
+    );
+
+    // Probe ports follow the model: without them, the node's connection to
+    // 7000 meets the DENY too.
+    mesh.set_probe_ports(&web, &[]).unwrap();
+    wait_until(Duration::from_secs(10), || {
+        (from_node(&mesh, 7000)["ok"] == false).then_some(())
+    })
+    .expect("with no probe ports, 7000 from the node meets the DENY");
+}

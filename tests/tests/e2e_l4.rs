@@ -137,6 +137,9 @@ fn e2e_non_enrolled_bypass_and_node_probes() {
     mesh.wait_enrolled(1, &meshed, true).unwrap();
     mesh.serve_testapp(&plain_server, 7000).unwrap();
     mesh.serve_testapp(&meshed, 7000).unwrap();
+    // 7000 is also the pod's probe port (what the controller reads from
+    // the pod spec's probes), so the node reaches it directly.
+    mesh.set_probe_ports(&meshed, &[7000]).unwrap();
     let before = (mesh.metrics(0).unwrap(), mesh.metrics(1).unwrap());
 
     for _ in 0..5 {
@@ -166,7 +169,8 @@ fn e2e_non_enrolled_bypass_and_node_probes() {
         "node2 ztunnel counted non-mesh traffic"
     );
 
-    // Probe from the node itself: straight to the app, ztunnel not involved.
+    // Probe from the node itself to the probe port: straight to the app,
+    // ztunnel not involved (other ports: e2e_hardening).
     let node_ip = mesh.cluster.node(1).ip;
     let who = mesh
         .node_exec(

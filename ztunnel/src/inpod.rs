@@ -35,6 +35,8 @@ struct Known {
 struct Enrollment {
     pod: Arc<EnrolledPod>,
     cancel: CancellationToken,
+    /// The ports the node reaches directly, as last written to the kernel.
+    probe_ports: Vec<u16>,
 }
 
 pub struct InPod {
@@ -277,8 +279,27 @@ impl InPod {
         }
     }
 
+    /// The pod's probe ports as the model knows them (none until the model
+    /// names the pod: until then the kubelet's probes meet policy too).
+    fn probe_ports(&self, info: &PodInfo) -> Vec<u16> {
+        let snap = self.pi.state.load();
+        snap.workload(&info.namespace, &info.name)
+            .map(|w| w.workload.probe_ports.clone())
+            .unwrap_or_default()
+    }
+
     fn reconcile_one(&self, known: &mut Known) -> anyhow::Result<()> {
         let want = self.wants_capture(&known.info);
+        if let (true, Some(e)) = (want, known.enrolled.as_mut()) {
+            let ports = self.probe_ports(&known.info);
+            if ports != e.probe_ports {
+                self.pi
+                    .capture
+                    .set_probe_ports(e.pod.netns.cookie(), &ports)?;
+                info!(component = "inpod", pod = %known.info.key(), ?ports, "probe ports the node reaches directly");
+                e.probe_ports = ports;
+            }
+        }
         match (want, known.enrolled.is_some()) {
             (true, false) => {
                 known.enrolled = Some(self.enroll(&known.info)?);
@@ -320,10 +341,12 @@ impl InPod {
         let hbone = socket::listener_in(&netns, SocketAddr::new(wildcard, ports::HBONE))?;
         pod_routing::install(&netns)
             .map_err(|e| anyhow::anyhow!("in-pod routing for {}: {e}", info.key()))?;
+        let probe_ports = self.probe_ports(info);
         self.pi.capture.enroll(&PodCapture {
             netns: &netns,
             ips: info.ips.clone(),
             probe_sources: self.pi.cfg.node_ips.clone(),
+            probe_ports: &probe_ports,
             inbound: inbound.as_fd(),
             hbone: hbone.as_fd(),
         })?;
@@ -359,7 +382,11 @@ impl InPod {
                 cancel.clone(),
             ));
         }
-        Ok(Enrollment { pod, cancel })
+        Ok(Enrollment {
+            pod,
+            cancel,
+            probe_ports,
+        })
     }
 
     fn unenroll(&self, e: Enrollment) {

@@ -245,6 +245,7 @@ fn enroll(capture: &Capture, t: &Topology, l: &Listeners) {
             netns: &t.pod,
             ips: vec![IpAddr::V4(t.pod_ip)],
             probe_sources: vec![IpAddr::V4(t.node_ip)],
+            probe_ports: &[8080],
             inbound: l.inbound.as_fd(),
             hbone: l.hbone.as_fd(),
         })
@@ -357,10 +358,29 @@ fn netns_capture_steers_outbound_and_inbound_and_fails_closed() {
     let (s, _) = accept_within(&l.hbone, WAIT).expect("15008 reached the HBONE listener");
     assert_eq!(s.local_addr().expect("getsockname"), sa(t.pod_ip, 15008));
 
-    // A probe from the node reaches the app directly.
+    // A probe from the node to the probe port reaches the app directly.
     let _c = connect_from(&t.node, sa(t.pod_ip, 8080)).expect("probe connect");
     let (_, peer) = accept_within(&app, WAIT).expect("node probe reaches the app directly");
     assert_eq!(peer.ip(), IpAddr::V4(t.node_ip));
+    // From the node to any other port: through the ztunnel, like any client.
+    let _c = connect_from(&t.node, sa(t.pod_ip, 9090)).expect("node connect to a non-probe port");
+    let (s, peer) = accept_within(&l.inbound, WAIT)
+        .expect("the node's connection to a non-probe port reached the inbound listener");
+    assert_eq!(s.local_addr().expect("getsockname"), sa(t.pod_ip, 9090));
+    assert_eq!(peer.ip(), IpAddr::V4(t.node_ip));
+    // The probe ports follow the model: without them, 8080 from the node
+    // meets the ztunnel too; restored, the probe goes direct again.
+    capture
+        .set_probe_ports(t.pod.cookie(), &[])
+        .expect("clear probe ports");
+    let _c = connect_from(&t.node, sa(t.pod_ip, 8080)).expect("node connect, no probe ports");
+    accept_within(&l.inbound, WAIT).expect("without probe ports the node meets the ztunnel");
+    assert_nothing_accepted(&app, "the app (no probe ports)");
+    capture
+        .set_probe_ports(t.pod.cookie(), &[8080])
+        .expect("restore probe ports");
+    let _c = connect_from(&t.node, sa(t.pod_ip, 8080)).expect("probe connect again");
+    accept_within(&app, WAIT).expect("the probe port goes direct again");
 
     // ztunnel's inbound leg: transparent, MARK_INBOUND, bound to the client's
     // IP; not captured, and the app sees the client's IP thanks to pod routing.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, Probe};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -79,6 +79,7 @@ pub(crate) fn build_workloads(
             .or_else(|| spec.service_account.clone())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_owned());
+        let probe_ports = probe_ports(spec, &format!("{ns}/{name}"), problems);
         out.push(model::Workload {
             uid: pod.metadata.uid.clone().unwrap_or_default(),
             name,
@@ -87,9 +88,71 @@ pub(crate) fn build_workloads(
             node,
             ips,
             labels: pod.labels().clone(),
+            probe_ports,
         });
     }
     out
+}
+
+/// The container ports the kubelet probes (liveness, readiness, startup;
+/// HTTP, TCP and gRPC probes; named ports resolved against the container's
+/// ports), sorted, at most `model::MAX_PROBE_PORTS`. Exec probes use no
+/// port. A named port the container does not declare, or more ports than
+/// fit, is reported: the kubelet's connection to such a port meets the
+/// pod's policy like any other.
+pub(crate) fn probe_ports(spec: &PodSpec, pod: &str, problems: &mut BTreeSet<String>) -> Vec<u16> {
+    let mut ports = BTreeSet::new();
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let named = |name: &str| {
+            c.ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
+        let probes: [&Option<Probe>; 3] = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
+        for probe in probes.into_iter().flatten() {
+            let port = if let Some(h) = &probe.http_get {
+                Some(&h.port)
+            } else {
+                probe.tcp_socket.as_ref().map(|t| &t.port)
+            };
+            let resolved = match port {
+                Some(IntOrString::Int(p)) => u16::try_from(*p).ok().filter(|p| *p != 0),
+                Some(IntOrString::String(name)) => {
+                    let p = named(name);
+                    if p.is_none() {
+                        problems.insert(format!(
+                            "pod {pod}: container {} probes port {name:?}, which it does not declare",
+                            c.name
+                        ));
+                    }
+                    p
+                }
+                None => probe
+                    .grpc
+                    .as_ref()
+                    .and_then(|g| u16::try_from(g.port).ok())
+                    .filter(|p| *p != 0),
+            };
+            ports.extend(resolved);
+        }
+    }
+    let mut ports: Vec<u16> = ports.into_iter().collect();
+    if ports.len() > model::MAX_PROBE_PORTS {
+        problems.insert(format!(
+            "pod {pod}: probes use {} ports; only the first {} ({:?}) bypass the ztunnel from the node",
+            ports.len(),
+            model::MAX_PROBE_PORTS,
+            &ports[..model::MAX_PROBE_PORTS]
+        ));
+        ports.truncate(model::MAX_PROBE_PORTS);
+    }
+    ports
 }
 
 /// Services (not ExternalName) with their cluster IPs, ports (named target

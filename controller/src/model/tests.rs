@@ -86,6 +86,53 @@ spec:
     }
 
     #[test]
+    fn probe_ports_come_from_the_pod_spec() {
+        let pod: Arc<k8s_openapi::api::core::v1::Pod> = obj(r#"
+metadata: {name: app, namespace: shop}
+spec:
+  nodeName: n1
+  containers:
+  - name: web
+    ports: [{name: health, containerPort: 8081}, {name: http, containerPort: 8080}]
+    livenessProbe: {httpGet: {path: /live, port: health}}
+    readinessProbe: {tcpSocket: {port: 8080}}
+    startupProbe: {exec: {command: [true]}}
+  - name: rpc
+    livenessProbe: {grpc: {port: 9090}}
+    readinessProbe: {httpGet: {path: /ready, port: missing}}
+status: {phase: Running, podIP: 10.0.0.7}
+"#);
+        let mut problems = std::collections::BTreeSet::new();
+        let ports =
+            crate::model::core::probe_ports(pod.spec.as_ref().unwrap(), "shop/app", &mut problems);
+        assert_eq!(ports, [8080, 8081, 9090]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems.iter().next().unwrap().contains("\"missing\""),
+            "{problems:?}"
+        );
+
+        let many: Vec<String> = (1..=10)
+            .map(|i| {
+                format!(
+                    "{{name: c{i}, livenessProbe: {{tcpSocket: {{port: {}}}}}}}",
+                    9000 + i
+                )
+            })
+            .collect();
+        let pod: Arc<k8s_openapi::api::core::v1::Pod> = obj(&format!(
+            "metadata: {{name: many, namespace: shop}}\nspec: {{containers: [{}]}}",
+            many.join(", ")
+        ));
+        let mut problems = std::collections::BTreeSet::new();
+        let ports =
+            crate::model::core::probe_ports(pod.spec.as_ref().unwrap(), "shop/many", &mut problems);
+        assert_eq!(ports.len(), model::MAX_PROBE_PORTS);
+        assert_eq!(ports[0], 9001);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
     fn policies_get_status() {
         let mut st = state();
         st.authorization_policies = vec![

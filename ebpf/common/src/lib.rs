@@ -27,6 +27,8 @@ pub const FAMILY_V6: u16 = 10;
 pub const LISTENER_SLOTS: u32 = 4096;
 /// Probe-source addresses (the node's IPs) kept per pod.
 pub const MAX_PROBE_SOURCES: usize = 4;
+/// Probe ports kept per pod (`weft_api::model::MAX_PROBE_PORTS`).
+pub const MAX_PROBE_PORTS: usize = 8;
 
 /// Map names; the maps are pinned by these names under the loader's pin dir.
 pub mod maps {
@@ -106,10 +108,14 @@ pub struct PodSteer {
     pub inbound_slot: u32,
     /// `LISTENERS` slot of the HBONE (15008) listener.
     pub hbone_slot: u32,
-    /// Sources that reach the app directly (the node: kubelet health probes).
+    /// Sources that reach the app directly (the node: kubelet health
+    /// probes), and only on `probe_ports`.
     pub probe_sources: [IpKey; MAX_PROBE_SOURCES],
     pub probe_count: u32,
-    pub _pad: u32,
+    pub probe_port_count: u32,
+    /// The pod's probe ports (host order); from the node's addresses to
+    /// any other port, a connection goes through the ztunnel.
+    pub probe_ports: [u16; MAX_PROBE_PORTS],
 }
 
 impl SockAddr {

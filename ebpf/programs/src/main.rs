@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use weft_ebpf_common::{
     IpKey, LegKey, OrigKey, PodSteer, SockAddr, SockOrig, FAMILY_V4, FAMILY_V6, HBONE_PORT,
-    LISTENER_SLOTS, MARK_INBOUND, MARK_OUTBOUND, MAX_PROBE_SOURCES, OUTBOUND_PORT,
+    LISTENER_SLOTS, MARK_INBOUND, MARK_OUTBOUND, MAX_PROBE_PORTS, MAX_PROBE_SOURCES, OUTBOUND_PORT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -324,12 +324,26 @@ pub fn weft_sk_lookup(ctx: SkLookupContext) -> u32 {
         if INBOUND_LEGS.get(&leg).is_some() {
             return SK_PASS;
         }
+        // The kubelet's probes: from the node's own addresses to a port the
+        // pod's probes use, and nothing else, reach the app directly.
+        let mut from_node = false;
         let mut i = 0;
         while i < MAX_PROBE_SOURCES {
             if (i as u32) < steer.probe_count && steer.probe_sources[i] == remote {
-                return SK_PASS;
+                from_node = true;
             }
             i += 1;
+        }
+        if from_node {
+            let mut j = 0;
+            while j < MAX_PROBE_PORTS {
+                if (j as u32) < steer.probe_port_count
+                    && u32::from(steer.probe_ports[j]) == local_port
+                {
+                    return SK_PASS;
+                }
+                j += 1;
+            }
         }
         let slot = if local_port == HBONE_PORT as u32 {
             steer.hbone_slot

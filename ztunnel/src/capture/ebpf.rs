@@ -23,7 +23,7 @@ use aya::maps::{HashMap, MapData, MapError, SockMap};
 use aya::programs::{CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use weft_ebpf_common::{
-    maps, IpKey, OrigKey, PodSteer, SockAddr, LISTENER_SLOTS, MAX_PROBE_SOURCES,
+    maps, IpKey, OrigKey, PodSteer, SockAddr, LISTENER_SLOTS, MAX_PROBE_PORTS, MAX_PROBE_SOURCES,
 };
 
 use super::netns::{cgroup2_root, ensure_bpffs, Netns};
@@ -86,6 +86,9 @@ pub struct PodCapture<'a> {
     pub ips: Vec<IpAddr>,
     /// Sources that reach the app directly: the node's IPs (kubelet probes). At most 4.
     pub probe_sources: Vec<IpAddr>,
+    /// The only ports `probe_sources` reach directly: the pod's probe ports
+    /// (from the model). At most 8; none until the model names the pod.
+    pub probe_ports: &'a [u16],
     /// ztunnel's inbound plaintext (15006) listener inside the pod. For a pod
     /// with IPv6 it must be an IPv6 dual-stack socket (`[::]`, not v6-only):
     /// the kernel hands IPv4 connections to IPv6 sockets, not the reverse.
@@ -252,6 +255,7 @@ impl Capture {
         for (slot, ip) in steer.probe_sources.iter_mut().zip(&pod.probe_sources) {
             *slot = IpKey::from(*ip);
         }
+        set_probe_ports(&mut steer, pod.probe_ports)?;
         let wanted: Vec<IpKey> = pod.ips.iter().map(|ip| IpKey::from(*ip)).collect();
         // IPs this pod no longer has.
         for stale in a.steer_keys_of(cookie)? {
@@ -277,6 +281,24 @@ impl Capture {
         a.enrolled
             .insert(cookie, 1, 0)
             .map_err(map_error(maps::ENROLLED))?;
+        Ok(())
+    }
+
+    /// Changes which ports of an enrolled pod the node's addresses reach
+    /// directly (the pod's probe ports, once the model names the pod or its
+    /// probes change). Connections already open keep their path.
+    pub fn set_probe_ports(&self, netns_cookie: u64, ports: &[u16]) -> Result<(), CaptureError> {
+        let mut a = self.lock();
+        for key in a.steer_keys_of(netns_cookie)? {
+            let mut steer = a
+                .pod_steer
+                .get(&key, 0)
+                .map_err(map_error(maps::POD_STEER))?;
+            set_probe_ports(&mut steer, ports)?;
+            a.pod_steer
+                .insert(key, steer, 0)
+                .map_err(map_error(maps::POD_STEER))?;
+        }
         Ok(())
     }
 
@@ -426,6 +448,20 @@ fn program_error(name: &'static str) -> impl Fn(ProgramError) -> CaptureError {
         name,
         source: Box::new(source),
     }
+}
+
+/// Writes `ports` into a steering entry (at most `MAX_PROBE_PORTS`).
+fn set_probe_ports(steer: &mut PodSteer, ports: &[u16]) -> Result<(), CaptureError> {
+    if ports.len() > MAX_PROBE_PORTS {
+        return Err(CaptureError::InvalidPod(format!(
+            "{} probe ports, at most {MAX_PROBE_PORTS}",
+            ports.len()
+        )));
+    }
+    steer.probe_ports = [0; MAX_PROBE_PORTS];
+    steer.probe_ports[..ports.len()].copy_from_slice(ports);
+    steer.probe_port_count = ports.len() as u32;
+    Ok(())
 }
 
 /// A missing key is what a delete wanted anyway.
