@@ -154,11 +154,26 @@ pub struct Authorizer {
     by_service: HashMap<String, HashMap<String, Vec<usize>>>,
     /// namespace -> gateway name -> indexes into `policies`.
     by_gateway: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// (namespace, workload) -> the Services with a waypoint that select
+    /// it: their policies guard the workload when it is addressed directly.
+    services_of: HashMap<(String, String), Vec<String>>,
 }
 
 impl Authorizer {
     pub fn build(model: &MeshModel) -> Self {
         let mut a = Authorizer::default();
+        for (s, eps) in model.services.iter().zip(model.service_endpoints()) {
+            if s.waypoint.is_none() {
+                continue;
+            }
+            for e in eps {
+                let w = &model.workloads[e];
+                a.services_of
+                    .entry((w.namespace.clone(), w.name.clone()))
+                    .or_default()
+                    .push(s.name.clone());
+            }
+        }
         for p in model.policies.iter().filter(|p| !p.targets.is_empty()) {
             let i = a.policies.len();
             a.policies.push(p.clone());
@@ -201,6 +216,55 @@ impl Authorizer {
             }),
         };
         policy::decide(applicable.map(|&i| &self.policies[i]), &request)
+    }
+
+    /// The decision for a request to `workload` addressed directly (its
+    /// pod address, not a Service) at a waypoint: the policies of every
+    /// Service with a waypoint that selects it apply, each in turn, so a
+    /// pod address is no way around its Services' policies; and those
+    /// targeting the waypoint's Gateway. The first denial decides.
+    /// `req.service` is ignored.
+    pub fn decide_workload(&self, workload: Target<'_>, req: &AuthzRequest<'_>) -> Verdict<'_> {
+        let services = self
+            .services_of
+            .get(&(workload.namespace.to_owned(), workload.name.to_owned()))
+            .map_or(&[][..], Vec::as_slice);
+        let as_service = |name: &str| {
+            self.decide(&AuthzRequest {
+                service: Target {
+                    namespace: workload.namespace,
+                    name,
+                },
+                ..*req
+            })
+        };
+        let mut last = None;
+        for s in services {
+            let v = as_service(s);
+            if !v.allowed {
+                return v;
+            }
+            last = Some(v);
+        }
+        // No Service: the Gateway's policies alone.
+        last.unwrap_or_else(|| as_service(""))
+    }
+
+    /// `verdict` for a workload addressed directly (`decide_workload`).
+    pub fn verdict_workload(
+        &self,
+        workload: Target<'_>,
+        req: &AuthzRequest<'_>,
+    ) -> Result<(), String> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        match self.decide_workload(workload, req).decision() {
+            Decision::Allow => Ok(()),
+            Decision::Deny { policy } => {
+                Err(policy.unwrap_or_else(|| "no-matching-allow".to_owned()))
+            }
+        }
     }
 
     /// Allow, or Deny with the deciding policy (`None`: no ALLOW policy

@@ -249,14 +249,75 @@ pub fn explain(
             Err(_) => workload(m, dst),
         }
         .with_context(|| format!("no Service or workload {dst:?}"))?;
-        steps.push(at_ztunnel(
-            m,
-            &required,
-            w,
-            source.ip,
-            src_identity.as_ref(),
-            port,
-        ));
+        let wi = m
+            .workloads
+            .iter()
+            .position(|x| std::ptr::eq(x, w))
+            .unwrap_or(0);
+        let waypoint = required
+            .get(&wi)
+            .and_then(|l| l.first())
+            .map(|(id, wp)| (id.clone(), wp.clone()));
+        match waypoint {
+            // A mesh client's ztunnel sends it through the pod's waypoint,
+            // where the policies of the pod's Services apply.
+            Some((wp_id, wp)) if src_identity.is_some() => {
+                let (wp_ns, wp_name) = wp.split_once('/').unwrap_or(("", &wp));
+                let authz = Authorizer::build(m);
+                let no_headers = HeaderPairs(&[]);
+                let target = Target {
+                    namespace: &w.namespace,
+                    name: &w.name,
+                };
+                let v = authz.decide_workload(
+                    target,
+                    &AuthzRequest {
+                        service: target,
+                        waypoint: Target {
+                            namespace: wp_ns,
+                            name: wp_name,
+                        },
+                        src_ip: source.ip,
+                        src_identity: src_identity.as_ref(),
+                        port,
+                        method: method.unwrap_or(""),
+                        path: path.unwrap_or("/"),
+                        headers: &no_headers,
+                    },
+                );
+                let step = decided(
+                    format!("waypoint {wp}"),
+                    if v.allowed {
+                        Ok(v.by)
+                    } else {
+                        Err((authorize::Refusal::Policy(v.decision().policy()), v.by))
+                    },
+                );
+                let allowed = step.allowed;
+                steps.push(step);
+                if allowed {
+                    let wp_ip = m
+                        .workloads
+                        .iter()
+                        .find(|x| {
+                            x.namespace == wp_ns
+                                && x.labels.get(GATEWAY_NAME_LABEL).map(String::as_str)
+                                    == Some(wp_name)
+                        })
+                        .and_then(|x| x.ips.first().copied())
+                        .unwrap_or(source.ip);
+                    steps.push(at_ztunnel(m, &required, w, wp_ip, Some(&wp_id), port));
+                }
+            }
+            _ => steps.push(at_ztunnel(
+                m,
+                &required,
+                w,
+                source.ip,
+                src_identity.as_ref(),
+                port,
+            )),
+        }
     }
     let allowed = steps.iter().filter(|s| s.allowed).count();
     // A hop denied ends the path; endpoints may differ among themselves.
@@ -349,8 +410,29 @@ policies:
         assert_eq!(e.decision, "allow");
         assert_eq!(e.steps.len(), 2, "{e:?}");
         assert!(e.steps[1].at.starts_with("ztunnel of shop/web (port 8080)"));
-        // Straight to the pod behind the waypoint.
+        // A mesh client dialling the pod behind the waypoint: its ztunnel
+        // sends it through the waypoint, where web's policies apply.
+        let e = explain(&m, "shop/api", "pod/shop/web", 8080, Some("GET"), Some("/")).unwrap();
+        assert_eq!(e.decision, "allow", "{e:?}");
+        assert_eq!(e.steps.len(), 2, "{e:?}");
+        assert_eq!(e.steps[0].at, "waypoint shop/wp");
+        // Not HTTP: web's DENY naming a path fails closed, as at L4.
         let e = explain(&m, "shop/api", "pod/shop/web", 8080, None, None).unwrap();
+        assert_eq!(e.decision, "deny", "{e:?}");
+        assert_eq!(e.steps[0].policy.as_deref(), Some("shop/no-admin"));
+        let e = explain(
+            &m,
+            "shop/api",
+            "pod/shop/web",
+            8080,
+            Some("GET"),
+            Some("/admin/x"),
+        )
+        .unwrap();
+        assert_eq!(e.decision, "deny", "{e:?}");
+        assert_eq!(e.steps[0].policy.as_deref(), Some("shop/no-admin"));
+        // A client outside the mesh skips the waypoint: refused.
+        let e = explain(&m, "10.9.9.9", "pod/shop/web", 8080, None, None).unwrap();
         assert_eq!(e.decision, "deny");
         assert!(
             e.steps[0].reason.contains("waypoint-required:shop/wp"),

@@ -1,8 +1,8 @@
 //! Operating a live mesh: a real Prometheus (Debian's `prometheus`, run by
 //! this test inside node 1's network namespace) scrapes every ztunnel, the
 //! waypoint and the controller while real traffic runs (curl through the
-//! waypoint, TCP connections, a request L7 policy denies, a direct dial the
-//! ztunnel refuses); `promtool check metrics` passes on every `/metrics`;
+//! waypoint, TCP connections, a request L7 policy denies, a dial an L4
+//! DENY refuses); `promtool check metrics` passes on every `/metrics`;
 //! every query of every dashboard panel in `charts/weft/dashboards/`
 //! answers a non-empty result; and `weftctl check` (a real kube::Client
 //! against the fake API server of `testsupport/`, since no API server can
@@ -233,9 +233,9 @@ fn dashboards() -> Vec<(String, Value)> {
 }
 
 /// One round of traffic: HTTP through the waypoint (OK, 503, denied by L7
-/// policy), TCP connections to db, and a dial straight to web's pod, which
-/// its ztunnel refuses (web is behind the waypoint).
-fn traffic(mesh: &Mesh, client: &Pod, web_vip: Ipv4Addr, db_vip: Ipv4Addr, web: &Pod) {
+/// policy), TCP connections to db, and a dial to db's pod on a port an L4
+/// DENY names, which its ztunnel refuses.
+fn traffic(mesh: &Mesh, client: &Pod, web_vip: Ipv4Addr, db_vip: Ipv4Addr, db: &Pod) {
     let ok = curl_codes(mesh, client, &format!("http://{web_vip}/who"), 20);
     assert!(ok.iter().all(|c| c == "200"), "{ok:?}");
     let errors = curl_codes(mesh, client, &format!("http://{web_vip}/status/503"), 2);
@@ -246,11 +246,8 @@ fn traffic(mesh: &Mesh, client: &Pod, web_vip: Ipv4Addr, db_vip: Ipv4Addr, web: 
         let r = mesh.connect(client, &format!("{db_vip}:5432"));
         assert_eq!(r["ok"], true, "{r}");
     }
-    let r = mesh.connect(client, &format!("{}:8080", web.ip));
-    assert_ne!(
-        r["ok"], true,
-        "a dial around the waypoint must be refused: {r}"
-    );
+    let r = mesh.connect(client, &format!("{}:5433", db.ip));
+    assert_ne!(r["ok"], true, "the L4 DENY of db:5433 must refuse: {r}");
 }
 
 /// Polylines of every series of a range query, one colour each.
@@ -485,6 +482,21 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
             name: "web".into(),
         }],
     });
+    // L4, enforced by db's ztunnel (the dashboards' L4 denial panels).
+    mesh.model.policies.push(AuthorizationPolicy {
+        name: "db-not-5433".into(),
+        namespace: NS.into(),
+        selector: Some([("app".to_owned(), "db".to_owned())].into_iter().collect()),
+        action: PolicyAction::Deny,
+        rules: vec![Rule {
+            from: vec![],
+            to: vec![Destination {
+                ports: vec![5433],
+                ..Default::default()
+            }],
+        }],
+        targets: vec![],
+    });
     mesh.write_model().unwrap();
     mesh.wait_enrolled(0, &client, true).unwrap();
 
@@ -497,7 +509,7 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
         ("weft-waypoint", SocketAddr::from((waypoint.ip, 15020))),
         ("weft-controller", SocketAddr::from((n1, 15014))),
     ];
-    traffic(&mesh, &client, web_vip, db_vip, &web);
+    traffic(&mesh, &client, web_vip, db_vip, &db);
     for (_, addr) in &targets {
         let out = mesh
             .cluster
@@ -572,7 +584,7 @@ fn e2e_operate_prometheus_dashboards_and_weftctl_check() {
     let pictures = std::env::var_os("WEFT_DASHBOARD_PICTURES");
     let rounds = if pictures.is_some() { 40 } else { 8 };
     for round in 0..rounds {
-        traffic(&mesh, &client, web_vip, db_vip, &web);
+        traffic(&mesh, &client, web_vip, db_vip, &db);
         if round == 3 {
             // A model change mid-run: pushes and ACKs for the latency panels.
             mesh.add_service(NS, "extra", "db", &[(5433, 5432)])
@@ -944,6 +956,8 @@ fn explain_agrees_with_the_proxies(
             "deny",
             None,
         ),
+        // A mesh client dialling web's pod goes through the waypoint, where
+        // web's DENY naming a path refuses a connection that is not HTTP.
         (
             client,
             "pod/shop/web".into(),
@@ -951,7 +965,7 @@ fn explain_agrees_with_the_proxies(
             None,
             Real::Tcp(format!("{}:8080", web.ip)),
             "deny",
-            None,
+            Some("shop/no-admin"),
         ),
     ];
     let manifests = mesh.manifests_dir().unwrap().to_owned();

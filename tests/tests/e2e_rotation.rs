@@ -215,8 +215,16 @@ fn e2e_rotation_under_traffic_with_restarts_drops_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     // Off while node 3's ztunnel restarts (its pod has no proxy then).
     let far_paused = Arc::new(AtomicBool::new(false));
+    // Set by the traffic loop once it has seen the pause (no connect from
+    // node 3 in flight any more).
+    let far_idle = Arc::new(AtomicBool::new(false));
     let traffic = {
-        let (lanes, stop, far_paused) = (lanes.clone(), stop.clone(), far_paused.clone());
+        let (lanes, stop, far_paused, far_idle) = (
+            lanes.clone(),
+            stop.clone(),
+            far_paused.clone(),
+            far_idle.clone(),
+        );
         let (client, far) = (client.clone(), far.clone());
         let (direct, via_waypoint, web_url) =
             (direct.clone(), via_waypoint.clone(), web_url.clone());
@@ -234,7 +242,10 @@ fn e2e_rotation_under_traffic_with_restarts_drops_nothing() {
                     connect(&client, &via_waypoint),
                 );
                 record(&lanes, "HTTP via waypoint", get(&client, &web_url));
-                if !far_paused.load(Ordering::SeqCst) {
+                if far_paused.load(Ordering::SeqCst) {
+                    far_idle.store(true, Ordering::SeqCst);
+                } else {
+                    far_idle.store(false, Ordering::SeqCst);
                     record(&lanes, "connect from node 3", connect(&far, &direct));
                 }
                 if i.is_multiple_of(8) {
@@ -313,6 +324,10 @@ fn e2e_rotation_under_traffic_with_restarts_drops_nothing() {
     // start under the new root alone.
     std::fs::copy(&root_file, &published).unwrap();
     far_paused.store(true, Ordering::SeqCst);
+    wait_until(Duration::from_secs(30), || {
+        far_idle.load(Ordering::SeqCst).then_some(())
+    })
+    .expect("the traffic loop pauses node 3's connects");
     mesh.stop_ztunnel(2).unwrap();
     mesh.start_ztunnel(2).unwrap();
     mesh.wait_enrolled(2, &far, true).unwrap();

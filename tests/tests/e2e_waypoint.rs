@@ -221,7 +221,7 @@ fn e2e_waypoint_weighted_split_header_routing_and_no_bypass() {
 /// with retry-after past its budget.
 #[test]
 fn e2e_waypoint_retries_policy_and_rate_limit() {
-    let (mut mesh, client, _pods) = mesh_with(&[("web", &[]), ("api", &[])]);
+    let (mut mesh, client, pods) = mesh_with(&[("web", &[]), ("api", &[])]);
     let web = mesh.add_service(NS, "web", "web", &[(80, 8080)]).unwrap();
     let api = mesh.add_service(NS, "api", "api", &[(80, 8080)]).unwrap();
     mesh.use_waypoint(NS, "web", Some("wp")).unwrap();
@@ -320,6 +320,21 @@ fn e2e_waypoint_retries_policy_and_rate_limit() {
     );
     assert!(ok, "{err}");
     assert_eq!(out, "403", "denied path");
+    // Dialling web's pod address instead of the Service goes through the
+    // waypoint too, and the Service's policy still applies there.
+    let (ok, out, err) = curl(
+        &mesh,
+        &client,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{}:8080/admin/users", pods[0].ip),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "403", "the pod address is no way around web's policy");
     let lines = many(&mesh, &client, &who(web, "/who"), 3, &[]);
     assert!(
         lines.iter().all(|l| l == "200 web"),

@@ -67,16 +67,18 @@ struct Http<'a> {
     headers: &'a HeaderMap,
 }
 
-/// `Err(policy)` when denied. Only services have policies: a workload
-/// addressed directly is not checked here.
+/// `Err(policy)` when denied. A workload addressed directly (a mesh
+/// client dialling a pod behind this waypoint by its address) meets the
+/// policies of every Service of it that uses a waypoint, and this
+/// waypoint's own.
 fn check(authz: &Authorizer, waypoint: &str, ctx: &ConnCtx, http: Http) -> Result<(), String> {
-    let Target::Service {
-        namespace, name, ..
-    } = &ctx.target
-    else {
-        return Ok(());
+    let (namespace, name) = match &ctx.target {
+        Target::Service {
+            namespace, name, ..
+        } => (namespace.as_str(), name.as_str()),
+        Target::Workload(ep) => (&*ep.namespace, &*ep.workload),
     };
-    authz.verdict(&AuthzRequest {
+    let req = AuthzRequest {
         service: AuthzTarget { namespace, name },
         waypoint: AuthzTarget {
             namespace,
@@ -88,7 +90,11 @@ fn check(authz: &Authorizer, waypoint: &str, ctx: &ConnCtx, http: Http) -> Resul
         method: http.method,
         path: http.path,
         headers: &Headers(http.headers),
-    })
+    };
+    match &ctx.target {
+        Target::Service { .. } => authz.verdict(&req),
+        Target::Workload(_) => authz.verdict_workload(AuthzTarget { namespace, name }, &req),
+    }
 }
 
 fn count(metrics: &Metrics, ctx: &ConnCtx, policy: &str) {
