@@ -1,7 +1,14 @@
 //! Runs the waypoints (cluster mode, leader only): for each Gateway of
-//! class `weft-waypoint`, a ServiceAccount, a Deployment and a ClusterIP
-//! Service on 15008, all named after the Gateway and owned by it (deleting
-//! the Gateway deletes them). Written by server-side apply with field
+//! class `weft-waypoint`, a ServiceAccount, a Deployment, a
+//! PodDisruptionBudget and a ClusterIP Service on 15008, all named after
+//! the Gateway and owned by it (deleting the Gateway deletes them).
+//!
+//! Rollouts drop nothing: the Deployment surges one new pod before an old
+//! one goes (`maxSurge: 1, maxUnavailable: 0`); a stopping waypoint keeps
+//! accepting for `DRAIN_ANNOUNCE` while the controller leaves it out of
+//! the model (ztunnels stop choosing it), then drains its open tunnels
+//! for up to `DRAIN_TIMEOUT`, within the pod's termination grace; the
+//! budget lets evictions take one replica at a time. Written by server-side apply with field
 //! manager `weft-controller`, so a re-apply of the same body is a no-op on
 //! the API server and fields others set are left alone. Replicas come from
 //! the Gateway's `weft.dev/waypoint-replicas` annotation (default 1).
@@ -14,6 +21,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
@@ -41,6 +49,15 @@ pub struct DeployConfig {
 
 /// ConfigMap (in each waypoint's namespace) holding the mesh root.
 pub const ROOT_CONFIGMAP: &str = "weft-ca-root-cert";
+
+/// How long a stopping waypoint keeps accepting new connections (ready:
+/// false) before it drains: time for the model without it to reach every
+/// ztunnel.
+pub const DRAIN_ANNOUNCE_SECS: u64 = 5;
+/// How long it then lets open tunnels finish.
+pub const DRAIN_TIMEOUT_SECS: u64 = 30;
+/// The pod's termination grace: both, and a margin for the exit.
+pub const TERMINATION_GRACE_SECS: u64 = DRAIN_ANNOUNCE_SECS + DRAIN_TIMEOUT_SECS + 10;
 
 const HBONE_PORT: u16 = ports::HBONE;
 const METRICS_PORT: u16 = ports::METRICS;
@@ -85,6 +102,11 @@ pub fn deployment(w: &WaypointDeployment, cfg: &DeployConfig) -> Value {
         "spec": {
             "replicas": w.replicas,
             "selector": { "matchLabels": { GATEWAY_NAME_LABEL: w.name } },
+            // A new pod is ready before an old one stops.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": { "maxSurge": 1, "maxUnavailable": 0 },
+            },
             "template": {
                 "metadata": {
                     "labels": {
@@ -103,7 +125,7 @@ pub fn deployment(w: &WaypointDeployment, cfg: &DeployConfig) -> Value {
                 },
                 "spec": {
                     "serviceAccountName": w.name,
-                    "terminationGracePeriodSeconds": 30,
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_SECS,
                     "securityContext": {
                         "runAsNonRoot": true,
                         "runAsUser": 65532,
@@ -125,6 +147,8 @@ pub fn deployment(w: &WaypointDeployment, cfg: &DeployConfig) -> Value {
                             { "name": "WEFT_CONTROLLER_CA_FILE", "value": "/etc/weft/ca/root-cert.pem" },
                             { "name": "WEFT_CA_TOKEN_FILE", "value": "/var/run/secrets/tokens/weft-ca/token" },
                             { "name": "WEFT_LOG_JSON", "value": "true" },
+                            { "name": "WEFT_DRAIN_ANNOUNCE", "value": format!("{DRAIN_ANNOUNCE_SECS}s") },
+                            { "name": "WEFT_DRAIN_TIMEOUT", "value": format!("{DRAIN_TIMEOUT_SECS}s") },
                         ],
                         "ports": [
                             { "name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP" },
@@ -156,6 +180,21 @@ pub fn deployment(w: &WaypointDeployment, cfg: &DeployConfig) -> Value {
                     ],
                 },
             },
+        },
+    })
+}
+
+/// Evictions (node drains) take one replica at a time; a single-replica
+/// waypoint can still be evicted (a budget of `minAvailable: 1` would
+/// block every node drain).
+pub fn disruption_budget(w: &WaypointDeployment) -> Value {
+    json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(w),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": { "matchLabels": { GATEWAY_NAME_LABEL: w.name } },
         },
     })
 }
@@ -208,6 +247,9 @@ async fn apply_one(
         .await?;
     Api::<Deployment>::namespaced(client.clone(), ns)
         .patch(&w.name, &pp, &Patch::Apply(&deployment(w, cfg)))
+        .await?;
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), ns)
+        .patch(&w.name, &pp, &Patch::Apply(&disruption_budget(w)))
         .await?;
     Api::<Service>::namespaced(client.clone(), ns)
         .patch(&w.name, &pp, &Patch::Apply(&service(w)))
@@ -272,5 +314,50 @@ pub async fn run(
             }
             _ = retry => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollouts_surge_drain_and_evict_one_at_a_time() {
+        let w = WaypointDeployment {
+            namespace: "shop".into(),
+            name: "wp".into(),
+            uid: "u".into(),
+            replicas: 2,
+        };
+        let (_tx, trust) = watch::channel(weft_pki::TrustBundle::default());
+        let cfg = DeployConfig {
+            image: "weft-waypoint:test".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            controller_url: "https://weft-controller:15012".into(),
+            trust_domain: "cluster.local".into(),
+            trust,
+        };
+        let d = deployment(&w, &cfg);
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], 1);
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+        let pod = &d["spec"]["template"]["spec"];
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(grace > DRAIN_ANNOUNCE_SECS + DRAIN_TIMEOUT_SECS, "{grace}");
+        let env = pod["containers"][0]["env"].as_array().unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e["name"] == name)
+                .and_then(|e| e["value"].as_str())
+                .map(str::to_owned)
+        };
+        assert_eq!(value("WEFT_DRAIN_ANNOUNCE").as_deref(), Some("5s"));
+        assert_eq!(value("WEFT_DRAIN_TIMEOUT").as_deref(), Some("30s"));
+        assert_eq!(
+            pod["containers"][0]["readinessProbe"]["httpGet"]["path"],
+            "/healthz/ready"
+        );
+        let pdb = disruption_budget(&w);
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+        assert_eq!(pdb["metadata"]["ownerReferences"][0]["kind"], "Gateway");
     }
 }

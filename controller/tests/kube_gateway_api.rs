@@ -38,7 +38,12 @@ impl Drop for Running {
 async fn start() -> Running {
     let mut colls = WATCHED.to_vec();
     colls.extend(GATEWAY_API);
-    colls.extend([EVENTS, DEPLOYMENTS, "api/v1/configmaps"]);
+    colls.extend([
+        EVENTS,
+        DEPLOYMENTS,
+        "apis/policy/v1/poddisruptionbudgets",
+        "api/v1/configmaps",
+    ]);
     let fake = FakeApi::start(&colls).await;
     fake.apply(
         NAMESPACES,
@@ -297,6 +302,7 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
             "/api/v1/namespaces/shop/configmaps/weft-ca-root-cert",
             "/api/v1/namespaces/shop/serviceaccounts/wp",
             "/apis/apps/v1/namespaces/shop/deployments/wp",
+            "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/wp",
             "/api/v1/namespaces/shop/services/wp",
         ]
     );
@@ -343,7 +349,15 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
         .collect();
     assert_eq!(ports, [15008, 15020, 15021]);
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
-    let s = applies[2].body.as_ref().unwrap();
+    assert_eq!(
+        d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        0,
+        "rollouts surge"
+    );
+    let pdb = applies[2].body.as_ref().unwrap();
+    assert_eq!(pdb["kind"], "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    let s = applies[3].body.as_ref().unwrap();
     assert_eq!(s["spec"]["type"], "ClusterIP");
     assert_eq!(s["spec"]["ports"][0]["port"], 15008);
 

@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("policy_eval", policy_eval),
     ("route_match", route_match),
     ("manifests", manifests),
+    ("cni", cni),
 ];
 
 /// A reader over fuzz input, for building structured values from it.
@@ -300,4 +301,36 @@ pub fn manifests(data: &[u8]) {
     let mut problems = Vec::new();
     weft_controller::manifests::read_text("fuzz.yaml", &text, &mut state, &mut problems);
     let _ = weft_controller::model::build(&state, "cluster.local");
+}
+
+/// The CNI plugin's reading of one invocation: the network configuration
+/// on stdin and the environment (`CNI_COMMAND`, `CNI_ARGS`, `CNI_NETNS`,
+/// `CNI_CONTAINERID`), as `weft-cni` reads them. Input: four
+/// length-prefixed environment values, then stdin. Whatever comes in, a
+/// request that reaches the ztunnel carries names Kubernetes accepts and
+/// a pod record file name that stays inside `pods/`.
+pub fn cni(data: &[u8]) {
+    use weft_ztunnel::cni_plugin::{parse, Invocation};
+    let mut input = Input { data };
+    let names = ["CNI_COMMAND", "CNI_ARGS", "CNI_NETNS", "CNI_CONTAINERID"];
+    let values: Vec<String> = names.iter().map(|_| input.str()).collect();
+    let env = |k: &str| {
+        names
+            .iter()
+            .position(|n| *n == k)
+            .map(|i| values[i].clone())
+            .filter(|v| !v.is_empty())
+    };
+    let (_, invocation) = parse(input.rest(), &env);
+    if let Ok(Invocation::Pod(p)) = invocation {
+        let req = p.req;
+        req.check_names()
+            .expect("a request the plugin sends carries names Kubernetes accepts");
+        let file = weft_api::cni::record_file_name(&req.pod_namespace, &req.pod_name)
+            .expect("checked names make a record file name");
+        assert!(
+            !file.contains('/') && !file.starts_with('.') && !file.contains(".."),
+            "a record file name that leaves pods/: {file:?}"
+        );
+    }
 }

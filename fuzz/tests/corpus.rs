@@ -70,6 +70,23 @@ fn write_seed_corpora() {
         with_requests.extend_from_slice(s.as_bytes());
     }
     write("policy_eval", "model-and-request", &with_requests);
+    // CNI: the environment of an ADD (command, args, netns, container id),
+    // then the chained configuration with a previous result.
+    let mut cni = Vec::new();
+    for v in [
+        "ADD",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1",
+        "/run/netns/cni-1",
+        "0123456789abcdef",
+    ] {
+        cni.push(v.len() as u8);
+        cni.extend_from_slice(v.as_bytes());
+    }
+    cni.extend_from_slice(
+        br#"{"cniVersion":"1.0.0","name":"k8s","type":"weft-cni","ztunnel_socket":"/var/run/weft/cni.sock","exclude_namespaces":["kube-system"],"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24"},{"address":"fd00::5/64"}]}}"#,
+    );
+    write("cni", "add", &cni);
+
     let mut route = model.into_bytes();
     route.extend_from_slice(&[0, 7, 3]);
     route.extend_from_slice(b"GET");

@@ -233,3 +233,76 @@ fn e2e_runtime_a_new_root_reaches_ztunnel_and_waypoint_server_tls() {
     let dump = mesh.config_dump(1).unwrap();
     assert_eq!(dump["trust_roots"], 2, "{dump}");
 }
+
+/// Drain at SIGTERM, and its deadline: a ztunnel told to stop lets open
+/// connections run on for `--drain-timeout`; a connection that ends within
+/// it finishes every round, one still open at the deadline is closed then
+/// (the client sees it end), and each is logged with the count.
+#[test]
+fn e2e_runtime_drain_deadline_closes_what_is_still_open_and_logs_it() {
+    let mut mesh = Mesh::new(2, &["shop"]).expect("mesh");
+    mesh.ztunnel_args = vec!["--drain-timeout".into(), "3s".into()];
+    mesh.stop_ztunnel(1).unwrap();
+    mesh.start_ztunnel(1).unwrap();
+    let client = mesh.add_pod(0, "shop", "client", "client").unwrap();
+    let server = mesh.add_pod(1, "shop", "server", "server").unwrap();
+    mesh.wait_enrolled(0, &client, true).unwrap();
+    mesh.wait_enrolled(1, &server, true).unwrap();
+    mesh.serve_testapp(&server, 7000).unwrap();
+    let target = format!("{}:7000", server.ip);
+    let mut hold = |name: &str, rounds: &str| {
+        let mut cmd = client.command_os(bin_path("weft-testapp"));
+        cmd.args(["hold", "--connect", &target, "--conns", "2"])
+            .args([
+                "--rounds",
+                rounds,
+                "--interval-ms",
+                "100",
+                "--timeout",
+                "30",
+            ]);
+        mesh.cluster.spawn(name, cmd).unwrap();
+    };
+    // 1 s of rounds (ends within the deadline) and 20 s (outlasts it).
+    hold("short", "10");
+    hold("long", "200");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let name = mesh.ztunnel_name(1).expect("ztunnel 2 running").to_owned();
+    let started = Instant::now();
+    mesh.stop_ztunnel(1).unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "the ztunnel waited for the drain deadline: {took:?}"
+    );
+
+    let short = wait_until(Duration::from_secs(20), || {
+        mesh.cluster.exit_status("short")
+    })
+    .expect("the short holder finished");
+    let log = mesh.cluster.log("short");
+    assert!(
+        short.success() && log.contains("\"ok\":true"),
+        "connections that end within the drain finish: {log}"
+    );
+    let long = wait_until(Duration::from_secs(20), || mesh.cluster.exit_status("long"))
+        .expect("the long holder saw its connections end at the deadline");
+    let long_log = mesh.cluster.log("long");
+    assert!(
+        !long.success() && long_log.contains("\"ok_conns\":0"),
+        "connections still open at the deadline are closed: {long_log}"
+    );
+    let zlog = mesh.cluster.log(&name);
+    let closed = zlog
+        .lines()
+        .filter(|l| l.contains("drain deadline reached: closing a connection still open"))
+        .count();
+    assert_eq!(closed, 2, "one line per connection closed:\n{zlog}");
+    assert!(
+        zlog.lines().any(|l| l
+            .contains("drain deadline reached: closed the connections still open")
+            && l.contains("closed=2")),
+        "the count is logged:\n{zlog}"
+    );
+}

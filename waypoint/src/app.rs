@@ -114,10 +114,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     info!(
         component = "waypoint",
         signal,
+        drain_announce_s = cfg.drain_announce.as_secs_f64(),
         drain_timeout_s = cfg.drain_timeout.as_secs_f64(),
-        "shutting down: draining HBONE connections"
+        "shutting down: not ready; accepting for the announce period, then draining HBONE connections"
     );
     readiness.start_drain();
+    if !cfg.drain_announce.is_zero() {
+        // Still accepting: ztunnels that have not yet seen this replica
+        // leave the model keep getting served.
+        tokio::time::sleep(cfg.drain_announce).await;
+    }
     let outcome = trigger.drain(cfg.drain_timeout).await;
     match proxy.open_connections() {
         0 => info!(

@@ -53,6 +53,12 @@ pub struct Config {
     /// controller's default (its `--cert-ttl`).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub cert_ttl: Duration,
+    /// At SIGTERM or SIGINT, how long the waypoint keeps accepting new HBONE
+    /// connections (readiness already false) before it drains: time for
+    /// the controller's model without this replica to reach the ztunnels,
+    /// so none dials a closed listener.
+    #[arg(long, env = "WEFT_DRAIN_ANNOUNCE", default_value = "0s", value_parser = parse_duration)]
+    pub drain_announce: Duration,
     /// At SIGTERM or SIGINT, how long open HBONE connections may take to
     /// finish their tunnels before the process exits anyway.
     #[arg(long, env = "WEFT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]

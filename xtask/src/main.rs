@@ -52,7 +52,7 @@ enum Cmd {
     /// target; a crash stops with the input's path.
     Fuzz {
         /// One target (hbone_connect, config_update, policy_eval,
-        /// route_match, manifests); all when left out.
+        /// route_match, manifests, cni); all when left out.
         target: Option<String>,
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -320,6 +320,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "policy_eval",
     "route_match",
     "manifests",
+    "cni",
 ];
 
 /// Runs each target (or `only`) for `seconds` from a scratch copy of its

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tracing::info;
+use tracing::{info, warn};
 use weft_dataplane::certs::{CertManager, LocalCaProvider, TrustRoots};
 use weft_dataplane::control::{self, ControllerSettings, Role};
 use weft_dataplane::ops::{self, OpsAddrs, Readiness};
@@ -97,6 +97,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "draining: pods' listeners closed, open connections run on"
     );
     let outcome = drain.drain(cfg.drain_timeout).await;
+    if outcome.remaining > 0 {
+        let closed = pi.connections.close_at_drain_deadline();
+        warn!(
+            component = "ztunnel",
+            still_open = outcome.remaining,
+            closed,
+            deadline_s = cfg.drain_timeout.as_secs(),
+            "drain deadline reached: closed the connections still open"
+        );
+        // Let the closes reach the peers before the process goes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Kernel steering stays pinned: until a ztunnel is back, enrolled pods'
     // connections are refused, never sent around the mesh.
     info!(

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod app;
 pub mod capture;
+pub mod cni_plugin;
 pub mod cni_server;
 pub mod config;
 pub mod inpod;

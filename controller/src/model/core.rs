@@ -43,6 +43,15 @@ pub(crate) fn build_workloads(
         if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
             continue; // terminated: its IPs may already belong to another pod
         }
+        // A waypoint replica being deleted leaves the model at once, so
+        // ztunnels send it no new connection while it drains (the
+        // destination ztunnels admit the waypoint by identity, not by pod,
+        // so the tunnels it still carries keep flowing).
+        if pod.metadata.deletion_timestamp.is_some()
+            && pod.labels().contains_key(GATEWAY_NAME_LABEL)
+        {
+            continue;
+        }
         let mut raw_ips: Vec<&str> = status
             .pod_ips
             .iter()

@@ -655,6 +655,26 @@ spec:
             (programmed.status, programmed.reason.as_str()),
             (true, reasons::PROGRAMMED)
         );
+        assert!(out.model.workloads.iter().any(|w| w.name == "wp-1"));
+
+        // A waypoint replica being deleted leaves the model (ztunnels stop
+        // choosing it while it drains); another pod being deleted stays
+        // until it stops running.
+        st.pods.push(obj(
+            "metadata: {name: app, namespace: shop, deletionTimestamp: '2026-12-02T00:00:00Z'}\nspec: {nodeName: n1, containers: []}\nstatus: {phase: Running, podIP: 10.0.0.51}",
+        ));
+        Arc::make_mut(&mut st.pods[0]).metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-12-02T00:00:00Z".parse().unwrap(),
+            ));
+        let out = build(&st, "cluster.local");
+        let names: Vec<&str> = out
+            .model
+            .workloads
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        assert_eq!(names, ["app"], "{names:?}");
     }
 
     #[test]

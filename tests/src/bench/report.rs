@@ -188,9 +188,12 @@ impl Report {
                 if s.key != BASE {
                     let base = self.cell(w.key, BASE);
                     m["ratio_to_no_mesh"] = match w.kind {
-                        Kind::Iperf { .. } => num(c.gbits() / base.gbits()),
-                        Kind::Wrk { .. } => num(c.rps() / base.rps()),
+                        Kind::Iperf { .. } => num(self.ratio(w.key, c.gbits())),
+                        Kind::Wrk { .. } => num(self.ratio(w.key, c.rps())),
                     };
+                    if let Some(why) = self.baseline_problem(w.key) {
+                        m["baseline_problem"] = json!(why);
+                    }
                     if let Kind::Wrk { .. } = w.kind {
                         m["added_latency_us"] = json!({
                             "p50": num(c.pct(50.0) - base.pct(50.0)),
@@ -235,16 +238,52 @@ impl Report {
         m
     }
 
+    /// Why workload `w`'s no-mesh cell cannot anchor a ratio, if it cannot:
+    /// missing, or below Weft cross-node on the same path (the mesh only
+    /// adds work there, so a slower baseline means the baseline itself is
+    /// broken on this machine).
+    fn baseline_problem(&self, w: &str) -> Option<String> {
+        let iperf = w.starts_with("iperf");
+        let value = |c: &Cell| if iperf { c.gbits() } else { c.rps() };
+        let unit = if iperf { "Gbit/s" } else { "requests/s" };
+        let base = value(&self.cell(w, BASE));
+        if !base.is_finite() || base <= 0.0 {
+            return Some(format!("{w}: no no-mesh measurement"));
+        }
+        let cross = value(&self.cell(w, "weft_cross_node"));
+        (cross > base * 1.05).then(|| {
+            format!(
+                "{w}: the no-mesh baseline ({base:.2} {unit}) is below Weft cross-node ({cross:.2}) on the same path: the baseline is broken on this machine, so no ratio is printed"
+            )
+        })
+    }
+
+    /// Ratio of `v` to the no-mesh cell of `w`; NaN when the baseline is
+    /// implausible.
+    fn ratio(&self, w: &str, v: f64) -> f64 {
+        if self.baseline_problem(w).is_some() {
+            return f64::NAN;
+        }
+        let b = self.cell(w, BASE);
+        v / if w.starts_with("iperf") {
+            b.gbits()
+        } else {
+            b.rps()
+        }
+    }
+
     fn targets(&self) -> Vec<Target> {
         let cross = "weft_cross_node";
         let ratio = |w: &str| {
             let c = self.cell(w, cross);
-            let b = self.cell(w, BASE);
-            if w.starts_with("iperf") {
-                c.gbits() / b.gbits()
-            } else {
-                c.rps() / b.rps()
-            }
+            self.ratio(
+                w,
+                if w.starts_with("iperf") {
+                    c.gbits()
+                } else {
+                    c.rps()
+                },
+            )
         };
         let added = |w: &str, p: f64| self.cell(w, cross).pct(p) - self.cell(w, BASE).pct(p);
         let cpu_gb = ["iperf_1", "iperf_8"]
@@ -309,10 +348,29 @@ impl Report {
         for w in WORKLOADS {
             let b = self.cell(w.key, BASE);
             let c: Vec<Cell> = MESH_SCENARIOS.iter().map(|s| self.cell(w.key, s)).collect();
+            let ratio = |v: f64| self.ratio(w.key, v);
             match w.kind {
-                Kind::Iperf { .. } => row(&mut t, w.title, "Gbit/s", b.gbits(), &c, Cell::gbits, 2),
+                Kind::Iperf { .. } => row(
+                    &mut t,
+                    w.title,
+                    "Gbit/s",
+                    b.gbits(),
+                    &c,
+                    Cell::gbits,
+                    2,
+                    &ratio,
+                ),
                 Kind::Wrk { conns, close, .. } => {
-                    row(&mut t, w.title, "requests/s", b.rps(), &c, Cell::rps, 0);
+                    row(
+                        &mut t,
+                        w.title,
+                        "requests/s",
+                        b.rps(),
+                        &c,
+                        Cell::rps,
+                        0,
+                        &ratio,
+                    );
                     let ps: &[f64] = if conns == 1 && !close {
                         &[50.0, 90.0, 99.0]
                     } else {
@@ -329,6 +387,13 @@ impl Report {
                     }
                 }
             }
+        }
+        let problems: Vec<String> = WORKLOADS
+            .iter()
+            .filter_map(|w| self.baseline_problem(w.key))
+            .collect();
+        for p in &problems {
+            let _ = writeln!(t, "\nbaseline refused: {p}");
         }
         let _ = writeln!(t, "\nztunnel cost (both ztunnels together)\n");
         let _ = writeln!(
@@ -440,7 +505,13 @@ impl Report {
                 tg.value,
                 if tg.at_least { ">=" } else { "<=" },
                 tg.limit,
-                if tg.met { "met" } else { "MISSED" }
+                if !tg.value.is_finite() {
+                    "not measured (baseline refused)"
+                } else if tg.met {
+                    "met"
+                } else {
+                    "MISSED"
+                }
             );
         }
         t
@@ -550,6 +621,7 @@ impl Report {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn row(
     t: &mut String,
     title: &str,
@@ -558,11 +630,17 @@ fn row(
     c: &[Cell],
     f: fn(&Cell) -> f64,
     prec: usize,
+    ratio: &dyn Fn(f64) -> f64,
 ) {
     let _ = write!(t, "| {title} | {fig} | {base:.prec$} |");
     for m in c {
         let v = f(m);
-        let _ = write!(t, " {v:.prec$} | {:.2} |", v / base);
+        let r = ratio(v);
+        if r.is_finite() {
+            let _ = write!(t, " {v:.prec$} | {r:.2} |");
+        } else {
+            let _ = write!(t, " {v:.prec$} | n/a |");
+        }
     }
     t.push('\n');
 }
@@ -692,4 +770,57 @@ pub fn utc_stamp(t: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wrk_sample(rps: f64) -> Sample {
+        Sample {
+            wrk: Some(WrkRun {
+                requests: (rps * 10.0) as u64,
+                seconds: 10.0,
+                bytes: 0,
+                rps,
+                percentiles: PERCENTILES.iter().map(|p| (*p, 100.0)).collect(),
+                mean_us: 100.0,
+                max_us: 100.0,
+            }),
+            ..Sample::default()
+        }
+    }
+
+    /// A no-mesh connection-per-request rate below the mesh's is refused:
+    /// no ratio, and its target is not measured; a sound baseline gives
+    /// its ratio.
+    #[test]
+    fn a_baseline_slower_than_the_mesh_gives_no_ratio() {
+        let mut r = Report::new(true, 1, 10, SystemTime::UNIX_EPOCH);
+        let mut put = |w: &'static str, s: &'static str, rps: f64| {
+            r.cells
+                .entry((w, s))
+                .or_default()
+                .runs
+                .push(wrk_sample(rps));
+        };
+        put("wrk_c1_close", BASE, 1105.0);
+        put("wrk_c1_close", "weft_cross_node", 1625.0);
+        put("wrk_c16_close", BASE, 6000.0);
+        put("wrk_c16_close", "weft_cross_node", 3000.0);
+        let why = r.baseline_problem("wrk_c1_close").expect("refused");
+        assert!(why.contains("below Weft cross-node"), "{why}");
+        assert!(r.ratio("wrk_c1_close", 1625.0).is_nan());
+        assert!(r.baseline_problem("wrk_c16_close").is_none());
+        assert!((r.ratio("wrk_c16_close", 3000.0) - 0.5).abs() < 1e-9);
+        let t = r.targets();
+        let c1 = t
+            .iter()
+            .find(|t| t.name == "connection-per-request c1 ratio")
+            .unwrap();
+        assert!(!c1.value.is_finite() && !c1.met);
+        let table = r.table(&json!({}));
+        assert!(table.contains("baseline refused: wrk_c1_close"), "{table}");
+        assert!(table.contains("not measured (baseline refused)"), "{table}");
+    }
 }

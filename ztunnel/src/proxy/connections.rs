@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use weft_api::Identity;
 
 use crate::metrics::{DenialLabels, Metrics};
@@ -116,6 +116,23 @@ impl Connections {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// At the drain deadline: closes every connection still open, logging
+    /// each (source, destination, identity); returns how many.
+    pub fn close_at_drain_deadline(&self) -> usize {
+        let open: Vec<Tracked> = self.lock().values().cloned().collect();
+        for t in &open {
+            warn!(
+                component = "drain",
+                src = %t.src_ip,
+                dst = %t.target,
+                identity = %t.src_identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                "drain deadline reached: closing a connection still open"
+            );
+            t.close.cancel();
+        }
+        open.len()
     }
 
     /// Closes every open connection the model no longer allows; returns how

@@ -14,184 +14,50 @@
 //! exit 1.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use weft_api::cni::{
-    check_namespace, check_pod_name, CniCommand, CniRequest, CniResponse, PodRecord, DEFAULT_SOCKET,
+use weft_api::cni::{CniCommand, CniRequest, CniResponse, PodRecord};
+use weft_ztunnel::cni_plugin::{
+    fail, parse, Failure, Invocation, Settings, ERR_IO, ERR_TRY_AGAIN, ERR_ZTUNNEL,
 };
 
 use crate::kube;
 
-const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
-/// CNI well-known error codes.
-const ERR_INCOMPATIBLE: u32 = 1;
-const ERR_INVALID_ENV: u32 = 4;
-const ERR_IO: u32 = 5;
-const ERR_DECODE: u32 = 6;
-const ERR_TRY_AGAIN: u32 = 11;
-/// Plugin-specific: ztunnel refused the pod, or its capture is not right.
-const ERR_ZTUNNEL: u32 = 100;
 /// How long a pod that stays out of the mesh waits for the ztunnel to take
 /// note of it: it passes either way.
 const NOTE_TIMEOUT: Duration = Duration::from_secs(2);
 
-struct Failure {
-    code: u32,
-    msg: String,
-    details: String,
-}
-
-fn fail(code: u32, msg: &str, details: impl ToString) -> Failure {
-    Failure {
-        code,
-        msg: msg.to_owned(),
-        details: details.to_string(),
-    }
-}
-
 pub fn main() -> ExitCode {
-    let mut stdin = String::new();
-    let _ = std::io::stdin().read_to_string(&mut stdin);
-    let conf: Value = serde_json::from_str(&stdin).unwrap_or(Value::Null);
-    let version = conf
-        .get("cniVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("1.0.0")
-        .to_owned();
-    match run(&conf, &version) {
+    let mut stdin = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    let (version, invocation) = parse(&stdin, &|k| std::env::var(k).ok());
+    match invocation.and_then(run) {
         Ok(Some(out)) => {
             println!("{out}");
             ExitCode::SUCCESS
         }
         Ok(None) => ExitCode::SUCCESS,
         Err(f) => {
-            println!(
-                "{}",
-                json!({ "cniVersion": version, "code": f.code, "msg": f.msg, "details": f.details })
-            );
+            println!("{}", f.to_json(&version));
             let _ = std::io::stdout().flush();
             ExitCode::FAILURE
         }
     }
 }
 
-fn env(name: &str) -> Result<String, Failure> {
-    std::env::var(name).map_err(|_| fail(ERR_INVALID_ENV, "missing CNI environment variable", name))
-}
-
-/// The plugin's part of the network configuration (the chained entry the
-/// installer writes).
-struct Settings {
-    socket: String,
-    timeout: Duration,
-    state_dir: Option<PathBuf>,
-    kubeconfig: Option<PathBuf>,
-    exclude: Vec<String>,
-}
-
-impl Settings {
-    fn from(conf: &Value) -> Self {
-        let path = |k: &str| conf.get(k).and_then(Value::as_str).map(PathBuf::from);
-        Settings {
-            socket: conf
-                .get("ztunnel_socket")
-                .and_then(Value::as_str)
-                .unwrap_or(DEFAULT_SOCKET)
-                .to_owned(),
-            timeout: Duration::from_secs(
-                conf.get("timeout_seconds")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(30),
-            ),
-            state_dir: path("state_dir"),
-            kubeconfig: path("kubeconfig"),
-            exclude: conf
-                .get("exclude_namespaces")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default(),
-        }
-    }
-}
-
-fn run(conf: &Value, version: &str) -> Result<Option<String>, Failure> {
-    let command = env("CNI_COMMAND")?;
-    if command == "VERSION" {
-        return Ok(Some(
-            json!({ "cniVersion": version, "supportedVersions": SUPPORTED }).to_string(),
-        ));
-    }
-    if conf.is_null() {
-        return Err(fail(
-            ERR_DECODE,
-            "network configuration on stdin is not JSON",
-            "",
-        ));
-    }
-    if !SUPPORTED.contains(&version) {
-        return Err(fail(ERR_INCOMPATIBLE, "unsupported cniVersion", version));
-    }
-    let cmd = match command.as_str() {
-        "ADD" => CniCommand::Add,
-        "DEL" => CniCommand::Del,
-        "CHECK" => CniCommand::Check,
-        "GC" | "STATUS" => return Ok(None),
-        other => return Err(fail(ERR_INVALID_ENV, "unknown CNI_COMMAND", other)),
+fn run(invocation: Invocation) -> Result<Option<String>, Failure> {
+    let (settings, req, passthrough) = match invocation {
+        Invocation::Done(out) => return Ok(out),
+        Invocation::Pod(p) => (p.settings, p.req, p.passthrough),
     };
-    let prev = conf.get("prevResult").cloned();
-    let passthrough = match cmd {
-        CniCommand::Add => Some(
-            prev.clone()
-                .unwrap_or_else(|| json!({ "cniVersion": version }))
-                .to_string(),
-        ),
-        _ => None,
-    };
-    let args = std::env::var("CNI_ARGS").unwrap_or_default();
-    let (Some(ns), Some(name)) = (
-        cni_arg(&args, "K8S_POD_NAMESPACE"),
-        cni_arg(&args, "K8S_POD_NAME"),
-    ) else {
-        // Not a Kubernetes pod: nothing for the mesh to do.
-        return Ok(passthrough);
-    };
-    // Names become file names on the node: only what Kubernetes accepts.
-    // A DEL of something that cannot be a pod of ours has nothing to undo.
-    if let Err(e) = check_namespace(&ns).and_then(|_| check_pod_name(&name)) {
-        if cmd == CniCommand::Del {
-            return Ok(None);
-        }
-        return Err(fail(ERR_INVALID_ENV, "invalid pod name in CNI_ARGS", e));
-    }
-    let settings = Settings::from(conf);
-    let netns = if cmd == CniCommand::Del {
-        std::env::var("CNI_NETNS").unwrap_or_default()
-    } else {
-        env("CNI_NETNS")?
-    };
-    if settings.exclude.contains(&ns) || is_host_netns(&netns) {
+    if is_host_netns(&req.netns) {
         return Ok(passthrough);
     }
-    let req = CniRequest {
-        command: cmd,
-        container_id: env("CNI_CONTAINERID")?,
-        netns,
-        pod_namespace: ns,
-        pod_name: name,
-        ips: prev.as_ref().map(ips_of).unwrap_or_default(),
-    };
-    match cmd {
+    match req.command {
         CniCommand::Add => add(&settings, &req).map(|()| passthrough),
         CniCommand::Del => {
             delete(&settings, &req);
@@ -366,46 +232,9 @@ fn ask_ztunnel(socket: &str, req: &CniRequest, timeout: Duration) -> Result<CniR
         .map_err(|e| fail(ERR_IO, "weft ztunnel sent a malformed answer", e))
 }
 
-fn cni_arg(args: &str, key: &str) -> Option<String> {
-    args.split(';').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key && !v.is_empty()).then(|| v.to_owned())
-    })
-}
-
-/// Addresses from a CNI result (`ips[].address`, CIDR form).
-fn ips_of(result: &Value) -> Vec<IpAddr> {
-    result
-        .get("ips")
-        .and_then(Value::as_array)
-        .map(|ips| {
-            ips.iter()
-                .filter_map(|ip| ip.get("address")?.as_str())
-                .filter_map(|a| a.split('/').next()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_cni_args_and_result_ips() {
-        let a = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1";
-        assert_eq!(cni_arg(a, "K8S_POD_NAMESPACE").as_deref(), Some("shop"));
-        assert_eq!(cni_arg(a, "K8S_POD_NAME").as_deref(), Some("web-1"));
-        assert_eq!(cni_arg(a, "K8S_POD_UID"), None);
-        let r = json!({"ips": [{"address": "10.1.0.5/32"}, {"address": "fd00::5/128"}, {"address": "bogus"}]});
-        assert_eq!(
-            ips_of(&r),
-            vec![
-                "10.1.0.5".parse::<IpAddr>().unwrap(),
-                "fd00::5".parse().unwrap()
-            ]
-        );
-    }
 
     #[test]
     fn the_plugins_own_netns_is_the_hosts() {
