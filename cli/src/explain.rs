@@ -95,6 +95,52 @@ fn decided(
     }
 }
 
+/// A waypoint on the path: its Gateway, and what the request is for (a
+/// Service, or a workload addressed directly, `direct`).
+struct WaypointHop<'a> {
+    waypoint: Target<'a>,
+    service: Target<'a>,
+    direct: bool,
+}
+
+/// What the waypoint decides for the request, by the waypoint's own code
+/// (`Authorizer::decide`, or `decide_workload` for a pod addressed
+/// directly).
+fn at_waypoint(
+    m: &MeshModel,
+    hop: WaypointHop<'_>,
+    src_ip: IpAddr,
+    src_identity: Option<&Identity>,
+    port: u16,
+    (method, path): (Option<&str>, Option<&str>),
+) -> Step {
+    let authz = Authorizer::build(m);
+    let no_headers = HeaderPairs(&[]);
+    let req = AuthzRequest {
+        service: hop.service,
+        waypoint: hop.waypoint,
+        src_ip,
+        src_identity,
+        port,
+        method: method.unwrap_or(""),
+        path: path.unwrap_or("/"),
+        headers: &no_headers,
+    };
+    let v = if hop.direct {
+        authz.decide_workload(hop.service, &req)
+    } else {
+        authz.decide(&req)
+    };
+    decided(
+        format!("waypoint {}/{}", hop.waypoint.namespace, hop.waypoint.name),
+        if v.allowed {
+            Ok(v.by)
+        } else {
+            Err((authorize::Refusal::Policy(v.decision().policy()), v.by))
+        },
+    )
+}
+
 /// What the destination's ztunnel decides for a connection from `src_ip`
 /// with `identity` to `dst` on `port`.
 fn at_ztunnel(
@@ -173,32 +219,23 @@ pub fn explain(
             .unwrap_or(0);
         let eps: Vec<&Workload> = endpoints[si].iter().map(|&i| &m.workloads[i]).collect();
         if let Some(wp) = &svc.waypoint {
-            let authz = Authorizer::build(m);
-            let no_headers = HeaderPairs(&[]);
-            let v = authz.decide(&AuthzRequest {
-                service: Target {
-                    namespace: &svc.namespace,
-                    name: &svc.name,
+            let step = at_waypoint(
+                m,
+                WaypointHop {
+                    waypoint: Target {
+                        namespace: &svc.namespace,
+                        name: wp,
+                    },
+                    service: Target {
+                        namespace: &svc.namespace,
+                        name: &svc.name,
+                    },
+                    direct: false,
                 },
-                waypoint: Target {
-                    namespace: &svc.namespace,
-                    name: wp,
-                },
-                src_ip: source.ip,
-                src_identity: src_identity.as_ref(),
+                source.ip,
+                src_identity.as_ref(),
                 port,
-                method: method.unwrap_or(""),
-                path: path.unwrap_or("/"),
-                headers: &no_headers,
-            });
-            let at = format!("waypoint {}/{wp}", svc.namespace);
-            let step = decided(
-                at,
-                if v.allowed {
-                    Ok(v.by)
-                } else {
-                    Err((authorize::Refusal::Policy(v.decision().policy()), v.by))
-                },
+                (method, path),
             );
             let denied = !step.allowed;
             steps.push(step);
@@ -263,35 +300,23 @@ pub fn explain(
             // where the policies of the pod's Services apply.
             Some((wp_id, wp)) if src_identity.is_some() => {
                 let (wp_ns, wp_name) = wp.split_once('/').unwrap_or(("", &wp));
-                let authz = Authorizer::build(m);
-                let no_headers = HeaderPairs(&[]);
-                let target = Target {
-                    namespace: &w.namespace,
-                    name: &w.name,
-                };
-                let v = authz.decide_workload(
-                    target,
-                    &AuthzRequest {
-                        service: target,
+                let step = at_waypoint(
+                    m,
+                    WaypointHop {
                         waypoint: Target {
                             namespace: wp_ns,
                             name: wp_name,
                         },
-                        src_ip: source.ip,
-                        src_identity: src_identity.as_ref(),
-                        port,
-                        method: method.unwrap_or(""),
-                        path: path.unwrap_or("/"),
-                        headers: &no_headers,
+                        service: Target {
+                            namespace: &w.namespace,
+                            name: &w.name,
+                        },
+                        direct: true,
                     },
-                );
-                let step = decided(
-                    format!("waypoint {wp}"),
-                    if v.allowed {
-                        Ok(v.by)
-                    } else {
-                        Err((authorize::Refusal::Policy(v.decision().policy()), v.by))
-                    },
+                    source.ip,
+                    src_identity.as_ref(),
+                    port,
+                    (method, path),
                 );
                 let allowed = step.allowed;
                 steps.push(step);

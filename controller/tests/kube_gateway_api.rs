@@ -350,8 +350,7 @@ async fn kube_waypoint_deployment_is_server_side_applied() {
     assert_eq!(ports, [15008, 15020, 15021]);
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], 15021);
     assert_eq!(
-        d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
-        0,
+        d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
         "rollouts surge"
     );
     let pdb = applies[2].body.as_ref().unwrap();
