@@ -47,7 +47,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HboneDialer<K> {
     }
 
     /// A CONNECT stream on a pooled connection for `key`, dialling with a
-    /// socket from `connect` when no connection has room.
+    /// socket from `connect` when no connection has room. A CONNECT the peer
+    /// never took on (its connection was going away or broke first) is
+    /// opened once more, on another connection: see
+    /// [`HboneError::is_retryable`].
     pub async fn open<C, Fut>(
         &self,
         key: &K,
@@ -55,7 +58,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HboneDialer<K> {
         connect: C,
     ) -> Result<H2Stream, HboneError>
     where
-        C: FnOnce(SocketAddr) -> Fut,
+        C: Fn(SocketAddr) -> Fut,
         Fut: Future<Output = std::io::Result<TcpStream>>,
     {
         let dial = || async {
@@ -64,7 +67,13 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HboneDialer<K> {
             let _ = tcp.set_nodelay(true);
             client::connect(tcp, cfg, &self.h2).await
         };
-        self.pool.open(key, dial, d.target, d.headers).await
+        match self.pool.open(key, dial, d.target, d.headers.clone()).await {
+            Err(e) if e.is_retryable() => {
+                tracing::debug!(peer = %d.hbone, error = %e, "CONNECT not taken on; opening it again on another connection");
+                self.pool.open(key, dial, d.target, d.headers).await
+            }
+            other => other,
+        }
     }
 
     pub fn pool(&self) -> &Pool<K> {

@@ -47,7 +47,14 @@ impl DrainTrigger {
         self.tx.receiver_count()
     }
 
-    /// Signals every watcher and waits until all are dropped or `deadline`
+    /// Signals every watcher without waiting: listeners close, HTTP/2
+    /// connections get GOAWAY, connections run on. A ztunnel that handed
+    /// its listeners to a successor starts here and waits later.
+    pub fn start(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Signals every watcher (if [`DrainTrigger::start`] has not) and waits until all are dropped or `deadline`
     /// has passed. The trigger itself is no watcher: code that hands out
     /// watchers keeps it (shared) without holding the drain up.
     pub async fn drain(&self, deadline: Duration) -> DrainOutcome {

@@ -87,17 +87,55 @@ enum Port {
 }
 
 pub async fn bind(addrs: OpsAddrs) -> anyhow::Result<OpsListeners> {
+    bind_or_adopt(addrs, Vec::new()).await
+}
+
+/// Like [`bind`], taking over listeners a predecessor handed on (see
+/// [`OpsListeners::handover`]) for the addresses they listen on; the others
+/// are bound. Listeners for addresses no longer configured are closed.
+pub async fn bind_or_adopt(
+    addrs: OpsAddrs,
+    mut inherited: Vec<std::net::TcpListener>,
+) -> anyhow::Result<OpsListeners> {
+    let mut one = |addr: SocketAddr| {
+        let found = inherited
+            .iter()
+            .position(|l| l.local_addr().is_ok_and(|a| a == addr));
+        found.map(|i| inherited.swap_remove(i))
+    };
+    let (admin, metrics, readiness) = (one(addrs.admin), one(addrs.metrics), one(addrs.readiness));
     Ok(OpsListeners {
-        admin: bind_one(addrs.admin).await?,
-        metrics: bind_one(addrs.metrics).await?,
-        readiness: bind_one(addrs.readiness).await?,
+        admin: bind_one(addrs.admin, admin).await?,
+        metrics: bind_one(addrs.metrics, metrics).await?,
+        readiness: bind_one(addrs.readiness, readiness).await?,
     })
 }
 
-async fn bind_one(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+async fn bind_one(
+    addr: SocketAddr,
+    inherited: Option<std::net::TcpListener>,
+) -> anyhow::Result<TcpListener> {
+    if let Some(l) = inherited {
+        l.set_nonblocking(true)?;
+        return Ok(TcpListener::from_std(l)?);
+    }
     TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// Stops serving the ops ports (a process that handed them to its
+/// successor): accept loops end and their listeners close here; the
+/// successor's copies keep the ports open.
+#[derive(Clone, Default)]
+pub struct OpsHandle {
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl OpsHandle {
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
 }
 
 impl OpsListeners {
@@ -105,15 +143,34 @@ impl OpsListeners {
         self.metrics.local_addr()
     }
 
-    /// Serves the three ports until the process ends.
-    pub fn spawn(self, handler: Arc<dyn OpsHandler>, readiness: Arc<Readiness>) {
+    /// Copies of the three listening sockets, for a successor process to
+    /// serve the same ports from the first moment (no instant without a
+    /// readiness or metrics endpoint).
+    pub fn handover(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        use std::os::fd::AsFd;
+        [&self.admin, &self.metrics, &self.readiness]
+            .iter()
+            .map(|l| l.as_fd().try_clone_to_owned())
+            .collect()
+    }
+
+    /// Serves the three ports until the process ends or the handle stops them.
+    pub fn spawn(self, handler: Arc<dyn OpsHandler>, readiness: Arc<Readiness>) -> OpsHandle {
+        let handle = OpsHandle::default();
         for (listener, port) in [
             (self.admin, Port::Admin),
             (self.metrics, Port::Metrics),
             (self.readiness, Port::Readiness),
         ] {
-            tokio::spawn(serve(listener, port, handler.clone(), readiness.clone()));
+            tokio::spawn(serve(
+                listener,
+                port,
+                handler.clone(),
+                readiness.clone(),
+                handle.stop.clone(),
+            ));
         }
+        handle
     }
 }
 
@@ -122,10 +179,15 @@ async fn serve(
     port: Port,
     handler: Arc<dyn OpsHandler>,
     readiness: Arc<Readiness>,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 debug!(component = "ops", error = %e, "accept failed");

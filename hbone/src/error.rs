@@ -101,6 +101,21 @@ impl HboneError {
         }
     }
 
+    /// True when the peer never took the tunnel on: the connection was going
+    /// away (GOAWAY, `REFUSED_STREAM`) or broke before the peer answered the
+    /// CONNECT. Nothing reached the destination, so opening the tunnel again
+    /// on another connection is safe; a proxy being replaced sends GOAWAY on
+    /// every connection it holds, and a CONNECT racing it lands here.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HboneError::ConnectionClosed => true,
+            HboneError::H2(e) => {
+                e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io()
+            }
+            _ => false,
+        }
+    }
+
     /// The TLS failure behind this error, wherever it surfaced (handshake,
     /// or an alert read later by the HTTP/2 layer).
     pub fn tls_error(&self) -> Option<TlsError> {

@@ -325,6 +325,23 @@ impl Mesh {
         Ok(())
     }
 
+    /// Replaces the node's ztunnel the way the DaemonSet rolls one with
+    /// surge: a new ztunnel starts beside the running one and takes its
+    /// pods' sockets over; once it is ready the old one gets SIGTERM and
+    /// finishes its connections in the background. Returns the old one's
+    /// spawn name (for its log and `Cluster::exit_status`).
+    pub fn upgrade_ztunnel(&mut self, node: usize) -> Result<String> {
+        let Some(old) = self.ztunnel_names[node].take() else {
+            bail!("no ztunnel runs on node {node}");
+        };
+        if let Err(e) = self.spawn_ztunnel(node, "ready") {
+            self.ztunnel_names[node] = Some(old);
+            return Err(e);
+        }
+        self.cluster.signal(&old, libc::SIGTERM)?;
+        Ok(old)
+    }
+
     /// The spawn name of the node's running ztunnel.
     pub fn ztunnel_name(&self, node: usize) -> Option<&str> {
         self.ztunnel_names[node].as_deref()

@@ -550,6 +550,8 @@ const CHART_VARIANTS: &[(&str, &[&str])] = &[
             "ztunnel.raiseMemlock=false",
             "ztunnel.seccompProfile.type=RuntimeDefault",
             "ztunnel.extraCapabilities[0]=SYS_PTRACE",
+            "ztunnel.maxSurge=0",
+            "ztunnel.maxUnavailable=2",
         ],
     ),
     ("uninstall", &["ztunnel.uninstall=true"]),
@@ -737,19 +739,21 @@ fn chart_checks() -> Result<()> {
         }
     }
     // The schema is in force: a value outside its enum must be refused.
-    let mut bad = Command::new(&tools.helm);
-    bad.current_dir(&root).args([
-        "template",
-        "weft",
-        CHART_DIR,
-        "--set",
+    // Values the schema must refuse: an unknown pull policy, and a
+    // DaemonSet that may neither surge nor take a node down.
+    for wrong in [
         "image.pullPolicy=Sometimes",
-    ]);
-    if bad.output().is_ok_and(|o| o.status.success()) {
-        bail!(
-            "{} succeeded: values.schema.json no longer validates the chart's values",
-            describe(&bad)
-        );
+        "ztunnel.maxSurge=0,ztunnel.maxUnavailable=0",
+    ] {
+        let mut bad = Command::new(&tools.helm);
+        bad.current_dir(&root)
+            .args(["template", "weft", CHART_DIR, "--set", wrong]);
+        if bad.output().is_ok_and(|o| o.status.success()) {
+            bail!(
+                "{} succeeded: values.schema.json no longer validates the chart's values",
+                describe(&bad)
+            );
+        }
     }
     monitoring_checks(&root)?;
     eprintln!("xtask: chart checks passed");

@@ -20,7 +20,7 @@ use crate::inpod::InPod;
 use crate::metrics::Metrics;
 use crate::proxy::ProxyInputs;
 use crate::state::MeshState;
-use crate::{cni_server, source};
+use crate::{cni_server, handover, source};
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -40,62 +40,129 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         drain.clone(),
     );
     let inpod = InPod::new(pi.clone(), &cfg.state_dir)?;
-
-    // The CNI socket comes before the mesh model: a node must keep starting
-    // the pods that stay out of the mesh while the controller is away, and
-    // the plugin can only tell those from the others by asking. Bound
-    // before the pod records are read, so a plugin that found no socket
-    // (and left its record behind) is seen by this restore; requests wait
-    // in the backlog until it is done.
-    let cni = cni_server::bind(&cfg.cni_socket)?;
-    inpod.restore().await?;
-    tokio::spawn(cni_server::serve(cni, inpod.clone()));
-    info!(
-        component = "ztunnel",
-        socket = %cfg.cni_socket.display(),
-        "serving CNI requests; pods wait for capture until the mesh model arrives"
-    );
-
     let readiness = Arc::new(Readiness::default());
-    ops::bind(OpsAddrs {
+    let ops_addrs = OpsAddrs {
         admin: cfg.admin_addr,
         metrics: cfg.metrics_addr,
         readiness: cfg.readiness_addr,
-    })
-    .await?
-    .spawn(
-        Arc::new(Admin {
-            pi: pi.clone(),
-            inpod: inpod.clone(),
-            readiness: readiness.clone(),
-        }),
-        readiness.clone(),
-    );
+    };
+    let admin = Arc::new(Admin {
+        pi: pi.clone(),
+        inpod: inpod.clone(),
+        readiness: readiness.clone(),
+    });
+
+    // Another ztunnel on this node (an upgrade rolling with surge): it
+    // keeps serving every pod until this one has the mesh model and has
+    // taken its sockets over; until then this one touches nothing.
+    let predecessor = handover::find(&cfg.state_dir);
+    let mut ops = None;
+    if predecessor.is_some() {
+        info!(
+            component = "ztunnel",
+            "another ztunnel serves this node: taking its pods over once the mesh model is here"
+        );
+    } else {
+        // The CNI socket comes before the mesh model: a node must keep
+        // starting the pods that stay out of the mesh while the controller
+        // is away, and the plugin can only tell those from the others by
+        // asking. Bound before the pod records are read, so a plugin that
+        // found no socket (and left its record behind) is seen by this
+        // restore; requests wait in the backlog until it is done.
+        serve_cni(&cfg, &inpod).await?;
+        ops = Some(ops::bind(ops_addrs).await?);
+    }
 
     // Capture nothing until the mesh model is known: policy must be.
     tokio::select! {
         _ = state.first_model("controller", Duration::from_secs(5)) => {}
         signal = logging::shutdown_signal() => {
             info!(component = "ztunnel", signal = signal?, "stopped before the first mesh model");
-            let _ = std::fs::remove_file(&cfg.cni_socket);
+            if predecessor.is_none() {
+                let _ = std::fs::remove_file(&cfg.cni_socket);
+            }
             return Ok(());
         }
     }
+
+    let mut inherited = None;
+    if let Some(p) = predecessor {
+        match p.take().await {
+            Ok(i) => {
+                info!(
+                    component = "ztunnel",
+                    pods = i.pods.len(),
+                    "received the running ztunnel's sockets"
+                );
+                inherited = Some(i);
+            }
+            Err(e) => {
+                warn!(component = "ztunnel", error = %format!("{e:#}"), "the running ztunnel did not hand over; starting on our own");
+            }
+        }
+        serve_cni(&cfg, &inpod).await?;
+        let (pods, ops_sockets) = match &mut inherited {
+            Some(i) => (std::mem::take(&mut i.pods), std::mem::take(&mut i.ops)),
+            None => Default::default(),
+        };
+        inpod.adopt(pods);
+        ops = Some(ops::bind_or_adopt(ops_addrs, ops_sockets).await?);
+    }
+    let ops = ops.expect("ops listeners are bound on both paths");
+    let ops_sockets = ops.handover()?;
+    let ops = ops.spawn(admin, readiness.clone());
+
     inpod.reconcile().await;
+    inpod.release_unadopted().await;
     tokio::spawn(follow_model(pi.clone(), inpod.clone()));
+    if let Some(i) = inherited {
+        // Every socket is served here now: the predecessor stops accepting.
+        if let Err(e) = i.done().await {
+            warn!(component = "ztunnel", error = %format!("{e:#}"), "telling the previous ztunnel it is replaced failed");
+        }
+    }
+    let successor = handover::bind(&cfg.state_dir)?;
+    let handed_over = tokio::spawn(handover::serve(successor, inpod.clone(), ops_sockets));
 
     readiness.set_ready();
     info!(component = "ztunnel", node = %cfg.node_name, "ready");
 
-    let signal = logging::shutdown_signal().await?;
-    readiness.start_drain();
-    info!(
-        component = "ztunnel",
-        signal,
-        open = pi.connections.len(),
-        deadline_s = cfg.drain_timeout.as_secs(),
-        "draining: pods' listeners closed, open connections run on"
-    );
+    let replaced = tokio::select! {
+        signal = logging::shutdown_signal() => {
+            let signal = signal?;
+            readiness.start_drain();
+            // With no successor the pods' listening sockets close with the
+            // accept loops: new connections fail closed.
+            inpod.release_listeners().await;
+            info!(
+                component = "ztunnel",
+                signal,
+                open = pi.connections.len(),
+                deadline_s = cfg.drain_timeout.as_secs(),
+                "draining: pods' listeners closed, open connections run on"
+            );
+            false
+        }
+        _ = handed_over => {
+            readiness.start_drain();
+            ops.stop();
+            drain.start();
+            info!(
+                component = "ztunnel",
+                open = pi.connections.len(),
+                "replaced: the new ztunnel serves every pod; finishing the open connections until told to stop"
+            );
+            let signal = logging::shutdown_signal().await?;
+            info!(
+                component = "ztunnel",
+                signal,
+                open = pi.connections.len(),
+                deadline_s = cfg.drain_timeout.as_secs(),
+                "draining the connections still open"
+            );
+            true
+        }
+    };
     let outcome = drain.drain(cfg.drain_timeout).await;
     if outcome.remaining > 0 {
         let closed = pi.connections.close_at_drain_deadline();
@@ -109,6 +176,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // Let the closes reach the peers before the process goes.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    if replaced {
+        info!(
+            component = "ztunnel",
+            still_open = outcome.remaining,
+            took_ms = outcome.took.as_millis() as u64,
+            "shutting down; the new ztunnel has the pods"
+        );
+        return Ok(());
+    }
     // Kernel steering stays pinned: until a ztunnel is back, enrolled pods'
     // connections are refused, never sent around the mesh.
     info!(
@@ -118,6 +194,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "shutting down; enrolled pods stay captured (fail closed)"
     );
     let _ = std::fs::remove_file(&cfg.cni_socket);
+    Ok(())
+}
+
+/// Binds the CNI socket, reads the pods remembered in the state folder,
+/// and serves the plugin.
+async fn serve_cni(cfg: &Config, inpod: &Arc<InPod>) -> anyhow::Result<()> {
+    let cni = cni_server::bind(&cfg.cni_socket)?;
+    inpod.restore().await?;
+    tokio::spawn(cni_server::serve(cni, inpod.clone()));
+    info!(
+        component = "ztunnel",
+        socket = %cfg.cni_socket.display(),
+        "serving CNI requests; pods wait for capture until the mesh model arrives"
+    );
     Ok(())
 }
 

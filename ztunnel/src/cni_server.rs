@@ -18,13 +18,22 @@ use crate::inpod::{InPod, PodInfo};
 /// Longest request line accepted (a request is a few hundred bytes).
 const MAX_REQUEST: usize = 64 * 1024;
 
+/// Listens on `path`: bound beside it and renamed into place, so a plugin
+/// never finds the path missing while a new ztunnel takes over from a
+/// running one (whose socket it replaces).
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| anyhow::anyhow!("cannot move the CNI socket to {}: {e}", path.display()))?;
+    Ok(listener)
 }
 
 pub async fn serve(listener: UnixListener, inpod: Arc<InPod>) {

@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -20,6 +21,7 @@ use weft_api::ports;
 use crate::capture::ebpf::PodCapture;
 use crate::capture::netns::Netns;
 use crate::capture::pod_routing;
+use crate::handover::{ListenerKind, PodSockets};
 use crate::proxy::{inbound, outbound, socket, EnrolledPod, ProxyInputs};
 
 /// What the CNI plugin told us about a pod; persisted so a restarted
@@ -37,12 +39,23 @@ struct Enrollment {
     cancel: CancellationToken,
     /// The ports the node reaches directly, as last written to the kernel.
     probe_ports: Vec<u16>,
+    /// Copies of the pod's listening sockets, for a successor (see
+    /// `handover`); dropped at a drain with no successor, so the sockets
+    /// close with the accept loops and the pod fails closed.
+    sockets: PodSockets,
 }
 
 pub struct InPod {
     pi: Arc<ProxyInputs>,
     pods: Mutex<HashMap<String, Known>>,
     state_dir: PathBuf,
+    /// Set while the pods are being handed to a successor, and for good
+    /// once they have been: CNI changes are refused (the plugin retries,
+    /// reaching the successor) and the model is not applied to them.
+    frozen: AtomicBool,
+    /// Sockets a predecessor handed over, by pod key, until the pod's
+    /// enrollment takes them.
+    inherited: std::sync::Mutex<HashMap<String, PodSockets>>,
 }
 
 #[derive(Serialize)]
@@ -61,6 +74,8 @@ impl InPod {
             pi,
             pods: Mutex::new(HashMap::new()),
             state_dir: state_dir.to_owned(),
+            frozen: AtomicBool::new(false),
+            inherited: Default::default(),
         }))
     }
 
@@ -140,6 +155,7 @@ impl InPod {
         self.persist(&info)?;
         let key = info.key();
         let mut pods = self.pods.lock().await;
+        self.refuse_if_frozen()?;
         let known = pods.entry(key).or_insert(Known {
             info: info.clone(),
             enrolled: None,
@@ -157,7 +173,9 @@ impl InPod {
     /// CNI DEL: stop capturing and forget the pod.
     pub async fn delete(&self, namespace: &str, name: &str) -> anyhow::Result<()> {
         let key = format!("{namespace}/{name}");
-        if let Some(mut k) = self.pods.lock().await.remove(&key) {
+        let mut pods = self.pods.lock().await;
+        self.refuse_if_frozen()?;
+        if let Some(mut k) = pods.remove(&key) {
             if let Some(e) = k.enrolled.take() {
                 self.unenroll(e);
             }
@@ -223,6 +241,9 @@ impl InPod {
     /// Brings every known pod to the state the current model wants.
     pub async fn reconcile(&self) {
         let mut pods = self.pods.lock().await;
+        if self.frozen.load(Ordering::SeqCst) {
+            return;
+        }
         for known in pods.values_mut() {
             if let Err(e) = self.reconcile_one(known) {
                 warn!(component = "inpod", pod = %known.info.key(), error = %e, "reconcile failed");
@@ -244,6 +265,97 @@ impl InPod {
         certs.retain(|id| wanted.contains(id));
         for id in &wanted {
             certs.ensure(id);
+        }
+    }
+
+    fn refuse_if_frozen(&self) -> anyhow::Result<()> {
+        if self.frozen.load(Ordering::SeqCst) {
+            anyhow::bail!(
+                "this ztunnel is handing the node's pods to a new ztunnel; retry (the new one answers)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Freezes the pods and returns copies of every captured pod's
+    /// listening sockets, for a successor.
+    pub async fn begin_handover(&self) -> anyhow::Result<Vec<(String, PodSockets)>> {
+        let pods = self.pods.lock().await;
+        self.frozen.store(true, Ordering::SeqCst);
+        let mut out = Vec::new();
+        for (key, known) in pods.iter() {
+            let Some(e) = &known.enrolled else { continue };
+            let copies = e
+                .sockets
+                .iter()
+                .map(|(kind, fd)| Ok((*kind, fd.try_clone()?)))
+                .collect::<std::io::Result<PodSockets>>();
+            match copies {
+                Ok(c) => out.push((key.clone(), c)),
+                Err(err) => {
+                    self.frozen.store(false, Ordering::SeqCst);
+                    anyhow::bail!("copying the sockets of {key}: {err}");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A hand-over that did not complete: carry on, applying whatever
+    /// changed meanwhile.
+    pub async fn resume(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+        self.reconcile().await;
+    }
+
+    /// The successor serves every pod: stop accepting on their sockets and
+    /// let go of them; the kernel steering stays as it is (it is the
+    /// successor's now). Connections in flight run on.
+    pub async fn finish_handover(&self) {
+        let mut pods = self.pods.lock().await;
+        for known in pods.values_mut() {
+            if let Some(e) = &mut known.enrolled {
+                e.cancel.cancel();
+                e.sockets.clear();
+            }
+        }
+    }
+
+    /// A drain with no successor: let the listening sockets close with the
+    /// accept loops, so new connections of enrolled pods are refused (fail
+    /// closed) instead of waiting in a backlog nobody accepts from.
+    pub async fn release_listeners(&self) {
+        let mut pods = self.pods.lock().await;
+        for known in pods.values_mut() {
+            if let Some(e) = &mut known.enrolled {
+                e.sockets.clear();
+            }
+        }
+    }
+
+    /// Sockets handed over by a predecessor, for the enrollments to come.
+    pub fn adopt(&self, sockets: HashMap<String, PodSockets>) {
+        *self.inherited.lock().unwrap_or_else(|p| p.into_inner()) = sockets;
+    }
+
+    /// After the first reconcile: sockets of pods the predecessor captured
+    /// and this model does not are closed, and their steering removed.
+    pub async fn release_unadopted(&self) {
+        let left = std::mem::take(&mut *self.inherited.lock().unwrap_or_else(|p| p.into_inner()));
+        let pods = self.pods.lock().await;
+        for (key, sockets) in left {
+            drop(sockets);
+            let Some(known) = pods.get(&key) else {
+                continue;
+            };
+            if known.enrolled.is_some() {
+                continue;
+            }
+            if let Ok(netns) = Netns::open(&known.info.netns) {
+                let _ = self.pi.capture.unenroll(netns.cookie(), &known.info.ips);
+                let _ = pod_routing::remove(&netns);
+            }
+            info!(component = "inpod", pod = %key, "the previous ztunnel captured this pod, the mesh model does not: released");
         }
     }
 
@@ -319,13 +431,37 @@ impl InPod {
     fn enroll(&self, info: &PodInfo) -> anyhow::Result<Enrollment> {
         let netns = Netns::open(&info.netns)?;
         let has_v6 = info.ips.iter().any(IpAddr::is_ipv6);
-        let outbound4 = socket::listener_in(
-            &netns,
+        // A predecessor's sockets for this pod, if it handed any over: the
+        // same sockets the kernel steers to, so nothing changes for the pod.
+        let mut given: HashMap<ListenerKind, OwnedFd> = self
+            .inherited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&info.key())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let mut sockets = PodSockets::new();
+        let mut listener =
+            |kind: ListenerKind, addr: SocketAddr| -> anyhow::Result<std::net::TcpListener> {
+                let l = match given.remove(&kind) {
+                    Some(fd) => {
+                        let l = std::net::TcpListener::from(fd);
+                        l.set_nonblocking(true)?;
+                        l
+                    }
+                    None => socket::listener_in(&netns, addr)?,
+                };
+                sockets.push((kind, OwnedFd::from(l.try_clone()?)));
+                Ok(l)
+            };
+        let outbound4 = listener(
+            ListenerKind::Outbound4,
             SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports::OUTBOUND),
         )?;
         let outbound6 = if has_v6 {
-            Some(socket::listener_in(
-                &netns,
+            Some(listener(
+                ListenerKind::Outbound6,
                 SocketAddr::new(Ipv6Addr::LOCALHOST.into(), ports::OUTBOUND),
             )?)
         } else {
@@ -336,9 +472,11 @@ impl InPod {
         } else {
             Ipv4Addr::UNSPECIFIED.into()
         };
-        let inbound =
-            socket::listener_in(&netns, SocketAddr::new(wildcard, ports::INBOUND_PLAINTEXT))?;
-        let hbone = socket::listener_in(&netns, SocketAddr::new(wildcard, ports::HBONE))?;
+        let inbound = listener(
+            ListenerKind::Inbound,
+            SocketAddr::new(wildcard, ports::INBOUND_PLAINTEXT),
+        )?;
+        let hbone = listener(ListenerKind::Hbone, SocketAddr::new(wildcard, ports::HBONE))?;
         pod_routing::install(&netns)
             .map_err(|e| anyhow::anyhow!("in-pod routing for {}: {e}", info.key()))?;
         let probe_ports = self.probe_ports(info);
@@ -386,6 +524,7 @@ impl InPod {
             pod,
             cancel,
             probe_ports,
+            sockets,
         })
     }
 

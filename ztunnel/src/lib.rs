@@ -20,6 +20,7 @@ pub mod capture;
 pub mod cni_plugin;
 pub mod cni_server;
 pub mod config;
+pub mod handover;
 pub mod inpod;
 pub mod metrics;
 pub mod proxy;
