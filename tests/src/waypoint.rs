@@ -85,7 +85,54 @@ impl Mesh {
             namespace: namespace.into(),
             service_account: name.into(),
         });
-        let pod_name = format!("{name}-waypoint");
+        self.spawn_waypoint_replica(node, namespace, name, &format!("{name}-waypoint"), env)
+    }
+
+    /// One more replica of waypoint `namespace/name` (pod
+    /// `<name>-waypoint-<n>`), as the Deployment's surge adds one; ztunnels
+    /// spread new connections over the replicas in the model.
+    pub fn add_waypoint_replica(
+        &mut self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        replica: u32,
+    ) -> Result<Pod> {
+        self.spawn_waypoint_replica(
+            node,
+            namespace,
+            name,
+            &format!("{name}-waypoint-{replica}"),
+            &[("WEFT_LOG", "info,weft_waypoint=debug")],
+        )
+    }
+
+    /// The spawn name (for logs, signals, `exit_status`) of a waypoint pod.
+    pub fn waypoint_spawn(&self, pod: &Pod) -> Option<String> {
+        self.waypoints
+            .iter()
+            .find(|(p, _, _)| p.key() == pod.key())
+            .map(|(_, spawn, _)| spawn.clone())
+    }
+
+    /// Takes a waypoint pod out of the model, as the controller does once
+    /// the pod is terminating (its deletionTimestamp is set).
+    pub fn remove_waypoint_pod_from_model(&mut self, pod: &Pod) -> Result<()> {
+        self.model
+            .workloads
+            .retain(|w| !(w.namespace == pod.namespace && w.name == pod.name));
+        self.write_model()
+    }
+
+    fn spawn_waypoint_replica(
+        &mut self,
+        node: usize,
+        namespace: &str,
+        name: &str,
+        pod_name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Pod> {
+        let pod_name = pod_name.to_owned();
         if self.model.namespace(namespace).is_none() {
             self.set_ambient(namespace, false);
         }
@@ -127,7 +174,10 @@ impl Mesh {
         ])
         .args(self.controller_args(&node_name)?)
         .envs(env.iter().copied());
-        let spawn = format!("waypoint-{namespace}-{name}");
+        let spawn = match pod_name.strip_prefix(&format!("{name}-waypoint")) {
+            Some("") | None => format!("waypoint-{namespace}-{name}"),
+            Some(replica) => format!("waypoint-{namespace}-{name}{replica}"),
+        };
         let pid = self.cluster.spawn(&spawn, cmd)?;
         self.cluster
             .wait_for_log(&spawn, "waypoint ready", Duration::from_secs(30))
@@ -184,6 +234,11 @@ impl Mesh {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The Prometheus text of one waypoint pod (a replica).
+    pub fn waypoint_pod_metrics(&self, pod: &Pod) -> Result<String> {
+        self.waypoint_get(pod, "http://127.0.0.1:15020/metrics")
     }
 
     /// The waypoint's Prometheus text.

@@ -337,6 +337,36 @@ fn e2e_runtime_ztunnel_upgrade_resets_nothing() {
         assert_eq!(mesh.connect(pod, target)["ok"], true);
     }
 
+    // A hand-over that does not complete leaves the running ztunnel as it
+    // was: garbage on the socket, and a successor that asks and goes away
+    // after the first pod's sockets.
+    let handover = mesh.ztunnel_state_dir(0).join("handover.sock");
+    for first in [&b"not json"[..], br#"{"msg":"take","version":"test"}"#] {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let s = Socket::new(Domain::UNIX, Type::from(libc::SOCK_SEQPACKET), None).unwrap();
+        s.connect(&SockAddr::unix(&handover).unwrap()).unwrap();
+        s.send(first).unwrap();
+        if first.starts_with(b"{") {
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+            s.recv(&mut buf).expect("the first pod's message");
+        }
+    }
+    wait_until(Duration::from_secs(10), || {
+        let log = mesh.ztunnel_log(0);
+        (log.matches("hand-over to a new ztunnel failed; this one carries on")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", mesh.ztunnel_log(0)));
+    for (pod, target) in [(&a, &to_b), (&b, &to_a)] {
+        assert_eq!(
+            mesh.connect(pod, target)["ok"],
+            true,
+            "after failed hand-overs"
+        );
+    }
+
     // 100 connections each way, a line every 100 ms for 45 s: across both
     // replacements and into the old ztunnels' drains.
     for (name, pod, target) in [("hold-ab", &a, &to_b), ("hold-ba", &b, &to_a)] {

@@ -771,3 +771,154 @@ fn e2e_waypoint_request_and_backend_timeouts() {
     assert_eq!(status, "504");
     assert!(took < Duration::from_millis(1800), "504 after {took:?}");
 }
+
+/// The figures of h2load's "requests:" line: (total, started, done,
+/// succeeded, failed, errored, timeout).
+fn h2load_requests(text: &str) -> Option<[u64; 7]> {
+    let line = text.lines().find(|l| l.starts_with("requests:"))?;
+    let nums: Vec<u64> = line
+        .trim_start_matches("requests:")
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    nums.try_into().ok()
+}
+
+/// A waypoint replica stopped in the middle of an h2load run, the way a
+/// rollout replaces one: the controller first takes the terminating pod
+/// out of the model (played here by the test), then the replica gets
+/// SIGTERM and drains (GOAWAY to its clients; requests in flight finish).
+/// No request that started fails, the replica exits once drained, and the
+/// other replica takes the new connections.
+#[test]
+fn e2e_waypoint_sigterm_under_load_fails_no_started_request() {
+    let (mut mesh, client, _pods) = mesh_with(&[("web", &[])]);
+    let vip = mesh
+        .add_service_selecting(NS, "web", &[("app", "web")], &[(80, 8080)])
+        .unwrap();
+    mesh.use_waypoint(NS, "web", Some("wp")).unwrap();
+    let second = mesh.add_waypoint_replica(1, NS, "wp", 2).unwrap();
+    mesh.wait_model_applied().unwrap();
+    let first = mesh.cluster.pod(NS, "wp-waypoint").cloned().unwrap();
+    let url = who(vip, "/who");
+
+    // h2load's per-request log: start (µs since the epoch; 0 for a request
+    // never sent), status (-1: no response), duration.
+    let requests_log = mesh.cluster.run_dir().join("h2load-requests.tsv");
+    let load = {
+        let (client, url, log) = (client.clone(), url.clone(), requests_log.clone());
+        std::thread::spawn(move || {
+            client
+                .command("h2load")
+                .args(["-n", "30000", "-c", "8", "-m", "4", "-T", "20", &url])
+                .arg(format!("--log-file={}", log.display()))
+                .output()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    mesh.remove_waypoint_pod_from_model(&first).unwrap();
+    mesh.wait_model_applied().unwrap();
+    let spawn = mesh.waypoint_spawn(&first).unwrap();
+    let served_before = metric_sum(
+        &mesh.waypoint_pod_metrics(&first).unwrap(),
+        "weft_requests_total",
+        &[],
+    );
+    let signalled_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    mesh.cluster.signal(&spawn, libc::SIGTERM).unwrap();
+    let out = load.join().unwrap().expect("run h2load");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let [total, started, done, succeeded, _failed, errored, timeout] =
+        h2load_requests(&text).unwrap_or_else(|| panic!("no requests line: {text}"));
+    assert!(
+        served_before > 0.0,
+        "the first replica carried part of the load"
+    );
+    // Every request that started before the signal got a 200; after it,
+    // any request that got an answer got a 200 too. What h2load counts as
+    // errored are the requests it never sent: it does not reconnect after
+    // the draining replica's GOAWAY (RFC 9113 section 6.8 lets a client
+    // retry those; h2load does not), plus at most one window of streams
+    // the GOAWAY refused unprocessed.
+    let rows: Vec<(u64, i64)> = std::fs::read_to_string(&requests_log)
+        .expect("h2load's request log")
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect();
+    // A start of 0: h2load queued the request and never sent it.
+    let before: Vec<i64> = rows
+        .iter()
+        .filter(|(t, _)| *t > 0 && *t < signalled_us)
+        .map(|(_, s)| *s)
+        .collect();
+    let after_answered = rows
+        .iter()
+        .filter(|(t, s)| *t >= signalled_us && *s > 0)
+        .count();
+    // Sent or queued when the GOAWAY came, never processed (h2load logs
+    // those with no start or no status): at most one window per connection.
+    let unprocessed = started - succeeded;
+    eprintln!(
+        "h2load: {total} total, {started} started, {done} done, {succeeded} succeeded; started before the signal: {} ({} not 200); after it: {after_answered} answered; unprocessed: {unprocessed}; never sent (no reconnect after GOAWAY): {}",
+        before.len(),
+        before.iter().filter(|s| **s != 200).count(),
+        total - started
+    );
+    assert!(
+        before.len() > 1000,
+        "load before the signal: {}",
+        before.len()
+    );
+    let failed_before: Vec<String> = std::fs::read_to_string(&requests_log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let t: u64 = f.first()?.parse().ok()?;
+            (t > 0 && t < signalled_us && f.get(1) != Some(&"200"))
+                .then(|| format!("{} us before the signal: {l}", signalled_us - t))
+        })
+        .collect();
+    assert!(
+        failed_before.is_empty(),
+        "requests started before the signal failed: {failed_before:#?}\n{text}"
+    );
+    assert!(
+        rows.iter().all(|(_, s)| *s <= 0 || *s == 200),
+        "every answer is a 200: {text}"
+    );
+    assert_eq!(timeout, 0, "{text}");
+    assert!(unprocessed <= 8 * 4, "{unprocessed} unprocessed: {text}");
+    assert_eq!(errored, total - succeeded, "{text}");
+    assert!(text.contains(" 0 5xx"), "{text}");
+
+    let status =
+        weft_e2e::mesh::wait_until(Duration::from_secs(40), || mesh.cluster.exit_status(&spawn))
+            .expect("the stopped replica exits once drained");
+    let log = mesh.cluster.log(&spawn);
+    assert!(
+        status.success() && log.contains("drained; exiting"),
+        "{log}"
+    );
+
+    // New connections go to the replica that stays.
+    let before = metric_sum(
+        &mesh.waypoint_pod_metrics(&second).unwrap(),
+        "weft_requests_total",
+        &[],
+    );
+    let lines = many(&mesh, &client, &url, 20, &[]);
+    assert!(lines.iter().all(|l| l.starts_with("200")), "{lines:?}");
+    let after = metric_sum(
+        &mesh.waypoint_pod_metrics(&second).unwrap(),
+        "weft_requests_total",
+        &[],
+    );
+    assert!(after - before >= 20.0, "{before} -> {after}");
+}
