@@ -259,12 +259,7 @@ impl Authorizer {
         if self.is_empty() {
             return Ok(());
         }
-        match self.decide_workload(workload, req).decision() {
-            Decision::Allow => Ok(()),
-            Decision::Deny { policy } => {
-                Err(policy.unwrap_or_else(|| "no-matching-allow".to_owned()))
-            }
-        }
+        verdict_of(self.decide_workload(workload, req).decision())
     }
 
     /// Allow, or Deny with the deciding policy (`None`: no ALLOW policy
@@ -279,18 +274,21 @@ impl Authorizer {
         if self.is_empty() {
             return Ok(());
         }
-        match self.check(req) {
-            Decision::Allow => Ok(()),
-            Decision::Deny { policy } => {
-                Err(policy.unwrap_or_else(|| "no-matching-allow".to_owned()))
-            }
-        }
+        verdict_of(self.check(req))
     }
 
     /// Whether any policy applies at this waypoint at all (to skip the work
     /// when none does).
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty()
+    }
+}
+
+/// `Err(policy)` for a denial: the deciding policy, or `no-matching-allow`.
+fn verdict_of(d: Decision) -> Result<(), String> {
+    match d {
+        Decision::Allow => Ok(()),
+        Decision::Deny { policy } => Err(policy.unwrap_or_else(|| "no-matching-allow".to_owned())),
     }
 }
 
