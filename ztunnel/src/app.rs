@@ -22,6 +22,13 @@ use crate::proxy::ProxyInputs;
 use crate::state::MeshState;
 use crate::{cni_server, handover, source};
 
+/// How this ztunnel starts: as the node's only one, or taking over from
+/// the one running (an upgrade).
+enum Start {
+    Alone(ops::OpsListeners),
+    After(handover::Predecessor),
+}
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let metrics = Metrics::new();
@@ -55,60 +62,43 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Another ztunnel on this node (an upgrade rolling with surge): it
     // keeps serving every pod until this one has the mesh model and has
     // taken its sockets over; until then this one touches nothing.
-    let predecessor = handover::find(&cfg.state_dir);
-    let mut ops = None;
-    if predecessor.is_some() {
-        info!(
-            component = "ztunnel",
-            "another ztunnel serves this node: taking its pods over once the mesh model is here"
-        );
-    } else {
-        // The CNI socket comes before the mesh model: a node must keep
-        // starting the pods that stay out of the mesh while the controller
-        // is away, and the plugin can only tell those from the others by
-        // asking. Bound before the pod records are read, so a plugin that
-        // found no socket (and left its record behind) is seen by this
-        // restore; requests wait in the backlog until it is done.
-        serve_cni(&cfg, &inpod).await?;
-        ops = Some(ops::bind(ops_addrs).await?);
-    }
+    let start = match handover::find(&cfg.state_dir) {
+        Some(p) => {
+            info!(
+                component = "ztunnel",
+                "another ztunnel serves this node: taking its pods over once the mesh model is here"
+            );
+            Start::After(p)
+        }
+        None => {
+            // The CNI socket comes before the mesh model: a node must keep
+            // starting the pods that stay out of the mesh while the
+            // controller is away, and the plugin can only tell those from
+            // the others by asking. Bound before the pod records are read,
+            // so a plugin that found no socket (and left its record behind)
+            // is seen by this restore; requests wait in the backlog until
+            // it is done.
+            serve_cni(&cfg, &inpod).await?;
+            Start::Alone(ops::bind(ops_addrs).await?)
+        }
+    };
 
     // Capture nothing until the mesh model is known: policy must be.
     tokio::select! {
         _ = state.first_model("controller", Duration::from_secs(5)) => {}
         signal = logging::shutdown_signal() => {
             info!(component = "ztunnel", signal = signal?, "stopped before the first mesh model");
-            if predecessor.is_none() {
+            if matches!(start, Start::Alone(_)) {
                 let _ = std::fs::remove_file(&cfg.cni_socket);
             }
             return Ok(());
         }
     }
 
-    let mut inherited = None;
-    if let Some(p) = predecessor {
-        match p.take().await {
-            Ok(i) => {
-                info!(
-                    component = "ztunnel",
-                    pods = i.pods.len(),
-                    "received the running ztunnel's sockets"
-                );
-                inherited = Some(i);
-            }
-            Err(e) => {
-                warn!(component = "ztunnel", error = %format!("{e:#}"), "the running ztunnel did not hand over; starting on our own");
-            }
-        }
-        serve_cni(&cfg, &inpod).await?;
-        let (pods, ops_sockets) = match &mut inherited {
-            Some(i) => (std::mem::take(&mut i.pods), std::mem::take(&mut i.ops)),
-            None => Default::default(),
-        };
-        inpod.adopt(pods);
-        ops = Some(ops::bind_or_adopt(ops_addrs, ops_sockets).await?);
-    }
-    let ops = ops.expect("ops listeners are bound on both paths");
+    let (inherited, ops) = match start {
+        Start::After(p) => take_over(p, &cfg, &inpod, ops_addrs).await?,
+        Start::Alone(ops) => (None, ops),
+    };
     let ops_sockets = ops.handover()?;
     let ops = ops.spawn(admin, readiness.clone());
 
@@ -163,6 +153,49 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             true
         }
     };
+    shut_down(&cfg, &pi, &drain, replaced).await
+}
+
+/// Takes the running ztunnel's sockets (or, if it does not hand them over,
+/// starts on its own), then serves CNI and binds the ops ports.
+async fn take_over(
+    predecessor: handover::Predecessor,
+    cfg: &Config,
+    inpod: &Arc<InPod>,
+    ops_addrs: OpsAddrs,
+) -> anyhow::Result<(Option<handover::Inherited>, ops::OpsListeners)> {
+    let mut inherited = match predecessor.take().await {
+        Ok(i) => {
+            info!(
+                component = "ztunnel",
+                pods = i.pods.len(),
+                "received the running ztunnel's sockets"
+            );
+            Some(i)
+        }
+        Err(e) => {
+            warn!(component = "ztunnel", error = %format!("{e:#}"), "the running ztunnel did not hand over; starting on our own");
+            None
+        }
+    };
+    serve_cni(cfg, inpod).await?;
+    let (pods, ops_sockets) = match &mut inherited {
+        Some(i) => (std::mem::take(&mut i.pods), std::mem::take(&mut i.ops)),
+        None => Default::default(),
+    };
+    inpod.adopt(pods);
+    let ops = ops::bind_or_adopt(ops_addrs, ops_sockets).await?;
+    Ok((inherited, ops))
+}
+
+/// Waits for the open connections up to the drain deadline, closes what is
+/// left, and says how it went.
+async fn shut_down(
+    cfg: &Config,
+    pi: &ProxyInputs,
+    drain: &drain::DrainTrigger,
+    replaced: bool,
+) -> anyhow::Result<()> {
     let outcome = drain.drain(cfg.drain_timeout).await;
     if outcome.remaining > 0 {
         let closed = pi.connections.close_at_drain_deadline();
