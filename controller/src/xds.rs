@@ -214,10 +214,36 @@ pub struct XdsOptions {
 
 type Key = (String, String);
 
+/// The kinds of resources a version holds, in the order of
+/// [`ChangeSet::kinds`].
+const KINDS: usize = 9;
+
+/// The keys of each kind that changed (upserted or removed) between two
+/// versions: found once per version, shared by every subscriber, so a
+/// subscriber one step behind gets its delta from the changed keys alone
+/// instead of a diff of the whole model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ChangeSet {
+    kinds: [BTreeSet<Key>; KINDS],
+}
+
+impl ChangeSet {
+    fn absorb(&mut self, other: &ChangeSet) {
+        for (mine, theirs) in self.kinds.iter_mut().zip(&other.kinds) {
+            mine.extend(theirs.iter().cloned());
+        }
+    }
+}
+
 /// One version of the model, converted to wire messages once and shared by
 /// every subscriber.
 struct Versioned {
     version: u64,
+    /// The keys changed since the version before this one (`None` for the
+    /// first version).
+    changes: Option<ChangeSet>,
+    /// Namespaces with a workload on each node (the policies a node gets).
+    node_namespaces: BTreeMap<String, BTreeSet<String>>,
     /// When this version was made (push latency starts here).
     created: Instant,
     trust_domain: String,
@@ -233,11 +259,14 @@ struct Versioned {
     trust_bundle_pem: Vec<String>,
 }
 
+/// The wire messages of `items` by key, reusing the previous version's
+/// message where unchanged; the keys that changed go into `changed`.
 fn index<'a, M: 'a + Keyed, P: for<'b> From<&'b M> + PartialEq>(
     items: impl IntoIterator<Item = &'a M>,
     previous: Option<&BTreeMap<Key, Arc<P>>>,
+    changed: &mut BTreeSet<Key>,
 ) -> BTreeMap<Key, Arc<P>> {
-    items
+    let map: BTreeMap<Key, Arc<P>> = items
         .into_iter()
         .map(|m| {
             let k = m.key();
@@ -246,11 +275,18 @@ fn index<'a, M: 'a + Keyed, P: for<'b> From<&'b M> + PartialEq>(
             // Reuse the previous Arc when unchanged so diffs hit ptr_eq.
             let arc = match previous.and_then(|p| p.get(&key)) {
                 Some(old) if **old == msg => old.clone(),
-                _ => Arc::new(msg),
+                _ => {
+                    changed.insert(key.clone());
+                    Arc::new(msg)
+                }
             };
             (key, arc)
         })
-        .collect()
+        .collect();
+    if let Some(p) = previous {
+        changed.extend(p.keys().filter(|k| !map.contains_key(*k)).cloned());
+    }
+    map
 }
 
 impl Versioned {
@@ -260,25 +296,43 @@ impl Versioned {
         bundle: &TrustBundle,
         previous: Option<&Versioned>,
     ) -> Self {
+        let mut c = ChangeSet::default();
+        let [c_ns, c_wl, c_svc, c_pol, c_pa, c_wp, c_http, c_grpc, c_tp] = &mut c.kinds;
+        let mut node_namespaces: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for w in &model.workloads {
+            if !node_namespaces
+                .get(&w.node)
+                .is_some_and(|n| n.contains(&w.namespace))
+            {
+                node_namespaces
+                    .entry(w.node.clone())
+                    .or_default()
+                    .insert(w.namespace.clone());
+            }
+        }
         Self {
             version,
             created: Instant::now(),
             trust_domain: model.trust_domain.clone(),
-            namespaces: index(&model.namespaces, previous.map(|p| &p.namespaces)),
-            workloads: index(&model.workloads, previous.map(|p| &p.workloads)),
-            services: index(&model.services, previous.map(|p| &p.services)),
-            policies: index(&model.policies, previous.map(|p| &p.policies)),
+            namespaces: index(&model.namespaces, previous.map(|p| &p.namespaces), c_ns),
+            workloads: index(&model.workloads, previous.map(|p| &p.workloads), c_wl),
+            services: index(&model.services, previous.map(|p| &p.services), c_svc),
+            policies: index(&model.policies, previous.map(|p| &p.policies), c_pol),
             peer_authentications: index(
                 &model.peer_authentications,
                 previous.map(|p| &p.peer_authentications),
+                c_pa,
             ),
-            waypoints: index(&model.waypoints, previous.map(|p| &p.waypoints)),
-            http_routes: index(&model.http_routes, previous.map(|p| &p.http_routes)),
-            grpc_routes: index(&model.grpc_routes, previous.map(|p| &p.grpc_routes)),
+            waypoints: index(&model.waypoints, previous.map(|p| &p.waypoints), c_wp),
+            http_routes: index(&model.http_routes, previous.map(|p| &p.http_routes), c_http),
+            grpc_routes: index(&model.grpc_routes, previous.map(|p| &p.grpc_routes), c_grpc),
             traffic_policies: index(
                 &model.traffic_policies,
                 previous.map(|p| &p.traffic_policies),
+                c_tp,
             ),
+            changes: previous.map(|_| c),
+            node_namespaces,
             trust_bundle_pem: bundle
                 .roots
                 .iter()
@@ -308,12 +362,7 @@ pub const ROLE_WAYPOINT: &str = "waypoint";
 
 impl NodeView {
     fn new(base: Arc<Versioned>, node: &str, waypoint: bool) -> Self {
-        let policy_namespaces = base
-            .workloads
-            .values()
-            .filter(|w| w.node == node)
-            .map(|w| w.namespace.clone())
-            .collect();
+        let policy_namespaces = base.node_namespaces.get(node).cloned().unwrap_or_default();
         Self {
             base,
             policy_namespaces,
@@ -329,13 +378,30 @@ impl NodeView {
 /// One side of a diff: a resource map and which keys the node wants.
 type Side<'a, T> = (&'a BTreeMap<Key, Arc<T>>, &'a dyn Fn(&Key) -> bool);
 
+/// Upserts and removals taking `old` to `new`. With `only`, just those keys
+/// are looked at (the ones changed between the two versions); without it,
+/// every key of both.
 fn diff_map<T: PartialEq + Clone>(
     old: Option<Side<'_, T>>,
     new: Side<'_, T>,
     upserts: &mut Vec<T>,
     removals: &mut Vec<ResourceKey>,
+    only: Option<&BTreeSet<Key>>,
 ) {
     let (new_map, new_wants) = new;
+    if let (Some(keys), Some((old_map, old_wants))) = (only, old) {
+        for k in keys {
+            let now = new_map.get(k).filter(|_| new_wants(k));
+            let before = old_map.get(k).filter(|_| old_wants(k));
+            match (before, now) {
+                (Some(o), Some(v)) if Arc::ptr_eq(o, v) || **o == **v => {}
+                (_, Some(v)) => upserts.push((**v).clone()),
+                (Some(_), None) => removals.push(ResourceKey::new(&k.0, &k.1)),
+                (None, None) => {}
+            }
+        }
+        return;
+    }
     for (k, v) in new_map.iter().filter(|(k, _)| new_wants(k)) {
         let unchanged = old.is_some_and(|(old_map, old_wants)| {
             old_wants(k)
@@ -358,8 +424,22 @@ fn diff_map<T: PartialEq + Clone>(
 
 /// The update taking a client from `old` (None: nothing, send everything)
 /// to `new`.
-fn update_between(instance_id: &str, old: Option<&NodeView>, new: &NodeView) -> ConfigUpdate {
+///
+/// `changes`: the keys changed between the two versions, when known (see
+/// [`Shared::changes_between`]); the delta is then built from those keys
+/// alone. Policies are diffed whole when the node's set of namespaces
+/// moved (a namespace's policies arrive or leave with its first or last
+/// pod on the node).
+fn update_between(
+    instance_id: &str,
+    old: Option<&NodeView>,
+    new: &NodeView,
+    changes: Option<&ChangeSet>,
+) -> ConfigUpdate {
     let all = |_: &Key| true;
+    let same_policy_view = old.is_some_and(|o| o.policy_namespaces == new.policy_namespaces);
+    let only = |kind: usize| changes.map(|c| &c.kinds[kind]);
+    let only_policies = |kind: usize| only(kind).filter(|_| same_policy_view);
     let mut up = Resources::default();
     let mut rm = Removals::default();
     let o = old.map(|o| &o.base);
@@ -369,18 +449,21 @@ fn update_between(instance_id: &str, old: Option<&NodeView>, new: &NodeView) -> 
         (&n.namespaces, &all),
         &mut up.namespaces,
         &mut rm.namespaces,
+        only(0),
     );
     diff_map(
         o.map(|o| (&o.workloads, &all as &dyn Fn(&Key) -> bool)),
         (&n.workloads, &all),
         &mut up.workloads,
         &mut rm.workloads,
+        only(1),
     );
     diff_map(
         o.map(|o| (&o.services, &all as &dyn Fn(&Key) -> bool)),
         (&n.services, &all),
         &mut up.services,
         &mut rm.services,
+        only(2),
     );
     let old_wants = |k: &Key| old.is_some_and(|o| o.wants_policy(k));
     let new_wants = |k: &Key| new.wants_policy(k);
@@ -389,18 +472,21 @@ fn update_between(instance_id: &str, old: Option<&NodeView>, new: &NodeView) -> 
         (&n.policies, &new_wants),
         &mut up.policies,
         &mut rm.policies,
+        only_policies(3),
     );
     diff_map(
         o.map(|o| (&o.peer_authentications, &old_wants as &dyn Fn(&Key) -> bool)),
         (&n.peer_authentications, &new_wants),
         &mut up.peer_authentications,
         &mut rm.peer_authentications,
+        only_policies(4),
     );
     diff_map(
         o.map(|o| (&o.waypoints, &all as &dyn Fn(&Key) -> bool)),
         (&n.waypoints, &all),
         &mut up.waypoints,
         &mut rm.waypoints,
+        only(5),
     );
     let old_l7 = |_: &Key| old.is_some_and(|o| o.waypoint);
     let new_l7 = |_: &Key| new.waypoint;
@@ -409,18 +495,21 @@ fn update_between(instance_id: &str, old: Option<&NodeView>, new: &NodeView) -> 
         (&n.http_routes, &new_l7),
         &mut up.http_routes,
         &mut rm.http_routes,
+        only(6),
     );
     diff_map(
         o.map(|o| (&o.grpc_routes, &old_l7 as &dyn Fn(&Key) -> bool)),
         (&n.grpc_routes, &new_l7),
         &mut up.grpc_routes,
         &mut rm.grpc_routes,
+        only(7),
     );
     diff_map(
         o.map(|o| (&o.traffic_policies, &old_l7 as &dyn Fn(&Key) -> bool)),
         (&n.traffic_policies, &new_l7),
         &mut up.traffic_policies,
         &mut rm.traffic_policies,
+        only(8),
     );
     ConfigUpdate {
         instance_id: instance_id.to_owned(),
@@ -460,6 +549,44 @@ impl Shared {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         h.iter().find(|v| v.version == version).cloned()
     }
+
+    /// The keys changed from version `from` to version `to`: the union of
+    /// the change sets of every version after `from` up to `to`, if the
+    /// history still holds them all.
+    fn changes_between(&self, from: u64, to: u64) -> Option<ChangeSet> {
+        if from >= to {
+            return None;
+        }
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        union_of_changes(h.iter().map(|v| &**v), from, to)
+    }
+}
+
+/// The union of the change sets of the versions after `from` up to `to`
+/// among `history` (in version order); `None` if one is missing.
+fn union_of_changes<'a>(
+    history: impl Iterator<Item = &'a Versioned>,
+    from: u64,
+    to: u64,
+) -> Option<ChangeSet> {
+    if from >= to {
+        return None;
+    }
+    let mut steps = history.filter(|v| v.version > from && v.version <= to);
+    let first = steps.next()?;
+    if first.version != from + 1 {
+        return None;
+    }
+    let mut all = first.changes.clone()?;
+    let mut last = first.version;
+    for v in steps {
+        if v.version != last + 1 {
+            return None;
+        }
+        all.absorb(v.changes.as_ref()?);
+        last = v.version;
+    }
+    (last == to).then_some(all)
 }
 
 /// The `MeshConfig` service. Cheap to clone.
@@ -728,10 +855,14 @@ impl Subscriber {
             .and_then(|r| self.shared.at_version(r.version))
             .map(|v| (v.version, NodeView::new(v, &self.node, self.waypoint)));
         let view = NodeView::new(current.clone(), &self.node, self.waypoint);
+        let changes = base
+            .as_ref()
+            .and_then(|(v, _)| self.shared.changes_between(*v, current.version));
         let update = update_between(
             &self.shared.instance_id,
             base.as_ref().map(|(_, v)| v),
             &view,
+            changes.as_ref(),
         );
         match &base {
             Some((v, _)) => {
@@ -754,9 +885,13 @@ impl Subscriber {
             return Ok(());
         }
         self.considered = current.version;
+        let changes = self
+            .acked
+            .as_ref()
+            .and_then(|(v, _)| self.shared.changes_between(*v, current.version));
         let view = NodeView::new(current, &self.node, self.waypoint);
         let old = self.acked.as_ref().map(|(_, v)| v);
-        let update = update_between(&self.shared.instance_id, old, &view);
+        let update = update_between(&self.shared.instance_id, old, &view, changes.as_ref());
         if old.is_some_and(|o| is_noop(&update, o)) {
             return Ok(());
         }
@@ -835,5 +970,119 @@ impl Subscriber {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::model::{AuthorizationPolicy, Namespace, Service, Workload};
+
+    fn workload(ns: &str, name: &str, node: &str, ip: [u8; 4]) -> Workload {
+        Workload {
+            uid: format!("{ns}-{name}"),
+            name: name.into(),
+            namespace: ns.into(),
+            service_account: "default".into(),
+            node: node.into(),
+            ips: vec![std::net::IpAddr::from(ip)],
+            ..Default::default()
+        }
+    }
+
+    fn policy(ns: &str, name: &str) -> AuthorizationPolicy {
+        AuthorizationPolicy {
+            name: name.into(),
+            namespace: ns.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A sequence of models, each a small change of the one before: pods
+    /// added, changed, removed, moved onto and off a node (so a node's
+    /// policy namespaces move), policies and services added and removed.
+    fn models() -> Vec<MeshModel> {
+        let mut m = MeshModel {
+            trust_domain: "cluster.local".into(),
+            namespaces: ["a", "b", "c"]
+                .map(|n| Namespace {
+                    name: n.into(),
+                    ..Default::default()
+                })
+                .to_vec(),
+            workloads: vec![
+                workload("a", "a1", "n1", [10, 0, 0, 1]),
+                workload("b", "b1", "n2", [10, 0, 0, 2]),
+            ],
+            policies: vec![policy("a", "pa"), policy("b", "pb"), policy("c", "pc")],
+            ..Default::default()
+        };
+        let mut out = vec![m.clone()];
+        let mut step = |f: &dyn Fn(&mut MeshModel)| {
+            f(&mut m);
+            out.push(m.clone());
+        };
+        step(&|m| m.workloads.push(workload("a", "a2", "n1", [10, 0, 0, 3])));
+        step(&|m| {
+            m.workloads[0].labels.insert("v".into(), "2".into());
+        });
+        step(&|m| m.workloads.push(workload("c", "c1", "n1", [10, 0, 0, 4])));
+        step(&|m| {
+            m.services.push(Service {
+                name: "s".into(),
+                namespace: "a".into(),
+                vips: vec![std::net::IpAddr::from([10, 96, 0, 1])],
+                ..Default::default()
+            })
+        });
+        step(&|m| m.policies.retain(|p| p.name != "pc"));
+        step(&|m| m.workloads.retain(|w| w.name != "c1"));
+        step(&|m| m.workloads[1].node = "n1".into());
+        step(&|m| m.policies.push(policy("b", "pb2")));
+        step(&|m| m.services.clear());
+        step(&|_| {});
+        out
+    }
+
+    /// The delta built from the changed keys alone is the delta a whole
+    /// diff finds, for every pair of versions, every node and both roles.
+    #[test]
+    fn deltas_from_changed_keys_equal_whole_diffs() {
+        let bundle = TrustBundle { roots: Vec::new() };
+        let mut versions: Vec<Arc<Versioned>> = Vec::new();
+        for (i, m) in models().iter().enumerate() {
+            let v = Versioned::new(i as u64 + 1, m, &bundle, versions.last().map(|v| &**v));
+            versions.push(Arc::new(v));
+        }
+        let mut checked = 0;
+        for from in &versions {
+            for to in versions.iter().filter(|t| t.version > from.version) {
+                let changes =
+                    union_of_changes(versions.iter().map(|v| &**v), from.version, to.version)
+                        .expect("every version is in the history");
+                for node in ["n1", "n2", "n3"] {
+                    for waypoint in [false, true] {
+                        let old = NodeView::new(from.clone(), node, waypoint);
+                        let new = NodeView::new(to.clone(), node, waypoint);
+                        let whole = update_between("i", Some(&old), &new, None);
+                        let keyed = update_between("i", Some(&old), &new, Some(&changes));
+                        assert_eq!(
+                            keyed, whole,
+                            "{} -> {}, node {node}, waypoint {waypoint}",
+                            from.version, to.version
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 55 * 6, "every pair of the 11 versions");
+        // A gap in the history: no change set, so a whole diff.
+        let gapped: Vec<&Versioned> = versions
+            .iter()
+            .map(|v| &**v)
+            .filter(|v| v.version != 3)
+            .collect();
+        assert!(union_of_changes(gapped.into_iter(), 1, 5).is_none());
     }
 }
