@@ -396,6 +396,12 @@ impl Mesh {
         self.wait_model_applied()
     }
 
+    /// Writes the model's files only, as a user's `kubectl apply` would:
+    /// for tests that time how long the mesh takes to apply it.
+    pub fn write_model_files(&self) -> Result<()> {
+        self.write_files()
+    }
+
     fn write_files(&self) -> Result<()> {
         let (path, text) = match &self.controller {
             None => (self.model_path.clone(), serde_yaml::to_string(&self.model)?),

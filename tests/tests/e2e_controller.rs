@@ -4,7 +4,7 @@
 //! (No API server can run here: the manifest folder stands in for it,
 //! through the same reconcile code.) Needs root; fails loudly without it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use weft_e2e::mesh::{bin_path, deny_from, metric_sum, wait_until, Mesh, CONTROLLER_GRPC_PORT};
 
@@ -61,15 +61,34 @@ fn e2e_controller_label_enrolls_and_policy_applies_live() {
         mesh.cluster.log("holder")
     );
 
+    // The DENY is written while the connection runs: within a second of
+    // the write (the controller's folder poll, the model build, the push,
+    // the ztunnel's apply) the open connection is closed and new ones are
+    // refused. The README promises "within a second".
     mesh.model
         .policies
         .push(deny_from("shop", "deny-client", &spiffe("shop", "client")));
-    mesh.write_model().unwrap();
+    mesh.write_model_files().unwrap();
+    let written = Instant::now();
     let status = wait_until(Duration::from_secs(5), || {
         mesh.cluster.exit_status("holder")
     })
     .expect("the open connection is closed after the DENY arrives");
+    let closed_after = written.elapsed();
     assert!(!status.success(), "{}", mesh.cluster.log("holder"));
+    let refused_after = wait_until(Duration::from_secs(5), || {
+        (mesh.connect(&client, &target)["ok"] == false).then(|| written.elapsed())
+    })
+    .expect("new connections are refused once the DENY arrives");
+    eprintln!(
+        "DENY written: open connection closed after {} ms, new connections refused after {} ms",
+        closed_after.as_millis(),
+        refused_after.as_millis()
+    );
+    assert!(
+        closed_after <= Duration::from_secs(1) && refused_after <= Duration::from_secs(1),
+        "the DENY took effect after {closed_after:?} (open connection) and {refused_after:?} (new ones): more than a second"
+    );
     let v = mesh.connect(&client, &target);
     assert_eq!(v["ok"], false, "refused while denied: {v}");
 
