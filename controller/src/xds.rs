@@ -242,8 +242,10 @@ struct Versioned {
     /// The keys changed since the version before this one (`None` for the
     /// first version).
     changes: Option<ChangeSet>,
-    /// Namespaces with a workload on each node (the policies a node gets).
-    node_namespaces: BTreeMap<String, BTreeSet<String>>,
+    /// Namespaces with a workload on each node (the policies a node gets);
+    /// shared with the previous version while unchanged, since the
+    /// history holds many versions.
+    node_namespaces: Arc<BTreeMap<String, BTreeSet<String>>>,
     /// When this version was made (push latency starts here).
     created: Instant,
     trust_domain: String,
@@ -332,7 +334,10 @@ impl Versioned {
                 c_tp,
             ),
             changes: previous.map(|_| c),
-            node_namespaces,
+            node_namespaces: match previous {
+                Some(p) if *p.node_namespaces == node_namespaces => p.node_namespaces.clone(),
+                _ => Arc::new(node_namespaces),
+            },
             trust_bundle_pem: bundle
                 .roots
                 .iter()
