@@ -178,12 +178,14 @@ async fn take_over(
             None
         }
     };
-    serve_cni(cfg, inpod).await?;
     let (pods, ops_sockets) = match &mut inherited {
         Some(i) => (std::mem::take(&mut i.pods), std::mem::take(&mut i.ops)),
         None => Default::default(),
     };
+    // Before the CNI socket: a request for a handed-over pod must find its
+    // sockets, not try to bind the ports its predecessor still holds.
     inpod.adopt(pods);
+    serve_cni(cfg, inpod).await?;
     let ops = ops::bind_or_adopt(ops_addrs, ops_sockets).await?;
     Ok((inherited, ops))
 }
