@@ -105,13 +105,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     inpod.reconcile().await;
     inpod.release_unadopted().await;
     tokio::spawn(follow_model(pi.clone(), inpod.clone()));
+    // Bound before the predecessor lets go of the path, so a later
+    // ztunnel always finds one of the two.
+    let successor = handover::bind(&cfg.state_dir)?;
     if let Some(i) = inherited {
         // Every socket is served here now: the predecessor stops accepting.
         if let Err(e) = i.done().await {
             warn!(component = "ztunnel", error = %format!("{e:#}"), "telling the previous ztunnel it is replaced failed");
         }
     }
-    let successor = handover::bind(&cfg.state_dir)?;
     let handed_over = tokio::spawn(handover::serve(successor, inpod.clone(), ops_sockets));
 
     readiness.set_ready();
