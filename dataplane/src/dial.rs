@@ -37,6 +37,9 @@ pub struct Dial<'a> {
     pub headers: HeaderMap,
 }
 
+/// How many times a CONNECT the peer never took on is opened in all.
+pub const OPEN_ATTEMPTS: u32 = 3;
+
 impl<K: Hash + Eq + Clone + Send + Sync + 'static> HboneDialer<K> {
     pub fn new(tls: Arc<TlsConfigs>, h2: H2Settings, max_streams: usize, idle: Duration) -> Self {
         Self {
@@ -49,8 +52,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HboneDialer<K> {
     /// A CONNECT stream on a pooled connection for `key`, dialling with a
     /// socket from `connect` when no connection has room. A CONNECT the peer
     /// never took on (its connection was going away or broke first) is
-    /// opened once more, on another connection: see
-    /// [`HboneError::is_retryable`].
+    /// opened again on another connection, up to [`OPEN_ATTEMPTS`] in all
+    /// (during a peer's hand-over both the old connection and a fresh one
+    /// can be going away): see [`HboneError::is_retryable`].
     pub async fn open<C, Fut>(
         &self,
         key: &K,
@@ -67,12 +71,15 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> HboneDialer<K> {
             let _ = tcp.set_nodelay(true);
             client::connect(tcp, cfg, &self.h2).await
         };
-        match self.pool.open(key, dial, d.target, d.headers.clone()).await {
-            Err(e) if e.is_retryable() => {
-                tracing::debug!(peer = %d.hbone, error = %e, "CONNECT not taken on; opening it again on another connection");
-                self.pool.open(key, dial, d.target, d.headers).await
+        let mut attempt = 1;
+        loop {
+            match self.pool.open(key, dial, d.target, d.headers.clone()).await {
+                Err(e) if e.is_retryable() && attempt < OPEN_ATTEMPTS => {
+                    tracing::debug!(peer = %d.hbone, attempt, error = %e, "CONNECT not taken on; opening it again on another connection");
+                    attempt += 1;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 

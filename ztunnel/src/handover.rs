@@ -94,7 +94,7 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 
 /// A running ztunnel on this node that answered on the hand-over socket.
 pub struct Predecessor {
-    conn: Socket,
+    path: PathBuf,
 }
 
 /// What the predecessor handed over; [`Inherited::done`] tells it to stop.
@@ -106,16 +106,15 @@ pub struct Inherited {
     pub ops: Vec<std::net::TcpListener>,
 }
 
-/// Connects to the hand-over socket of a ztunnel running on this node.
-/// `None` when there is none (no socket file, or nobody listening on it:
-/// the previous ztunnel has exited).
+/// Whether a ztunnel runs on this node: something accepts on the
+/// hand-over socket (the connection is closed at once; [`Predecessor::take`]
+/// opens its own once this ztunnel is ready to take over, however long the
+/// mesh model takes). `None` when there is none (no socket file, or nobody
+/// listening on it: the previous ztunnel has exited).
 pub fn find(state_dir: &Path) -> Option<Predecessor> {
     let path = socket_path(state_dir);
-    let conn = match seqpacket().and_then(|s| {
-        s.connect(&SockAddr::unix(&path)?)?;
-        Ok(s)
-    }) {
-        Ok(s) => s,
+    match connect(&path) {
+        Ok(_) => Some(Predecessor { path }),
         Err(e)
             if matches!(
                 e.raw_os_error(),
@@ -126,19 +125,25 @@ pub fn find(state_dir: &Path) -> Option<Predecessor> {
         }
         Err(e) => {
             warn!(component = "handover", socket = %path.display(), error = %e, "cannot reach the hand-over socket; starting as the node's only ztunnel");
-            return None;
+            None
         }
-    };
-    let _ = conn.set_read_timeout(Some(STEP_TIMEOUT));
-    let _ = conn.set_write_timeout(Some(STEP_TIMEOUT));
-    Some(Predecessor { conn })
+    }
+}
+
+fn connect(path: &Path) -> io::Result<Socket> {
+    let s = seqpacket()?;
+    s.connect(&SockAddr::unix(path)?)?;
+    s.set_read_timeout(Some(STEP_TIMEOUT))?;
+    s.set_write_timeout(Some(STEP_TIMEOUT))?;
+    Ok(s)
 }
 
 impl Predecessor {
     /// Asks for the sockets and receives them all.
     pub async fn take(self) -> anyhow::Result<Inherited> {
         tokio::task::spawn_blocking(move || {
-            let conn = self.conn;
+            let conn = connect(&self.path)
+                .with_context(|| format!("connecting to {}", self.path.display()))?;
             send(
                 &conn,
                 &Msg::Take {
@@ -224,7 +229,9 @@ pub async fn serve(listener: Listener, inpod: Arc<InPod>, ops: Vec<OwnedFd>) {
             }
         };
         match give(conn, &inpod, ops.clone()).await {
-            Ok(pods) => {
+            // A starting ztunnel checking that this one runs.
+            Ok(None) => {}
+            Ok(Some(pods)) => {
                 info!(
                     component = "handover",
                     pods, "a new ztunnel took over this node's pods"
@@ -255,16 +262,24 @@ async fn accept(listener: &Listener) -> io::Result<Socket> {
     }
 }
 
-/// One hand-over; the number of pods handed on.
-async fn give(conn: Socket, inpod: &Arc<InPod>, ops: Arc<Vec<OwnedFd>>) -> anyhow::Result<usize> {
+/// One hand-over; the number of pods handed on (`None`: the connection
+/// closed without asking, a starting ztunnel's check that this one runs).
+async fn give(
+    conn: Socket,
+    inpod: &Arc<InPod>,
+    ops: Arc<Vec<OwnedFd>>,
+) -> anyhow::Result<Option<usize>> {
     let conn = Arc::new(conn);
     let c = conn.clone();
     let version = tokio::task::spawn_blocking(move || match recv(&c)? {
-        Some((Msg::Take { version }, _)) => Ok(version),
+        Some((Msg::Take { version }, _)) => Ok(Some(version)),
         Some((other, _)) => anyhow::bail!("expected Take, got {other:?}"),
-        None => anyhow::bail!("the new ztunnel closed the connection"),
+        None => Ok(None),
     })
     .await??;
+    let Some(version) = version else {
+        return Ok(None);
+    };
     info!(
         component = "handover",
         successor_version = %version,
@@ -297,7 +312,7 @@ async fn give(conn: Socket, inpod: &Arc<InPod>, ops: Arc<Vec<OwnedFd>>) -> anyho
     })
     .await??;
     inpod.finish_handover().await;
-    Ok(count)
+    Ok(Some(count))
 }
 
 // ---- the wire ----
