@@ -121,7 +121,7 @@ pub fn find(state_dir: &Path) -> Option<Predecessor> {
                 Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
             ) =>
         {
-            return None
+            None
         }
         Err(e) => {
             warn!(component = "handover", socket = %path.display(), error = %e, "cannot reach the hand-over socket; starting as the node's only ztunnel");
