@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::model::{AuthorizationPolicy, MeshModel, MtlsMode, ParentKind, Workload};
+use crate::model::{AuthorizationPolicy, MeshModel, MtlsMode, ParentKind, Service, Workload};
 use crate::policy::{self, HeaderLookup, HttpAttrs, Request, Verdict};
 use crate::Identity;
 
@@ -64,23 +64,35 @@ pub fn waypoint_requirements(
 ) -> HashMap<usize, Vec<(Identity, String)>> {
     let mut required: HashMap<usize, Vec<(Identity, String)>> = HashMap::new();
     for (si, s) in model.services.iter().enumerate() {
-        let Some(wp) = &s.waypoint else { continue };
-        let sa = model
-            .waypoints
-            .iter()
-            .find(|w| w.namespace == s.namespace && &w.name == wp)
-            .map(|w| w.service_account().to_owned())
-            .unwrap_or_else(|| wp.clone());
-        let id = Identity::new(&model.trust_domain, &s.namespace, &sa);
+        let Some(entry) = service_waypoint(model, s) else {
+            continue;
+        };
         for &e in endpoints.get(si).into_iter().flatten() {
-            let entry = (id.clone(), format!("{}/{}", s.namespace, wp));
             let list = required.entry(e).or_default();
             if !list.contains(&entry) {
-                list.push(entry);
+                list.push(entry.clone());
             }
         }
     }
     required
+}
+
+/// The waypoint Service `s` sends its traffic through, as (identity,
+/// `namespace/name`): the identity from the waypoint's service account in
+/// `model.waypoints` (the waypoint's name when it is not listed there).
+/// Only `model`'s trust domain and waypoints are read.
+pub fn service_waypoint(model: &MeshModel, s: &Service) -> Option<(Identity, String)> {
+    let wp = s.waypoint.as_ref()?;
+    let sa = model
+        .waypoints
+        .iter()
+        .find(|w| w.namespace == s.namespace && &w.name == wp)
+        .map(|w| w.service_account().to_owned())
+        .unwrap_or_else(|| wp.clone());
+    Some((
+        Identity::new(&model.trust_domain, &s.namespace, &sa),
+        format!("{}/{}", s.namespace, wp),
+    ))
 }
 
 /// A policy and the index of its rule that decided.

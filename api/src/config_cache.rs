@@ -4,15 +4,21 @@
 //! An update is checked whole before anything is applied (every upsert
 //! converted and validated), then applied in place, so a rejected update
 //! leaves the cache exactly as it was and an accepted one costs no copy of
-//! the resources it does not touch.
+//! the resources it does not touch. Workloads and Services, the resources
+//! that grow with the cluster, are held behind an `Arc`: a proxy's compiled
+//! model shares them with the cache instead of copying them, and
+//! [`Changes`] names the ones an update touched, so a proxy can rebuild only
+//! what depends on those.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::identity::DEFAULT_TRUST_DOMAIN;
 use crate::model::{self, MeshModel};
 use crate::proto::{self, ConfigUpdate, ConversionError, Keyed};
 
-type Key = (String, String);
+/// A resource's (namespace, name).
+pub type Key = (String, String);
 
 fn key_of(k: &proto::ResourceKey) -> Key {
     (k.namespace.clone(), k.name.clone())
@@ -27,8 +33,8 @@ fn keyed<T: Keyed>(t: T) -> (Key, T) {
 #[derive(Default)]
 struct Staged {
     namespaces: Vec<(Key, model::Namespace)>,
-    workloads: Vec<(Key, model::Workload)>,
-    services: Vec<(Key, model::Service)>,
+    workloads: Vec<(Key, Arc<model::Workload>)>,
+    services: Vec<(Key, Arc<model::Service>)>,
     policies: Vec<(Key, model::AuthorizationPolicy)>,
     peer_authentications: Vec<(Key, model::PeerAuthentication)>,
     waypoints: Vec<(Key, model::Waypoint)>,
@@ -37,13 +43,37 @@ struct Staged {
     traffic_policies: Vec<(Key, model::TrafficPolicy)>,
 }
 
+/// What an applied update changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// A full snapshot replaced the cache: everything may have changed.
+    pub full: bool,
+    /// Workloads upserted (with a different value) or removed.
+    pub workloads: Vec<Key>,
+    /// Services upserted (with a different value) or removed.
+    pub services: Vec<Key>,
+    /// Waypoints or the trust domain changed (what a Service's waypoint
+    /// identity is derived from).
+    pub waypoints: bool,
+    /// Anything but workloads and services changed (namespaces, policies,
+    /// peer authentications, waypoints, routes, traffic policies, the
+    /// trust domain): [`ConfigCache::rest_model`] is different.
+    pub rest: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.workloads.is_empty() && self.services.is_empty() && !self.rest
+    }
+}
+
 /// The client's copy of the controller's model.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigCache {
     trust_domain: String,
     namespaces: BTreeMap<Key, model::Namespace>,
-    workloads: BTreeMap<Key, model::Workload>,
-    services: BTreeMap<Key, model::Service>,
+    workloads: BTreeMap<Key, Arc<model::Workload>>,
+    services: BTreeMap<Key, Arc<model::Service>>,
     policies: BTreeMap<Key, model::AuthorizationPolicy>,
     peer_authentications: BTreeMap<Key, model::PeerAuthentication>,
     waypoints: BTreeMap<Key, model::Waypoint>,
@@ -62,29 +92,39 @@ where
     items.iter().map(|p| f(p).map(keyed)).collect()
 }
 
-/// Applies removals then upserts to one map; whether anything changed.
+fn shared<T>(items: Vec<(Key, T)>) -> Vec<(Key, Arc<T>)> {
+    items.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
+}
+
+/// Applies removals then upserts to one map; the keys that changed.
 fn apply_map<T: PartialEq>(
     map: &mut BTreeMap<Key, T>,
     removals: Option<&[proto::ResourceKey]>,
     upserts: Vec<(Key, T)>,
-) -> bool {
-    let mut changed = false;
+) -> Vec<Key> {
+    let mut changed = Vec::new();
     for k in removals.unwrap_or_default() {
-        changed |= map.remove(&key_of(k)).is_some();
+        let k = key_of(k);
+        if map.remove(&k).is_some() {
+            changed.push(k);
+        }
     }
     for (k, v) in upserts {
         match map.get_mut(&k) {
             Some(old) if *old == v => {}
             Some(old) => {
                 *old = v;
-                changed = true;
+                changed.push(k);
             }
             None => {
-                map.insert(k, v);
-                changed = true;
+                map.insert(k.clone(), v);
+                changed.push(k);
             }
         }
     }
+    // A key removed and upserted again in one update is named once.
+    changed.sort_unstable();
+    changed.dedup();
     changed
 }
 
@@ -102,80 +142,116 @@ impl ConfigCache {
     /// Applies `u` (a full snapshot replaces everything). Returns whether
     /// the model changed; on error nothing was applied.
     pub fn apply(&mut self, u: &ConfigUpdate) -> Result<bool, String> {
+        self.apply_changes(u).map(|c| !c.is_empty())
+    }
+
+    /// Applies `u` like [`ConfigCache::apply`] and says what changed.
+    pub fn apply_changes(&mut self, u: &ConfigUpdate) -> Result<Changes, String> {
         let staged = Self::stage(u).map_err(|e| e.to_string())?;
         if u.full {
             let mut fresh = ConfigCache::default();
             fresh.apply_staged(u, staged);
             let changed = fresh != *self;
             *self = fresh;
-            return Ok(changed);
+            return Ok(Changes {
+                full: changed,
+                ..Changes::default()
+            });
         }
         Ok(self.apply_staged(u, staged))
     }
 
-    fn apply_staged(&mut self, u: &ConfigUpdate, staged: Staged) -> bool {
-        let mut changed = false;
+    fn apply_staged(&mut self, u: &ConfigUpdate, staged: Staged) -> Changes {
+        let mut trust_domain = false;
         if !u.trust_domain.is_empty() && u.trust_domain != self.trust_domain {
             self.trust_domain = u.trust_domain.clone();
-            changed = true;
+            trust_domain = true;
         }
         let rm = u.removals.as_ref();
-        changed |= apply_map(
-            &mut self.namespaces,
-            rm.map(|r| &r.namespaces[..]),
-            staged.namespaces,
-        );
-        changed |= apply_map(
+        let workloads = apply_map(
             &mut self.workloads,
             rm.map(|r| &r.workloads[..]),
             staged.workloads,
         );
-        changed |= apply_map(
+        let services = apply_map(
             &mut self.services,
             rm.map(|r| &r.services[..]),
             staged.services,
         );
-        changed |= apply_map(
-            &mut self.policies,
-            rm.map(|r| &r.policies[..]),
-            staged.policies,
-        );
-        changed |= apply_map(
-            &mut self.peer_authentications,
-            rm.map(|r| &r.peer_authentications[..]),
-            staged.peer_authentications,
-        );
-        changed |= apply_map(
+        let waypoints = !apply_map(
             &mut self.waypoints,
             rm.map(|r| &r.waypoints[..]),
             staged.waypoints,
-        );
-        changed |= apply_map(
+        )
+        .is_empty();
+        let mut rest = trust_domain || waypoints;
+        rest |= !apply_map(
+            &mut self.namespaces,
+            rm.map(|r| &r.namespaces[..]),
+            staged.namespaces,
+        )
+        .is_empty();
+        rest |= !apply_map(
+            &mut self.policies,
+            rm.map(|r| &r.policies[..]),
+            staged.policies,
+        )
+        .is_empty();
+        rest |= !apply_map(
+            &mut self.peer_authentications,
+            rm.map(|r| &r.peer_authentications[..]),
+            staged.peer_authentications,
+        )
+        .is_empty();
+        rest |= !apply_map(
             &mut self.http_routes,
             rm.map(|r| &r.http_routes[..]),
             staged.http_routes,
-        );
-        changed |= apply_map(
+        )
+        .is_empty();
+        rest |= !apply_map(
             &mut self.grpc_routes,
             rm.map(|r| &r.grpc_routes[..]),
             staged.grpc_routes,
-        );
-        changed |= apply_map(
+        )
+        .is_empty();
+        rest |= !apply_map(
             &mut self.traffic_policies,
             rm.map(|r| &r.traffic_policies[..]),
             staged.traffic_policies,
-        );
-        changed
+        )
+        .is_empty();
+        Changes {
+            full: false,
+            workloads,
+            services,
+            waypoints: waypoints || trust_domain,
+            rest,
+        }
     }
 
     fn stage(u: &ConfigUpdate) -> Result<Staged, ConversionError> {
         let Some(up) = &u.upserts else {
             return Ok(Staged::default());
         };
-        let staged = Staged {
+        let workloads = convert(&up.workloads, model::Workload::try_from)?;
+        let services = convert(&up.services, model::Service::try_from)?;
+        for (_, w) in &workloads {
+            model::validate_workload(w).map_err(|reason| ConversionError {
+                resource: format!("workload {}/{}", w.namespace, w.name),
+                reason,
+            })?;
+        }
+        for (_, s) in &services {
+            model::validate_service(s).map_err(|reason| ConversionError {
+                resource: format!("service {}/{}", s.namespace, s.name),
+                reason,
+            })?;
+        }
+        Ok(Staged {
             namespaces: convert(&up.namespaces, |n| Ok(model::Namespace::from(n)))?,
-            workloads: convert(&up.workloads, model::Workload::try_from)?,
-            services: convert(&up.services, model::Service::try_from)?,
+            workloads: shared(workloads),
+            services: shared(services),
             policies: convert(&up.policies, model::AuthorizationPolicy::try_from)?,
             peer_authentications: convert(
                 &up.peer_authentications,
@@ -185,20 +261,7 @@ impl ConfigCache {
             http_routes: l7("HTTPRoute", &up.http_routes)?,
             grpc_routes: l7("GRPCRoute", &up.grpc_routes)?,
             traffic_policies: l7("traffic policy", &up.traffic_policies)?,
-        };
-        for (_, w) in &staged.workloads {
-            model::validate_workload(w).map_err(|reason| ConversionError {
-                resource: format!("workload {}/{}", w.namespace, w.name),
-                reason,
-            })?;
-        }
-        for (_, s) in &staged.services {
-            model::validate_service(s).map_err(|reason| ConversionError {
-                resource: format!("service {}/{}", s.namespace, s.name),
-                reason,
-            })?;
-        }
-        Ok(staged)
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -213,9 +276,30 @@ impl ConfigCache {
             && self.traffic_policies.is_empty()
     }
 
+    /// The workloads, by (namespace, name).
+    pub fn workloads(&self) -> &BTreeMap<Key, Arc<model::Workload>> {
+        &self.workloads
+    }
+
+    /// The services, by (namespace, name).
+    pub fn services(&self) -> &BTreeMap<Key, Arc<model::Service>> {
+        &self.services
+    }
+
     /// The cache as a model (one copy of every resource; keys are unique,
     /// so it needs no further validation).
     pub fn to_model(&self) -> MeshModel {
+        MeshModel {
+            workloads: self.workloads.values().map(|w| (**w).clone()).collect(),
+            services: self.services.values().map(|s| (**s).clone()).collect(),
+            ..self.rest_model()
+        }
+    }
+
+    /// Everything but the workloads and services, as a model whose
+    /// `workloads` and `services` are empty (its size does not grow with
+    /// the pods of the cluster).
+    pub fn rest_model(&self) -> MeshModel {
         MeshModel {
             trust_domain: if self.trust_domain.is_empty() {
                 DEFAULT_TRUST_DOMAIN.to_owned()
@@ -223,8 +307,8 @@ impl ConfigCache {
                 self.trust_domain.clone()
             },
             namespaces: self.namespaces.values().cloned().collect(),
-            workloads: self.workloads.values().cloned().collect(),
-            services: self.services.values().cloned().collect(),
+            workloads: Vec::new(),
+            services: Vec::new(),
             policies: self.policies.values().cloned().collect(),
             peer_authentications: self.peer_authentications.values().cloned().collect(),
             waypoints: self.waypoints.values().cloned().collect(),

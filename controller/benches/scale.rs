@@ -39,7 +39,7 @@ use weft_dataplane::certs::TrustRoots;
 use weft_dataplane::control::{ConfigStream, Role, StateSink};
 use weft_pki::LocalCa;
 use weft_ztunnel::metrics::Metrics;
-use weft_ztunnel::state::MeshState;
+use weft_ztunnel::state::{MeshState, Snapshot};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const PODS_PER_NAMESPACE: usize = 100;
@@ -170,7 +170,7 @@ async fn child_main(endpoint: String, count: usize) -> Result<()> {
                     states.push(state);
                 }
                 let done = wait_all(&states, SYNC_TIMEOUT, move |m| {
-                    m.workloads.len() == workloads && m.services.len() == services
+                    m.workload_count() == workloads && m.service_count() == services
                 })
                 .await;
                 emit(
@@ -192,10 +192,7 @@ async fn child_main(endpoint: String, count: usize) -> Result<()> {
                     tokio::spawn(async move {
                         wait_all(&states, CHANGE_TIMEOUT, move |m| {
                             let (ns, name, w) = &*want;
-                            m.workloads
-                                .iter()
-                                .find(|x| &x.namespace == ns && &x.name == name)
-                                == w.as_ref()
+                            m.workload(ns, name).map(|x| x.workload) == w.as_ref()
                         })
                         .await
                     })
@@ -223,7 +220,7 @@ async fn child_main(endpoint: String, count: usize) -> Result<()> {
 async fn wait_all(
     states: &[MeshState],
     timeout: Duration,
-    ready: impl Fn(&MeshModel) -> bool + Clone + Send + Sync + 'static,
+    ready: impl Fn(&Snapshot) -> bool + Clone + Send + Sync + 'static,
 ) -> Option<Instant> {
     let waiters: Vec<_> = states
         .iter()
@@ -231,7 +228,7 @@ async fn wait_all(
             let s = s.clone();
             let ready = ready.clone();
             tokio::spawn(async move {
-                s.wait_until(timeout, |snap| ready(&snap.model))
+                s.wait_until(timeout, |snap| ready(snap))
                     .await
                     .map(|_| Instant::now())
             })

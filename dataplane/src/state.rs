@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::info;
+use weft_api::config_cache::{Changes, ConfigCache};
 use weft_api::MeshModel;
 
 /// A proxy's compiled form of one model version (indexes, route tables,
@@ -18,6 +19,18 @@ use weft_api::MeshModel;
 pub trait Compiled: Send + Sync + 'static {
     fn compile(model: MeshModel, version: u64) -> Self;
     fn version(&self) -> u64;
+
+    /// The next version: `self` with `changes` (read from `cache`, which
+    /// holds the whole new model) applied. By default compiled whole from
+    /// the cache; a proxy whose model grows with the cluster rebuilds only
+    /// what the changes touch.
+    fn update(&self, cache: &ConfigCache, changes: &Changes, version: u64) -> Self
+    where
+        Self: Sized,
+    {
+        let _ = changes;
+        Self::compile(cache.to_model(), version)
+    }
 }
 
 /// The current compiled model. Cheap to clone; clones share it.
@@ -25,6 +38,10 @@ pub struct ModelState<T> {
     current: Arc<watch::Sender<Arc<T>>>,
     /// Local versions: 0 is the empty model before the first update.
     last_version: Arc<AtomicU64>,
+    /// One writer at a time: an update builds on the version it replaces
+    /// (held while compiling, outside the watch's lock, so readers never
+    /// wait for a compile).
+    writer: Arc<std::sync::Mutex<()>>,
 }
 
 impl<T> Clone for ModelState<T> {
@@ -32,6 +49,7 @@ impl<T> Clone for ModelState<T> {
         Self {
             current: self.current.clone(),
             last_version: self.last_version.clone(),
+            writer: self.writer.clone(),
         }
     }
 }
@@ -44,6 +62,7 @@ impl<T: Compiled> Default for ModelState<T> {
                 0,
             )))),
             last_version: Arc::new(AtomicU64::new(0)),
+            writer: Arc::default(),
         }
     }
 }
@@ -56,9 +75,20 @@ impl<T: Compiled> ModelState<T> {
     /// Compiles `model` as the next version, installs it and wakes every
     /// subscriber; returns the version.
     pub fn store(&self, model: MeshModel) -> u64 {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let version = self.last_version.fetch_add(1, Ordering::AcqRel) + 1;
         self.current
             .send_replace(Arc::new(T::compile(model, version)));
+        version
+    }
+
+    /// Installs the next version built from the current one and what an
+    /// update changed ([`Compiled::update`]); returns the version.
+    pub fn apply(&self, cache: &ConfigCache, changes: &Changes) -> u64 {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let version = self.last_version.fetch_add(1, Ordering::AcqRel) + 1;
+        let next = self.load().update(cache, changes, version);
+        self.current.send_replace(Arc::new(next));
         version
     }
 

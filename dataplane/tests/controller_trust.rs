@@ -25,7 +25,7 @@ use weft_api::proto::{
     ConfigUpdate, CreateCertificateRequest, CreateCertificateResponse, Removals, Resources,
     SubscribeRequest,
 };
-use weft_api::{Identity, MeshModel};
+use weft_api::Identity;
 use weft_dataplane::certs::{CertProvider, IdentityError, TrustRoots};
 use weft_dataplane::control::{
     error_chain, ConfigSink, ConfigStream, ControllerAddr, ControllerTrust, GrpcCaProvider, Role,
@@ -308,7 +308,12 @@ async fn the_ca_client_follows_the_roots_it_is_sent_and_the_ca_file() {
 struct Sink(Mutex<Vec<u64>>);
 
 impl ConfigSink for Sink {
-    fn model_changed(&self, _model: MeshModel, version: u64, _full: bool) {
+    fn model_changed(
+        &self,
+        _cache: &weft_api::config_cache::ConfigCache,
+        _changes: &weft_api::config_cache::Changes,
+        version: u64,
+    ) {
         self.0.lock().unwrap().push(version);
     }
 }

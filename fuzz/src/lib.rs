@@ -174,11 +174,15 @@ pub fn hbone_connect(data: &[u8]) {
 
 /// The config stream: a sequence of length-prefixed (two bytes) protobuf
 /// `ConfigUpdate`s, decoded and applied one after the other to one config
-/// cache, as a subscriber does; every accepted state converts to a model.
+/// cache, as a subscriber does; every accepted state converts to a model,
+/// and the ztunnel's snapshot updated in place from each change equals the
+/// one built whole from the cache.
 pub fn config_update(data: &[u8]) {
     use prost::Message;
+    use weft_ztunnel::state::Snapshot;
     let mut input = Input { data };
     let mut cache = weft_api::config_cache::ConfigCache::default();
+    let mut snap = Snapshot::default();
     for _ in 0..16 {
         if input.rest().is_empty() {
             break;
@@ -187,10 +191,18 @@ pub fn config_update(data: &[u8]) {
         let Ok(update) = weft_api::proto::ConfigUpdate::decode(input.bytes(n)) else {
             continue;
         };
-        if let Ok(true) = cache.apply(&update) {
-            let model = cache.to_model();
-            let _ = model.validate();
+        let Ok(changes) = cache.apply_changes(&update) else {
+            continue;
+        };
+        if changes.is_empty() {
+            continue;
         }
+        let model = cache.to_model();
+        let _ = model.validate();
+        snap = snap.update(&cache, &changes, update.version);
+        let whole = Snapshot::from_cache(&cache, update.version);
+        assert_eq!(snap.indexes(), whole.indexes(), "in place != whole");
+        assert_eq!(snap.to_model(), model);
     }
 }
 

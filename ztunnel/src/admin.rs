@@ -35,7 +35,7 @@ impl OpsHandler for Admin {
             serde_json::json!({
                 "node": self.pi.cfg.node_name,
                 "model_version": snap.version,
-                "model": snap.model,
+                "model": snap.to_model(),
                 "pods": self.inpod.status().await,
                 "certificates": self.pi.certs().to_json(),
                 "trust_roots": self.pi.certs().trust().get().roots.len(),

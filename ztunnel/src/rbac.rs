@@ -65,7 +65,7 @@ policies:
     #[test]
     fn no_policy_allows_and_deny_wins() {
         let s = snap("  []");
-        let w = &s.model.workloads[0];
+        let w = s.workload("shop", "db").unwrap().workload;
         assert_eq!(
             evaluate(&s, w, &conn(None, "10.0.0.1", 5432)),
             Decision::Allow
@@ -74,7 +74,7 @@ policies:
         let s = snap(
             "  - { name: allow-all, namespace: shop, action: ALLOW, rules: [{}] }\n  - { name: no-web, namespace: shop, action: DENY, rules: [{ from: [{ principals: [spiffe://cluster.local/ns/shop/sa/web] }] }] }",
         );
-        let w = &s.model.workloads[0];
+        let w = s.workload("shop", "db").unwrap().workload;
         let web = Identity::new("cluster.local", "shop", "web");
         let api = Identity::new("cluster.local", "shop", "api");
         assert_eq!(
@@ -94,7 +94,7 @@ policies:
         let s = snap(
             "  - { name: ports, namespace: shop, selector: { app: db }, action: ALLOW, rules: [{ to: [{ ports: [5432] }], from: [{ ip_blocks: [10.0.0.0/24] }] }] }\n  - { name: http-only, namespace: shop, action: ALLOW, rules: [{ to: [{ methods: [GET] }] }] }",
         );
-        let w = &s.model.workloads[0];
+        let w = s.workload("shop", "db").unwrap().workload;
         assert_eq!(
             evaluate(&s, w, &conn(None, "10.0.0.1", 5432)),
             Decision::Allow
@@ -114,7 +114,7 @@ policies:
         let s = snap(
             "  - { name: at-waypoint, namespace: shop, action: DENY, rules: [{}], targets: [{ kind: Service, name: db }] }",
         );
-        let w = &s.model.workloads[0];
+        let w = s.workload("shop", "db").unwrap().workload;
         assert_eq!(
             evaluate(&s, w, &conn(None, "10.0.0.1", 5432)),
             Decision::Allow

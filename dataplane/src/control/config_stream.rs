@@ -15,10 +15,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use weft_api::config_cache::ConfigCache;
+use weft_api::config_cache::{Changes, ConfigCache};
 use weft_api::proto::mesh_config_client::MeshConfigClient;
 use weft_api::proto::{bearer, ConfigUpdate, ResumePoint, SubscribeRequest};
-use weft_api::MeshModel;
 
 use weft_pki::TrustBundle;
 
@@ -39,8 +38,9 @@ pub enum Role {
 
 /// Where accepted models go.
 pub trait ConfigSink: Send + Sync + 'static {
-    /// A new model (already checked) replaced the last one.
-    fn model_changed(&self, model: MeshModel, version: u64, full: bool);
+    /// An update (already checked) changed the model: `cache` holds the
+    /// whole new model, `changes` what the update changed.
+    fn model_changed(&self, cache: &ConfigCache, changes: &Changes, version: u64);
     /// An update was refused; the last good model keeps serving.
     fn rejected(&self, _version: u64, _error: &str) {}
 }
@@ -151,15 +151,15 @@ impl ConfigStream {
         };
         // Checked whole before anything is applied: a rejected update
         // leaves the cache and the serving model as they were.
-        let checked = checked.and_then(|bundle| p.cache.apply(u).map(|changed| (changed, bundle)));
+        let checked =
+            checked.and_then(|bundle| p.cache.apply_changes(u).map(|changes| (changes, bundle)));
         match checked {
-            Ok((changed, bundle)) => {
+            Ok((changes, bundle)) => {
                 if let Some(b) = bundle {
                     self.trust.set(b);
                 }
-                if changed {
-                    self.sink
-                        .model_changed(p.cache.to_model(), u.version, u.full);
+                if !changes.is_empty() {
+                    self.sink.model_changed(&p.cache, &changes, u.version);
                     info!(
                         component = "config",
                         version = u.version,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_client::metrics::counter::Counter;
-use weft_api::MeshModel;
+use weft_api::config_cache::{Changes, ConfigCache};
 
 pub use addr::{ControllerAddr, CONTROLLER_SERVER_NAME};
 pub use ca_client::GrpcCaProvider;
@@ -110,8 +110,8 @@ pub struct StateSink<T> {
 }
 
 impl<T: Compiled> ConfigSink for StateSink<T> {
-    fn model_changed(&self, model: MeshModel, _version: u64, _full: bool) {
-        self.state.store(model);
+    fn model_changed(&self, cache: &ConfigCache, changes: &Changes, _version: u64) {
+        self.state.apply(cache, changes);
         self.updates.inc();
     }
 

@@ -7,6 +7,7 @@
 mod snapshot;
 
 pub use snapshot::{OutboundRoute, Snapshot, WorkloadRef};
+use weft_api::config_cache::{Changes, ConfigCache};
 use weft_api::MeshModel;
 use weft_dataplane::state::{Compiled, ModelState};
 
@@ -19,5 +20,9 @@ impl Compiled for Snapshot {
 
     fn version(&self) -> u64 {
         self.version
+    }
+
+    fn update(&self, cache: &ConfigCache, changes: &Changes, version: u64) -> Self {
+        Snapshot::update(self, cache, changes, version)
     }
 }

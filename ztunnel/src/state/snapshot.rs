@@ -1,26 +1,125 @@
 //! One indexed version of the mesh model.
+//!
+//! Workloads and Services, the part that grows with the cluster, live in
+//! persistent maps: a new version shares everything it did not change with
+//! the one before, so a pod change costs that pod's entries and the
+//! endpoint lists of its namespace (Services select within their own
+//! namespace), not a copy of the model. The rest (namespaces, policies,
+//! peer authentications, waypoints) is a small model shared by `Arc` until
+//! one of those changes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
+use imbl::OrdMap;
+use weft_api::authorize::service_waypoint;
+use weft_api::config_cache::{Changes, ConfigCache, Key};
 use weft_api::model::{AuthorizationPolicy, Service, Workload, GATEWAY_NAME_LABEL};
 use weft_api::{Identity, MeshModel};
 
 pub struct Snapshot {
     pub version: u64,
-    pub model: MeshModel,
-    workload_by_ip: HashMap<IpAddr, usize>,
-    workload_by_name: HashMap<(String, String), usize>,
-    service_by_vip: HashMap<IpAddr, usize>,
-    /// Endpoint workloads of each service (index into `model.workloads`).
-    endpoints: Vec<Vec<usize>>,
-    /// Pods of each waypoint, by (namespace, gateway name).
-    waypoint_pods: HashMap<(String, String), Vec<usize>>,
-    /// Workloads that accept traffic only from a waypoint: workload index
-    /// to the waypoint's identity and `namespace/name`.
-    waypoint_required: HashMap<usize, Vec<(Identity, String)>>,
+    /// Everything but the workloads and services (empty in it): read
+    /// those through the methods below.
+    pub model: Arc<MeshModel>,
+    workloads: OrdMap<Key, Arc<Workload>>,
+    services: OrdMap<Key, Arc<Service>>,
+    /// The workloads with each address (one, but for a misconfiguration:
+    /// then the last in key order answers).
+    workload_by_ip: imbl::HashMap<IpAddr, Vec<Key>>,
+    service_by_vip: imbl::HashMap<IpAddr, Vec<Key>>,
+    /// What is derived per namespace, by namespace.
+    namespaces: imbl::HashMap<String, Arc<NamespaceIndex>>,
     round_robin: AtomicUsize,
+}
+
+/// What one namespace's workloads and Services give: a Service selects
+/// pods of its own namespace only.
+#[derive(Default)]
+struct NamespaceIndex {
+    /// Endpoint workloads of each Service, by Service name.
+    endpoints: HashMap<String, Vec<Arc<Workload>>>,
+    /// Pods of each waypoint, by Gateway name.
+    waypoint_pods: HashMap<String, Vec<Arc<Workload>>>,
+    /// Workloads (by name) that accept traffic only from a waypoint: the
+    /// waypoint's identity and `namespace/name`, in Service key order.
+    waypoint_required: HashMap<String, Vec<(Identity, String)>>,
+}
+
+fn in_namespace<'a, T>(
+    map: &'a OrdMap<Key, Arc<T>>,
+    ns: &'a str,
+) -> impl Iterator<Item = &'a Arc<T>> + 'a {
+    map.range((ns.to_owned(), String::new())..)
+        .take_while(move |(k, _)| k.0 == ns)
+        .map(|(_, v)| v)
+}
+
+impl NamespaceIndex {
+    fn build(
+        ns: &str,
+        workloads: &OrdMap<Key, Arc<Workload>>,
+        services: &OrdMap<Key, Arc<Service>>,
+        rest: &MeshModel,
+    ) -> Self {
+        let pods: Vec<&Arc<Workload>> = in_namespace(workloads, ns)
+            .filter(|w| !w.ips.is_empty())
+            .collect();
+        let mut idx = NamespaceIndex::default();
+        for w in &pods {
+            if let Some(gw) = w.labels.get(GATEWAY_NAME_LABEL) {
+                idx.waypoint_pods
+                    .entry(gw.clone())
+                    .or_default()
+                    .push(Arc::clone(w));
+            }
+        }
+        for s in in_namespace(services, ns) {
+            let eps: Vec<Arc<Workload>> = pods
+                .iter()
+                .filter(|w| s.selects(w))
+                .map(|w| Arc::clone(w))
+                .collect();
+            if let Some(entry) = service_waypoint(rest, s) {
+                for w in &eps {
+                    let list = idx.waypoint_required.entry(w.name.clone()).or_default();
+                    if !list.contains(&entry) {
+                        list.push(entry.clone());
+                    }
+                }
+            }
+            idx.endpoints.insert(s.name.clone(), eps);
+        }
+        idx
+    }
+
+    fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.waypoint_pods.is_empty()
+    }
+}
+
+/// Adds `key` under each of `addrs`.
+fn index_addrs(map: &mut imbl::HashMap<IpAddr, Vec<Key>>, addrs: &[IpAddr], key: &Key) {
+    for a in addrs {
+        let keys = map.entry(*a).or_default();
+        if let Err(at) = keys.binary_search(key) {
+            keys.insert(at, key.clone());
+        }
+    }
+}
+
+/// Removes `key` from under each of `addrs`.
+fn unindex_addrs(map: &mut imbl::HashMap<IpAddr, Vec<Key>>, addrs: &[IpAddr], key: &Key) {
+    for a in addrs {
+        if let Some(keys) = map.get_mut(a) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                map.remove(a);
+            }
+        }
+    }
 }
 
 /// A workload plus what the data plane derives from it.
@@ -58,58 +157,168 @@ impl Default for Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(model: MeshModel, version: u64) -> Self {
-        let mut workload_by_ip = HashMap::new();
-        let mut workload_by_name = HashMap::new();
-        // Services select pods of their own namespace only: index once so
-        // endpoints cost (services x pods of the namespace), not x all pods.
-        let mut by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, w) in model.workloads.iter().enumerate() {
-            for ip in &w.ips {
-                workload_by_ip.insert(*ip, i);
-            }
-            workload_by_name.insert((w.namespace.clone(), w.name.clone()), i);
-            if !w.ips.is_empty() {
-                by_namespace
-                    .entry(w.namespace.as_str())
-                    .or_default()
-                    .push(i);
+    /// Indexes a whole model (from a file, or a test).
+    pub fn new(mut model: MeshModel, version: u64) -> Self {
+        let workloads = std::mem::take(&mut model.workloads)
+            .into_iter()
+            .map(|w| ((w.namespace.clone(), w.name.clone()), Arc::new(w)))
+            .collect();
+        let services = std::mem::take(&mut model.services)
+            .into_iter()
+            .map(|s| ((s.namespace.clone(), s.name.clone()), Arc::new(s)))
+            .collect();
+        Self::build(Arc::new(model), workloads, services, version, 0)
+    }
+
+    /// Indexes the whole of `cache`, sharing its workloads and services.
+    pub fn from_cache(cache: &ConfigCache, version: u64) -> Self {
+        let workloads = cache
+            .workloads()
+            .iter()
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .collect();
+        let services = cache
+            .services()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        Self::build(
+            Arc::new(cache.rest_model()),
+            workloads,
+            services,
+            version,
+            0,
+        )
+    }
+
+    fn build(
+        model: Arc<MeshModel>,
+        workloads: OrdMap<Key, Arc<Workload>>,
+        services: OrdMap<Key, Arc<Service>>,
+        version: u64,
+        round_robin: usize,
+    ) -> Self {
+        let mut workload_by_ip = imbl::HashMap::new();
+        for (k, w) in &workloads {
+            index_addrs(&mut workload_by_ip, &w.ips, k);
+        }
+        let mut service_by_vip = imbl::HashMap::new();
+        for (k, s) in &services {
+            index_addrs(&mut service_by_vip, &s.vips, k);
+        }
+        let names: BTreeSet<&String> = workloads
+            .keys()
+            .chain(services.keys())
+            .map(|k| &k.0)
+            .collect();
+        let mut namespaces = imbl::HashMap::new();
+        for ns in names {
+            let idx = NamespaceIndex::build(ns, &workloads, &services, &model);
+            if !idx.is_empty() {
+                namespaces.insert(ns.clone(), Arc::new(idx));
             }
         }
-        let mut service_by_vip = HashMap::new();
-        for (si, s) in model.services.iter().enumerate() {
-            for vip in &s.vips {
-                service_by_vip.insert(*vip, si);
-            }
-        }
-        let endpoints = model.service_endpoints();
-        let mut waypoint_pods: HashMap<(String, String), Vec<usize>> = HashMap::new();
-        for (i, w) in model.workloads.iter().enumerate() {
-            if let Some(gw) = w.labels.get(GATEWAY_NAME_LABEL) {
-                if !w.ips.is_empty() {
-                    waypoint_pods
-                        .entry((w.namespace.clone(), gw.clone()))
-                        .or_default()
-                        .push(i);
-                }
-            }
-        }
-        let waypoint_required = weft_api::authorize::waypoint_requirements(&model, &endpoints);
         Self {
             version,
             model,
+            workloads,
+            services,
             workload_by_ip,
-            workload_by_name,
             service_by_vip,
-            endpoints,
-            waypoint_pods,
-            waypoint_required,
-            round_robin: AtomicUsize::new(0),
+            namespaces,
+            round_robin: AtomicUsize::new(round_robin),
         }
     }
 
+    /// The next version: this one with `changes` applied from `cache`.
+    /// Costs what the changes touch (their entries, and the index of each
+    /// namespace they are in); a full snapshot, or a change to waypoints
+    /// or the trust domain (which every namespace's waypoint requirements
+    /// read), rebuilds the indexes whole.
+    pub fn update(&self, cache: &ConfigCache, changes: &Changes, version: u64) -> Self {
+        let round_robin = self.round_robin.load(Ordering::Relaxed);
+        if changes.full {
+            let mut s = Self::from_cache(cache, version);
+            s.round_robin = AtomicUsize::new(round_robin);
+            return s;
+        }
+        let model = if changes.rest {
+            Arc::new(cache.rest_model())
+        } else {
+            self.model.clone()
+        };
+        let mut workloads = self.workloads.clone();
+        let mut workload_by_ip = self.workload_by_ip.clone();
+        let mut dirty: BTreeSet<&str> = BTreeSet::new();
+        for k in &changes.workloads {
+            if let Some(old) = workloads.remove(k) {
+                unindex_addrs(&mut workload_by_ip, &old.ips, k);
+            }
+            if let Some(new) = cache.workloads().get(k) {
+                index_addrs(&mut workload_by_ip, &new.ips, k);
+                workloads.insert(k.clone(), new.clone());
+            }
+            dirty.insert(&k.0);
+        }
+        let mut services = self.services.clone();
+        let mut service_by_vip = self.service_by_vip.clone();
+        for k in &changes.services {
+            if let Some(old) = services.remove(k) {
+                unindex_addrs(&mut service_by_vip, &old.vips, k);
+            }
+            if let Some(new) = cache.services().get(k) {
+                index_addrs(&mut service_by_vip, &new.vips, k);
+                services.insert(k.clone(), new.clone());
+            }
+            dirty.insert(&k.0);
+        }
+        if changes.waypoints {
+            return Self::build(model, workloads, services, version, round_robin);
+        }
+        let mut namespaces = self.namespaces.clone();
+        for ns in dirty {
+            let idx = NamespaceIndex::build(ns, &workloads, &services, &model);
+            if idx.is_empty() {
+                namespaces.remove(ns);
+            } else {
+                namespaces.insert(ns.to_owned(), Arc::new(idx));
+            }
+        }
+        Self {
+            version,
+            model,
+            workloads,
+            services,
+            workload_by_ip,
+            service_by_vip,
+            namespaces,
+            round_robin: AtomicUsize::new(round_robin),
+        }
+    }
+
+    /// The whole model (a copy: for dumps, not for the data path).
+    pub fn to_model(&self) -> MeshModel {
+        MeshModel {
+            workloads: self.workloads.values().map(|w| (**w).clone()).collect(),
+            services: self.services.values().map(|s| (**s).clone()).collect(),
+            ..(*self.model).clone()
+        }
+    }
+
+    pub fn workload_count(&self) -> usize {
+        self.workloads.len()
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<WorkloadRef<'_>> {
-        let w = &self.model.workloads[*self.workload_by_ip.get(&ip)?];
+        let key = self.workload_by_ip.get(&ip)?.last()?;
+        self.workload_ref(self.workloads.get(key)?)
+    }
+
+    fn workload_ref<'a>(&'a self, w: &'a Workload) -> Option<WorkloadRef<'a>> {
         Some(WorkloadRef {
             workload: w,
             captured: self.model.is_captured(w),
@@ -117,28 +326,40 @@ impl Snapshot {
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<WorkloadRef<'_>> {
-        let i = self
-            .workload_by_name
+        let w = self
+            .workloads
             .get(&(namespace.to_owned(), name.to_owned()))?;
-        let w = &self.model.workloads[*i];
-        Some(WorkloadRef {
-            workload: w,
-            captured: self.model.is_captured(w),
-        })
+        self.workload_ref(w)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
-        Some(&self.model.services[*self.service_by_vip.get(&ip)?])
+        let key = self.service_by_vip.get(&ip)?.last()?;
+        self.services.get(key).map(|s| &**s)
     }
 
     pub fn identity(&self, w: &Workload) -> Identity {
         self.model.identity_of(w)
     }
 
+    fn endpoints(&self, svc: &Service) -> &[Arc<Workload>] {
+        self.namespaces
+            .get(svc.namespace.as_str())
+            .and_then(|idx| idx.endpoints.get(&svc.name))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    fn waypoint_pods(&self, namespace: &str, waypoint: &str) -> &[Arc<Workload>] {
+        self.namespaces
+            .get(namespace)
+            .and_then(|idx| idx.waypoint_pods.get(waypoint))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
     /// Decides where a connection to `dst` goes.
     pub fn route_outbound(&self, dst: SocketAddr) -> OutboundRoute {
-        if let Some(&si) = self.service_by_vip.get(&dst.ip()) {
-            let svc = &self.model.services[si];
+        if let Some(svc) = self.service_by_vip(dst.ip()) {
             let Some(port) = svc.ports.iter().find(|p| p.port == dst.port()) else {
                 return OutboundRoute::NoEndpoint {
                     service: format!("{}/{}", svc.namespace, svc.name),
@@ -148,14 +369,13 @@ impl Snapshot {
                 let service = format!("{}.{}", svc.name, svc.namespace);
                 return self.route_to_waypoint(&svc.namespace, wp, dst, Some(service));
             }
-            let eps = &self.endpoints[si];
+            let eps = self.endpoints(svc);
             if eps.is_empty() {
                 return OutboundRoute::NoEndpoint {
                     service: format!("{}/{}", svc.namespace, svc.name),
                 };
             }
-            let pick = eps[self.round_robin.fetch_add(1, Ordering::Relaxed) % eps.len()];
-            let w = &self.model.workloads[pick];
+            let w = &eps[self.round_robin.fetch_add(1, Ordering::Relaxed) % eps.len()];
             let ip = pick_family(&w.ips, dst.ip());
             return self.route_to_workload(
                 w,
@@ -163,17 +383,26 @@ impl Snapshot {
                 Some(format!("{}.{}", svc.name, svc.namespace)),
             );
         }
-        match self.workload_by_ip.get(&dst.ip()) {
+        match self.workload_by_ip(dst.ip()) {
             // A pod that takes traffic only from its waypoint is reached
             // through it when dialled by address too (the waypoint forwards
-            // such a request unrouted, its L7 policy applied).
-            Some(&wi) => match self.waypoint_required.get(&wi).and_then(|l| l.first()) {
-                Some((_, wp)) => {
-                    let (ns, name) = wp.split_once('/').unwrap_or(("", wp));
-                    self.route_to_waypoint(ns, name, dst, None)
+            // such a request unrouted, its L7 policy applied): through the
+            // first of its waypoints that has a pod.
+            Some(w) => {
+                let required = self.required_waypoints(w.workload);
+                let names = || {
+                    required
+                        .iter()
+                        .map(|(_, wp)| wp.split_once('/').unwrap_or(("", wp)))
+                };
+                match names()
+                    .find(|(ns, name)| !self.waypoint_pods(ns, name).is_empty())
+                    .or_else(|| names().next())
+                {
+                    Some((ns, name)) => self.route_to_waypoint(ns, name, dst, None),
+                    None => self.route_to_workload(w.workload, dst, None),
                 }
-                None => self.route_to_workload(&self.model.workloads[wi], dst, None),
-            },
+            }
             None => OutboundRoute::Passthrough {
                 target: dst,
                 service: None,
@@ -191,11 +420,7 @@ impl Snapshot {
         dst: SocketAddr,
         service: Option<String>,
     ) -> OutboundRoute {
-        let pods = self
-            .waypoint_pods
-            .get(&(namespace.to_owned(), waypoint.to_owned()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        let pods = self.waypoint_pods(namespace, waypoint);
         if pods.is_empty() {
             return OutboundRoute::NoEndpoint {
                 service: format!(
@@ -204,8 +429,7 @@ impl Snapshot {
                 ),
             };
         }
-        let w = &self.model.workloads
-            [pods[self.round_robin.fetch_add(1, Ordering::Relaxed) % pods.len()]];
+        let w = &pods[self.round_robin.fetch_add(1, Ordering::Relaxed) % pods.len()];
         let ip = pick_family(&w.ips, dst.ip());
         OutboundRoute::Hbone {
             target: dst,
@@ -221,9 +445,9 @@ impl Snapshot {
     /// `namespace/name` each), when Services selecting it use one; empty
     /// when it accepts any client.
     pub fn required_waypoints(&self, w: &Workload) -> &[(Identity, String)] {
-        self.workload_by_name
-            .get(&(w.namespace.clone(), w.name.clone()))
-            .and_then(|i| self.waypoint_required.get(i))
+        self.namespaces
+            .get(w.namespace.as_str())
+            .and_then(|idx| idx.waypoint_required.get(&w.name))
             .map(Vec::as_slice)
             .unwrap_or_default()
     }
@@ -256,9 +480,65 @@ impl Snapshot {
         weft_api::authorize::l4_policies(&self.model, w)
     }
 
+    /// One line per index entry in a stable order (what each address
+    /// answers, each Service's endpoints, each waypoint's pods and each
+    /// workload's required waypoints): two versions that hold the same
+    /// model list the same lines however each was built.
+    pub fn indexes(&self) -> Vec<String> {
+        let names = |ws: &[Arc<Workload>]| -> Vec<String> {
+            ws.iter()
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .collect()
+        };
+        let mut out = Vec::new();
+        let mut ips: Vec<_> = self.workload_by_ip.keys().copied().collect();
+        ips.sort();
+        for ip in ips {
+            let w = self
+                .workload_by_ip(ip)
+                .map(|w| (&w.workload.namespace, &w.workload.name, w.captured));
+            out.push(format!("ip {ip} -> {w:?}"));
+        }
+        let mut vips: Vec<_> = self.service_by_vip.keys().copied().collect();
+        vips.sort();
+        for vip in vips {
+            let s = self.service_by_vip(vip).map(|s| (&s.namespace, &s.name));
+            out.push(format!("vip {vip} -> {s:?}"));
+        }
+        for s in self.services.values() {
+            out.push(format!(
+                "endpoints {}/{}: {:?}",
+                s.namespace,
+                s.name,
+                names(self.endpoints(s))
+            ));
+        }
+        let mut namespaces: Vec<_> = self.namespaces.iter().collect();
+        namespaces.sort_by(|a, b| a.0.cmp(b.0));
+        for (ns, idx) in namespaces {
+            let mut pods: Vec<_> = idx.waypoint_pods.iter().collect();
+            pods.sort_by(|a, b| a.0.cmp(b.0));
+            for (gw, ws) in pods {
+                out.push(format!("waypoint {ns}/{gw}: {:?}", names(ws)));
+            }
+        }
+        for w in self.workloads() {
+            let required = self.required_waypoints(w);
+            if !required.is_empty() {
+                out.push(format!("required {}/{}: {required:?}", w.namespace, w.name));
+            }
+        }
+        out
+    }
+
+    /// Every workload, in (namespace, name) order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Workload> + '_ {
+        self.workloads.values().map(|w| &**w)
+    }
+
     /// Workloads scheduled on `node`.
     pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.model.workloads.iter().filter(move |w| w.node == node)
+        self.workloads().filter(move |w| w.node == node)
     }
 }
 
@@ -394,13 +674,175 @@ waypoints:
             .collect();
         assert_eq!(
             required,
+            // In Service key order: `lost` (waypoint gone) before `web`.
             [
+                "shop/gone=spiffe://cluster.local/ns/shop/sa/gone",
                 "shop/wp=spiffe://cluster.local/ns/shop/sa/wp",
-                "shop/gone=spiffe://cluster.local/ns/shop/sa/gone"
             ]
         );
         let wp = s.workload("shop", "wp-0").unwrap();
         assert!(!wp.captured);
         assert!(s.required_waypoints(wp.workload).is_empty());
+    }
+
+    /// Applies `u` to `cache` and `prev`; the result must list exactly
+    /// what a snapshot built whole from the cache lists.
+    fn step(
+        cache: &mut ConfigCache,
+        prev: &Snapshot,
+        u: weft_api::proto::ConfigUpdate,
+    ) -> Snapshot {
+        let changes = cache.apply_changes(&u).unwrap();
+        let next = prev.update(cache, &changes, u.version);
+        let whole = Snapshot::from_cache(cache, u.version);
+        assert_eq!(
+            next.indexes(),
+            whole.indexes(),
+            "after version {}",
+            u.version
+        );
+        assert_eq!(next.to_model(), whole.to_model());
+        next
+    }
+
+    #[test]
+    fn a_delta_applied_in_place_equals_the_snapshot_built_whole() {
+        use weft_api::proto::{ConfigUpdate, Removals, ResourceKey, Resources};
+        let m = MeshModel::from_yaml(
+            r#"
+namespaces:
+  - { name: shop, labels: { weft.dev/dataplane-mode: ambient } }
+  - { name: ops }
+workloads:
+  - { name: web-1, namespace: shop, service_account: web, node: n1, ips: [10.1.0.2], labels: { app: web } }
+  - { name: web-2, namespace: shop, service_account: web, node: n2, ips: [10.1.0.3], labels: { app: web } }
+  - { name: wp-0, namespace: shop, service_account: wp, node: n1, ips: [10.1.0.9], labels: { gateway.networking.k8s.io/gateway-name: wp } }
+  - { name: job, namespace: ops, node: n2, ips: [10.2.0.2], labels: { app: job } }
+services:
+  - { name: web, namespace: shop, vips: [10.96.0.1], ports: [{ port: 80 }], selector: { app: web } }
+  - { name: job, namespace: ops, vips: [10.96.1.1], ports: [{ port: 80 }], selector: { app: job } }
+waypoints:
+  - { name: wp, namespace: shop, service_account: wp }
+"#,
+        )
+        .unwrap();
+        let update =
+            |version: u64, full: bool, upserts: Resources, removals: Removals| ConfigUpdate {
+                instance_id: "i".into(),
+                version,
+                full,
+                trust_domain: "cluster.local".into(),
+                upserts: Some(upserts),
+                removals: Some(removals),
+                trust_bundle_pem: vec![],
+            };
+        let proto_of = |yaml: &str| Resources::from(&MeshModel::from_yaml(yaml).unwrap());
+        let mut cache = ConfigCache::default();
+        let s = step(
+            &mut cache,
+            &Snapshot::default(),
+            update(1, true, Resources::from(&m), Removals::default()),
+        );
+        // A pod added, one relabelled out of the Service, one removed.
+        let s = step(
+            &mut cache,
+            &s,
+            update(
+                2,
+                false,
+                proto_of(
+                    r#"
+workloads:
+  - { name: web-3, namespace: shop, service_account: web, node: n1, ips: [10.1.0.4], labels: { app: web } }
+  - { name: web-2, namespace: shop, service_account: web, node: n2, ips: [10.1.0.3], labels: { app: other } }
+"#,
+                ),
+                Removals {
+                    workloads: vec![ResourceKey::new("ops", "job")],
+                    ..Default::default()
+                },
+            ),
+        );
+        assert_eq!(s.workload_count(), 4);
+        assert!(s.workload_by_ip("10.2.0.2".parse().unwrap()).is_none());
+        assert!(
+            s.indexes()
+                .contains(&"endpoints shop/web: [\"shop/web-1\", \"shop/web-3\"]".to_owned()),
+            "{:#?}",
+            s.indexes()
+        );
+        // The Service takes a waypoint: its pods now require it.
+        let s = step(
+            &mut cache,
+            &s,
+            update(
+                3,
+                false,
+                proto_of(
+                    r#"
+services:
+  - { name: web, namespace: shop, vips: [10.96.0.1], ports: [{ port: 80 }], selector: { app: web }, waypoint: wp }
+"#,
+                ),
+                Removals::default(),
+            ),
+        );
+        assert_eq!(
+            s.required_waypoints(s.workload("shop", "web-1").unwrap().workload)
+                .len(),
+            1
+        );
+        // The waypoint's service account changes (every namespace's
+        // requirements are rebuilt), and an address moves to a new pod.
+        let s = step(
+            &mut cache,
+            &s,
+            update(
+                4,
+                false,
+                proto_of(
+                    r#"
+waypoints:
+  - { name: wp, namespace: shop, service_account: wp-2 }
+workloads:
+  - { name: web-4, namespace: shop, service_account: web, node: n1, ips: [10.1.0.2], labels: { app: web } }
+"#,
+                ),
+                Removals {
+                    workloads: vec![ResourceKey::new("shop", "web-1")],
+                    ..Default::default()
+                },
+            ),
+        );
+        assert_eq!(
+            s.workload_by_ip("10.1.0.2".parse().unwrap())
+                .unwrap()
+                .workload
+                .name,
+            "web-4"
+        );
+        // The namespace label goes: nothing of shop is captured any more.
+        let s = step(
+            &mut cache,
+            &s,
+            update(
+                5,
+                false,
+                proto_of("namespaces: [{ name: shop }]"),
+                Removals {
+                    services: vec![ResourceKey::new("ops", "job")],
+                    ..Default::default()
+                },
+            ),
+        );
+        assert!(!s.workload("shop", "web-4").unwrap().captured);
+        assert!(s.service_by_vip("10.96.1.1".parse().unwrap()).is_none());
+        // A full snapshot back to the start.
+        let s = step(
+            &mut cache,
+            &s,
+            update(6, true, Resources::from(&m), Removals::default()),
+        );
+        assert_eq!(s.indexes(), Snapshot::new(m, 6).indexes());
     }
 }
