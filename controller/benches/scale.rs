@@ -30,7 +30,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
-use weft_api::model::Workload;
+use weft_api::model::{AuthorizationPolicy, Workload};
 use weft_api::{proto, MeshModel};
 use weft_controller::manifests;
 use weft_controller::model;
@@ -85,6 +85,8 @@ fn main() -> ExitCode {
         let endpoint = args.get(i + 1).cloned().unwrap_or_default();
         let count = args.get(i + 2).and_then(|n| n.parse().ok()).unwrap_or(0);
         rt.block_on(child_main(endpoint, count))
+    } else if args.iter().any(|a| a == "--curve") {
+        rt.block_on(curve_main(&args))
     } else {
         rt.block_on(parent_main(&args))
     };
@@ -99,7 +101,171 @@ fn main() -> ExitCode {
     }
 }
 
+// ---- the growth curve: one full run per cluster size ----
+
+const CURVE_PODS: [usize; 3] = [1_000, 10_000, 50_000];
+
+/// Runs the bench at each of [`CURVE_PODS`] (a process of its own each, so
+/// that one size's memory does not count in the next) with the same number
+/// of ztunnels, then prints how each figure grows with the cluster.
+async fn curve_main(args: &[String]) -> Result<()> {
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let out_dir = flag("--out").map(PathBuf::from).unwrap_or_else(|| {
+        let controller = Path::new(env!("CARGO_MANIFEST_DIR"));
+        controller
+            .parent()
+            .unwrap_or(controller)
+            .join("bench-results")
+    });
+    let exe = std::env::current_exe().context("cannot find the bench's own executable")?;
+    let mut runs = Vec::new();
+    for pods in CURVE_PODS {
+        let dir = out_dir.join(format!("curve-{pods}"));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["--pods", &pods.to_string()])
+            .arg("--out")
+            .arg(&dir);
+        for name in ["--ztunnels", "--changes"] {
+            if let Some(v) = flag(name) {
+                cmd.args([name, v]);
+            }
+        }
+        eprintln!("growth curve: {pods} pods");
+        let status = cmd.status().await.context("cannot run the bench")?;
+        if !status.success() {
+            bail!("the run at {pods} pods failed ({status})");
+        }
+        let newest = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .max()
+            .ok_or_else(|| anyhow!("the run at {pods} pods wrote no results"))?;
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&newest)?)
+            .with_context(|| format!("reading {}", newest.display()))?;
+        runs.push(doc);
+    }
+    let f = |v: &Value, path: &str| {
+        path.split('.')
+            .fold(v, |v, k| &v[k])
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    };
+    let figures: [(&str, &str, f64); 9] = [
+        ("ztunnels", "scale.ztunnels", 1.0),
+        (
+            "initial sync of all ztunnels, ms",
+            "initial_sync.all_applied_ms",
+            1.0,
+        ),
+        (
+            "full model per ztunnel, KiB",
+            "initial_sync.bytes_pushed",
+            1.0 / 1024.0,
+        ),
+        (
+            "change applied by all, p50 ms",
+            "changes.all_applied_ms.p50",
+            1.0,
+        ),
+        (
+            "change applied by all, p99 ms",
+            "changes.all_applied_ms.p99",
+            1.0,
+        ),
+        (
+            "change pushed to all, p50 ms",
+            "changes.all_pushed_ms.p50",
+            1.0,
+        ),
+        (
+            "bytes per change per ztunnel, p50",
+            "changes.bytes_per_change_per_ztunnel.p50",
+            1.0,
+        ),
+        (
+            "model memory per ztunnel client, MiB",
+            "memory_kib.ztunnel_per_client_mib",
+            1.0,
+        ),
+        (
+            "controller RSS at the end, MiB",
+            "memory_kib.controller.end.rss_kib",
+            1.0 / 1024.0,
+        ),
+    ];
+    let mut t = String::new();
+    let _ = write!(t, "\nWeft controller scale: growth curve\n  {:<40}", "pods");
+    for r in &runs {
+        let _ = write!(t, "{:>12}", f(r, "scale.pods"));
+    }
+    let _ = writeln!(t, "{:>12}", "last/first");
+    let mut curve = serde_json::Map::new();
+    for (name, path, scale) in figures {
+        let _ = write!(t, "  {name:<40}");
+        let mut values = Vec::new();
+        for r in &runs {
+            let mut v = f(r, path) * scale;
+            if path == "initial_sync.bytes_pushed" {
+                v /= f(r, "scale.ztunnels");
+            }
+            values.push(v);
+            let _ = write!(t, "{v:>12.1}");
+        }
+        let growth = values.last().unwrap_or(&f64::NAN) / values.first().unwrap_or(&f64::NAN);
+        let _ = writeln!(t, "{growth:>11.2}x");
+        curve.insert(name.to_owned(), json!(values));
+    }
+    let _ = writeln!(
+        t,
+        "  (pods x{:.0} from the first size to the last; a change touches one pod or adds one policy)",
+        CURVE_PODS[CURVE_PODS.len() - 1] as f64 / CURVE_PODS[0] as f64
+    );
+    print!("{t}");
+    let path = out_dir.join(format!(
+        "controller-curve-{}.json",
+        utc_stamp(SystemTime::now())
+    ));
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(
+            &json!({"benchmark": "controller-scale-curve", "pods": CURVE_PODS, "figures": curve}),
+        )?,
+    )?;
+    println!("  results: {}", path.display());
+    Ok(())
+}
+
 // ---- the child: N ztunnel config clients ----
+
+/// What every ztunnel must show under namespace/name after a change
+/// (`None`: absent).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Want {
+    Workload(Option<Workload>),
+    Policy(Option<AuthorizationPolicy>),
+}
+
+impl Want {
+    fn shown_by(&self, snap: &Snapshot, ns: &str, name: &str) -> bool {
+        match self {
+            Want::Workload(w) => snap.workload(ns, name).map(|x| x.workload) == w.as_ref(),
+            Want::Policy(p) => {
+                snap.model
+                    .policies
+                    .iter()
+                    .find(|x| x.namespace == ns && x.name == name)
+                    == p.as_ref()
+            }
+        }
+    }
+}
 
 /// Parent -> child.
 #[derive(Serialize, Deserialize)]
@@ -115,7 +281,7 @@ enum Command {
         id: usize,
         namespace: String,
         name: String,
-        workload: Option<Workload>,
+        want: Want,
     },
     /// Reply `memory`.
     Memory,
@@ -184,15 +350,15 @@ async fn child_main(endpoint: String, count: usize) -> Result<()> {
                 id,
                 namespace,
                 name,
-                workload,
+                want,
             } => {
-                let want = Arc::new((namespace, name, workload));
+                let want = Arc::new((namespace, name, want));
                 let waiting = {
                     let states = states.clone();
                     tokio::spawn(async move {
                         wait_all(&states, CHANGE_TIMEOUT, move |m| {
-                            let (ns, name, w) = &*want;
-                            m.workload(ns, name).map(|x| x.workload) == w.as_ref()
+                            let (ns, name, want) = &*want;
+                            want.shown_by(m, ns, name)
                         })
                         .await
                     })
@@ -361,13 +527,13 @@ fn write_manifests(dir: &Path, s: &Scale) -> Result<usize> {
     Ok(bytes)
 }
 
-/// One pod change: the model after it and what every ztunnel must show.
+/// One change: the model after it and what every ztunnel must show.
 struct Change {
     kind: &'static str,
     model: MeshModel,
     namespace: String,
     name: String,
-    workload: Option<Workload>,
+    want: Want,
 }
 
 fn make_change(i: usize, current: &MeshModel, last_added: &mut Option<(String, String)>) -> Change {
@@ -378,7 +544,30 @@ fn make_change(i: usize, current: &MeshModel, last_added: &mut Option<(String, S
         f(w);
         (kind, w.namespace.clone(), w.name.clone(), Some(w.clone()))
     };
-    let (kind, namespace, name, workload) = match i % 4 {
+    if i % 5 == 4 {
+        // A DENY policy added for one app of the pod's namespace.
+        let w = &m.workloads[pick];
+        let app = w.labels.get("app").cloned().unwrap_or_default();
+        let yaml = format!(
+            "policies: [{{ name: deny-{i}, namespace: {ns}, selector: {{ app: {app} }}, action: DENY, rules: [{{ from: [{{ ip_blocks: [192.0.2.{last}/32] }}] }}] }}]",
+            ns = w.namespace,
+            last = i % 250,
+        );
+        let policy = MeshModel::from_yaml(&yaml)
+            .expect("the bench's policy parses")
+            .policies
+            .remove(0);
+        let (namespace, name) = (policy.namespace.clone(), policy.name.clone());
+        m.policies.push(policy.clone());
+        return Change {
+            kind: "policy add",
+            model: m,
+            namespace,
+            name,
+            want: Want::Policy(Some(policy)),
+        };
+    }
+    let (kind, namespace, name, workload) = match i % 5 {
         0 => edit(&mut m, "pod IP change", &|w| {
             w.ips = vec![IpAddr::V4(Ipv4Addr::from(
                 u32::from(Ipv4Addr::new(10, 200, 0, 2)) + i as u32,
@@ -420,7 +609,7 @@ fn make_change(i: usize, current: &MeshModel, last_added: &mut Option<(String, S
         model: m,
         namespace,
         name,
-        workload,
+        want: Want::Workload(workload),
     }
 }
 
@@ -534,6 +723,16 @@ async fn parent_main(args: &[String]) -> Result<()> {
             changes: 50,
         }
     };
+    if let Some(n) = flag("--pods") {
+        // Services, policies and namespaces in proportion (10 pods per
+        // Service, 100 per namespace).
+        let pods: usize = n.parse().context("--pods wants a number")?;
+        if pods < PODS_PER_NAMESPACE || !pods.is_multiple_of(PODS_PER_NAMESPACE) {
+            bail!("--pods wants a multiple of {PODS_PER_NAMESPACE}");
+        }
+        scale.pods = pods;
+        scale.services = pods / 10;
+    }
     if let Some(n) = flag("--changes") {
         scale.changes = n.parse().context("--changes wants a number")?;
     }
@@ -665,7 +864,7 @@ async fn parent_main(args: &[String]) -> Result<()> {
             id: i,
             namespace: change.namespace.clone(),
             name: change.name.clone(),
-            workload: change.workload.clone(),
+            want: change.want.clone(),
         })
         .await?;
         zt.recv("armed", REPLY_TIMEOUT).await?;

@@ -45,6 +45,10 @@ enum Cmd {
         /// of 3 of 10 s. Controller: 1,000 pods and 20 ztunnels.
         #[arg(long)]
         quick: bool,
+        /// Controller: the growth curve, a full run at each of 1,000,
+        /// 10,000 and 50,000 pods (100 ztunnels each; about 25 minutes).
+        #[arg(long, conflicts_with = "quick")]
+        curve: bool,
     },
     /// Fuzz the parsers that face hostile input (cargo fuzz on the nightly
     /// toolchain, libFuzzer): every target, or one, for `--time` seconds
@@ -116,8 +120,15 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Test { args } => setup().and_then(|_| test(&args)),
         Cmd::Demo => setup().and_then(|_| demo()),
-        Cmd::Bench { target, quick } => match target.as_deref() {
-            Some("controller") => bench_controller(quick),
+        Cmd::Bench {
+            target,
+            quick,
+            curve,
+        } => match target.as_deref() {
+            Some("controller") => bench_controller(quick, curve),
+            _ if curve => Err(anyhow::anyhow!(
+                "--curve is the controller bench's: `cargo xtask bench controller --curve`"
+            )),
             Some("l4") => setup().and_then(|_| bench(quick, true, false)),
             Some("waypoint") => setup().and_then(|_| bench(quick, false, true)),
             _ => setup().and_then(|_| bench(quick, true, true)),
@@ -502,11 +513,14 @@ fn bench(quick: bool, l4: bool, waypoint: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench_controller(quick: bool) -> Result<()> {
+fn bench_controller(quick: bool, curve: bool) -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "weft-controller", "--bench", "scale", "--"]);
     if quick {
         cmd.arg("--quick");
+    }
+    if curve {
+        cmd.arg("--curve");
     }
     run(&mut cmd)
 }
