@@ -225,6 +225,35 @@ async fn grpc_client_applies_full_snapshot_then_deltas_into_mesh_state() {
 }
 
 #[tokio::test]
+async fn a_full_snapshot_over_grpcs_default_4_mib_is_applied() {
+    let mut h = start().await;
+    let (mut inbound, tx, _) = within(h.conns.recv()).await.unwrap();
+    next_request(&mut inbound).await;
+    // 120,000 small pods: about 5.4 MB in one message.
+    let workloads: Vec<Workload> = (0..120_000u32)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 1)) + i);
+            workload(&format!("pod-{i:06}"), &ip.to_string())
+        })
+        .collect();
+    let u = update(
+        1,
+        true,
+        Resources {
+            workloads,
+            ..Default::default()
+        },
+        Removals::default(),
+        &h.bundle_pem,
+    );
+    let size = prost::Message::encoded_len(&u);
+    assert!(size > 4 << 20, "the update must exceed 4 MiB, is {size} B");
+    tx.send(Ok(u)).await.unwrap();
+    assert!(matches!(next_request(&mut inbound).await, Req::Ack(a) if a.version == 1));
+    assert_eq!(h.state.load().model.workloads.len(), 120_000);
+}
+
+#[tokio::test]
 async fn grpc_client_nacks_a_bad_update_and_keeps_serving_the_last_good_model() {
     let mut h = start().await;
     let (mut inbound, tx, _) = within(h.conns.recv()).await.unwrap();
