@@ -157,8 +157,13 @@ impl Default for Snapshot {
 }
 
 impl Snapshot {
-    /// Indexes a whole model (from a file, or a test).
+    /// Indexes a whole model (from a file, or a test). An empty trust
+    /// domain is the default one, as in a model read from YAML and in the
+    /// config cache.
     pub fn new(mut model: MeshModel, version: u64) -> Self {
+        if model.trust_domain.is_empty() {
+            model.trust_domain = weft_api::identity::DEFAULT_TRUST_DOMAIN.to_owned();
+        }
         let workloads = std::mem::take(&mut model.workloads)
             .into_iter()
             .map(|w| ((w.namespace.clone(), w.name.clone()), Arc::new(w)))
