@@ -10,7 +10,7 @@
 //! [`Changes`] names the ones an update touched, so a proxy can rebuild only
 //! what depends on those.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::identity::DEFAULT_TRUST_DOMAIN;
@@ -55,15 +55,24 @@ pub struct Changes {
     /// Waypoints or the trust domain changed (what a Service's waypoint
     /// identity is derived from).
     pub waypoints: bool,
-    /// Anything but workloads and services changed (namespaces, policies,
-    /// peer authentications, waypoints, routes, traffic policies, the
-    /// trust domain): [`ConfigCache::rest_model`] is different.
+    /// Namespaces whose AuthorizationPolicies or PeerAuthentications
+    /// changed: their [`ConfigCache::namespace_policies`] is different.
+    /// Both kinds apply within their own namespace only, so a policy change
+    /// costs a proxy that namespace's policies, not the cluster's.
+    pub policies: BTreeSet<String>,
+    /// Anything else changed (namespaces, waypoints, routes, traffic
+    /// policies, the trust domain): [`ConfigCache::global_model`] is
+    /// different.
     pub rest: bool,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        !self.full && self.workloads.is_empty() && self.services.is_empty() && !self.rest
+        !self.full
+            && self.workloads.is_empty()
+            && self.services.is_empty()
+            && self.policies.is_empty()
+            && !self.rest
     }
 }
 
@@ -191,18 +200,19 @@ impl ConfigCache {
             staged.namespaces,
         )
         .is_empty();
-        rest |= !apply_map(
+        let policies = apply_map(
             &mut self.policies,
             rm.map(|r| &r.policies[..]),
             staged.policies,
         )
-        .is_empty();
-        rest |= !apply_map(
+        .into_iter()
+        .chain(apply_map(
             &mut self.peer_authentications,
             rm.map(|r| &r.peer_authentications[..]),
             staged.peer_authentications,
-        )
-        .is_empty();
+        ))
+        .map(|(namespace, _)| namespace)
+        .collect();
         rest |= !apply_map(
             &mut self.http_routes,
             rm.map(|r| &r.http_routes[..]),
@@ -226,6 +236,7 @@ impl ConfigCache {
             workloads,
             services,
             waypoints: waypoints || trust_domain,
+            policies,
             rest,
         }
     }
@@ -297,25 +308,65 @@ impl ConfigCache {
     }
 
     /// Everything but the workloads and services, as a model whose
-    /// `workloads` and `services` are empty (its size does not grow with
-    /// the pods of the cluster).
+    /// `workloads` and `services` are empty.
     pub fn rest_model(&self) -> MeshModel {
         MeshModel {
-            trust_domain: if self.trust_domain.is_empty() {
-                DEFAULT_TRUST_DOMAIN.to_owned()
-            } else {
-                self.trust_domain.clone()
-            },
+            policies: self.policies.values().cloned().collect(),
+            peer_authentications: self.peer_authentications.values().cloned().collect(),
+            ..self.global_model()
+        }
+    }
+
+    fn effective_trust_domain(&self) -> String {
+        if self.trust_domain.is_empty() {
+            DEFAULT_TRUST_DOMAIN.to_owned()
+        } else {
+            self.trust_domain.clone()
+        }
+    }
+
+    /// What is not kept per namespace: everything but the workloads,
+    /// Services, AuthorizationPolicies and PeerAuthentications (empty in
+    /// it). Its size does not grow with the pods of the cluster.
+    pub fn global_model(&self) -> MeshModel {
+        MeshModel {
+            trust_domain: self.effective_trust_domain(),
             namespaces: self.namespaces.values().cloned().collect(),
             workloads: Vec::new(),
             services: Vec::new(),
-            policies: self.policies.values().cloned().collect(),
-            peer_authentications: self.peer_authentications.values().cloned().collect(),
+            policies: Vec::new(),
+            peer_authentications: Vec::new(),
             waypoints: self.waypoints.values().cloned().collect(),
             http_routes: self.http_routes.values().cloned().collect(),
             grpc_routes: self.grpc_routes.values().cloned().collect(),
             traffic_policies: self.traffic_policies.values().cloned().collect(),
         }
+    }
+
+    /// The AuthorizationPolicies and PeerAuthentications of `namespace`
+    /// (and the trust domain), as a model holding nothing else.
+    pub fn namespace_policies(&self, namespace: &str) -> MeshModel {
+        fn of<T: Clone>(map: &BTreeMap<Key, T>, namespace: &str) -> Vec<T> {
+            map.range((namespace.to_owned(), String::new())..)
+                .take_while(|((ns, _), _)| ns == namespace)
+                .map(|(_, v)| v.clone())
+                .collect()
+        }
+        MeshModel {
+            trust_domain: self.effective_trust_domain(),
+            policies: of(&self.policies, namespace),
+            peer_authentications: of(&self.peer_authentications, namespace),
+            ..MeshModel::default()
+        }
+    }
+
+    /// The namespaces with an AuthorizationPolicy or a PeerAuthentication.
+    pub fn policy_namespaces(&self) -> BTreeSet<&str> {
+        self.policies
+            .keys()
+            .chain(self.peer_authentications.keys())
+            .map(|(ns, _)| ns.as_str())
+            .collect()
     }
 }
 

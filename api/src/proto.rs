@@ -55,7 +55,13 @@ fn port16(kind: &str, ns: &str, name: &str, p: u32) -> Result<u16, ConversionErr
 
 /// The key a resource is upserted and removed by.
 pub trait Keyed {
-    fn key(&self) -> ResourceKey;
+    /// Namespace and name, borrowed (compare keys without allocating).
+    fn key_parts(&self) -> (&str, &str);
+
+    fn key(&self) -> ResourceKey {
+        let (namespace, name) = self.key_parts();
+        ResourceKey::new(namespace, name)
+    }
 }
 
 impl ResourceKey {
@@ -80,8 +86,8 @@ impl std::fmt::Display for ResourceKey {
 macro_rules! keyed {
     ($($t:ty),*) => {$(
         impl Keyed for $t {
-            fn key(&self) -> ResourceKey {
-                ResourceKey::new(&self.namespace, &self.name)
+            fn key_parts(&self) -> (&str, &str) {
+                (&self.namespace, &self.name)
             }
         }
     )*};
@@ -103,14 +109,14 @@ keyed!(
 );
 
 impl Keyed for Namespace {
-    fn key(&self) -> ResourceKey {
-        ResourceKey::new("", &self.name)
+    fn key_parts(&self) -> (&str, &str) {
+        ("", &self.name)
     }
 }
 
 impl Keyed for model::Namespace {
-    fn key(&self) -> ResourceKey {
-        ResourceKey::new("", &self.name)
+    fn key_parts(&self) -> (&str, &str) {
+        ("", &self.name)
     }
 }
 

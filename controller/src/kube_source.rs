@@ -25,8 +25,10 @@ use weft_api::MeshModel;
 
 use crate::model::{self, ClusterState, GatewayApiOutput, PolicyStatus};
 
-/// Changes arriving within this window are folded into one rebuild.
-pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// The least time between the starts of two rebuilds. A change after a
+/// quiet spell is built at once (no added latency); the changes of a burst
+/// (a rollout, a relist) are folded into at most one rebuild per interval.
+pub const MIN_REBUILD_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the controller looks again for the Gateway API CRD when it is
 /// not installed.
 pub const GATEWAY_CRD_RECHECK: Duration = Duration::from_secs(30);
@@ -133,6 +135,7 @@ pub async fn run(
         wait_ready(&stores).await?;
         tracing::info!(component = "kube_source", "initial lists done");
         loop {
+            let started = tokio::time::Instant::now();
             let built = model::build(&stores.snapshot(), &trust_domain);
             for p in &built.problems {
                 tracing::debug!(component = "kube_source", problem = %p, "cluster state problem");
@@ -142,8 +145,7 @@ pub async fn run(
                 return Ok(());
             }
             changed.notified().await;
-            // Fold a burst of events (a rollout, a relist) into one build.
-            tokio::time::sleep(DEBOUNCE).await;
+            tokio::time::sleep_until(started + MIN_REBUILD_INTERVAL).await;
         }
     };
     tokio::select! {

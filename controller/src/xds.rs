@@ -35,11 +35,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
+use imbl::OrdMap;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
+use weft_api::model::Workload;
 use weft_api::proto::mesh_config_server::{MeshConfig, MeshConfigServer};
 use weft_api::proto::subscribe_request::Request as Req;
 use weft_api::proto::{
@@ -235,6 +237,17 @@ impl ChangeSet {
     }
 }
 
+/// A resource map of one version. Persistent: a version shares every
+/// unchanged entry with the one before it, so making a version costs the
+/// changed resources, not the cluster.
+type Map<T> = OrdMap<Key, Arc<T>>;
+
+/// Pods per (node, namespace).
+type PodTally = OrdMap<(String, String), usize>;
+
+/// The namespaces with a pod on each node.
+type NodeNamespaces = OrdMap<String, Arc<BTreeSet<String>>>;
+
 /// One version of the model, converted to wire messages once and shared by
 /// every subscriber.
 struct Versioned {
@@ -242,102 +255,217 @@ struct Versioned {
     /// The keys changed since the version before this one (`None` for the
     /// first version).
     changes: Option<ChangeSet>,
+    /// Pods per (node, namespace), kept from the version before by the
+    /// changed workloads alone.
+    pods_per_node_namespace: PodTally,
     /// Namespaces with a workload on each node (the policies a node gets);
-    /// shared with the previous version while unchanged, since the
-    /// history holds many versions.
-    node_namespaces: Arc<BTreeMap<String, BTreeSet<String>>>,
+    /// a node's set is shared with the previous version while unchanged.
+    node_namespaces: NodeNamespaces,
     /// When this version was made (push latency starts here).
     created: Instant,
     trust_domain: String,
-    namespaces: BTreeMap<Key, Arc<proto::Namespace>>,
-    workloads: BTreeMap<Key, Arc<proto::Workload>>,
-    services: BTreeMap<Key, Arc<proto::Service>>,
-    policies: BTreeMap<Key, Arc<proto::AuthorizationPolicy>>,
-    peer_authentications: BTreeMap<Key, Arc<proto::PeerAuthentication>>,
-    waypoints: BTreeMap<Key, Arc<proto::L7Resource>>,
-    http_routes: BTreeMap<Key, Arc<proto::L7Resource>>,
-    grpc_routes: BTreeMap<Key, Arc<proto::L7Resource>>,
-    traffic_policies: BTreeMap<Key, Arc<proto::L7Resource>>,
+    namespaces: Map<proto::Namespace>,
+    workloads: Map<proto::Workload>,
+    services: Map<proto::Service>,
+    policies: Map<proto::AuthorizationPolicy>,
+    peer_authentications: Map<proto::PeerAuthentication>,
+    waypoints: Map<proto::L7Resource>,
+    http_routes: Map<proto::L7Resource>,
+    grpc_routes: Map<proto::L7Resource>,
+    traffic_policies: Map<proto::L7Resource>,
     trust_bundle_pem: Vec<String>,
 }
 
-/// The wire messages of `items` by key, reusing the previous version's
-/// message where unchanged; the keys that changed go into `changed`.
-fn index<'a, M: 'a + Keyed, P: for<'b> From<&'b M> + PartialEq>(
-    items: impl IntoIterator<Item = &'a M>,
-    previous: Option<&BTreeMap<Key, Arc<P>>>,
-    changed: &mut BTreeSet<Key>,
-) -> BTreeMap<Key, Arc<P>> {
-    let map: BTreeMap<Key, Arc<P>> = items
-        .into_iter()
-        .map(|m| {
-            let k = m.key();
-            let key = (k.namespace, k.name);
-            let msg = P::from(m);
-            // Reuse the previous Arc when unchanged so diffs hit ptr_eq.
-            let arc = match previous.and_then(|p| p.get(&key)) {
-                Some(old) if **old == msg => old.clone(),
-                _ => {
-                    changed.insert(key.clone());
-                    Arc::new(msg)
+fn owned_key(m: &impl Keyed) -> Key {
+    let (namespace, name) = m.key_parts();
+    (namespace.to_owned(), name.to_owned())
+}
+
+/// `items` in key order, the last of equal keys kept (as a map built from
+/// them would). The builder's models are sorted already: then this only
+/// checks.
+fn in_key_order<M: Keyed>(items: &[M]) -> Vec<&M> {
+    let mut v: Vec<&M> = items.iter().collect();
+    if !v.windows(2).all(|w| w[0].key_parts() < w[1].key_parts()) {
+        v.sort_by(|a, b| a.key_parts().cmp(&b.key_parts()));
+        v.reverse();
+        v.dedup_by(|a, b| a.key_parts() == b.key_parts());
+        v.reverse();
+    }
+    v
+}
+
+/// How `items` differ from `previous`, by key: `(old, new)` for each item
+/// added (`old` None), removed (`new` None) or changed. Model items are
+/// compared before anything is converted, so an unchanged resource costs
+/// one comparison.
+fn changed_items<'a, M: Keyed + PartialEq>(
+    previous: &'a [M],
+    items: &'a [M],
+) -> Vec<(Option<&'a M>, Option<&'a M>)> {
+    let (old, new) = (in_key_order(previous), in_key_order(items));
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    loop {
+        match (old.get(i).copied(), new.get(j).copied()) {
+            (None, None) => return out,
+            (Some(o), Some(n)) if o.key_parts() == n.key_parts() => {
+                if o != n {
+                    out.push((Some(o), Some(n)));
                 }
-            };
-            (key, arc)
-        })
-        .collect();
-    if let Some(p) = previous {
-        changed.extend(p.keys().filter(|k| !map.contains_key(*k)).cloned());
+                i += 1;
+                j += 1;
+            }
+            (Some(o), n) if n.is_none_or(|n| o.key_parts() < n.key_parts()) => {
+                out.push((Some(o), None));
+                i += 1;
+            }
+            (_, n) => {
+                out.push((None, n));
+                j += 1;
+            }
+        }
+    }
+}
+
+/// The wire messages of `items` by key: all converted for a first version;
+/// otherwise the previous version's map with only the items that changed
+/// since `previous` converted again. The keys whose message changed go
+/// into `changed`.
+fn index<M: Keyed + PartialEq, P: for<'b> From<&'b M> + PartialEq>(
+    items: &[M],
+    previous: Option<(&[M], &Map<P>)>,
+    changed: &mut BTreeSet<Key>,
+) -> Map<P> {
+    let Some((previous, old_map)) = previous else {
+        return in_key_order(items)
+            .into_iter()
+            .map(|m| (owned_key(m), Arc::new(P::from(m))))
+            .collect();
+    };
+    let mut map = old_map.clone();
+    for (old, new) in changed_items(previous, items) {
+        match new {
+            Some(n) => {
+                let key = owned_key(n);
+                let msg = P::from(n);
+                // A model change the wire message does not carry is no
+                // change to send.
+                if map.get(&key).is_none_or(|o| **o != msg) {
+                    map.insert(key.clone(), Arc::new(msg));
+                    changed.insert(key);
+                }
+            }
+            None => {
+                let key = old.map(owned_key).unwrap_or_default();
+                if map.remove(&key).is_some() {
+                    changed.insert(key);
+                }
+            }
+        }
     }
     map
 }
 
+/// The pods-per-(node, namespace) tally and each node's namespaces after
+/// the workload changes `diff`, starting from `previous` (both empty for a
+/// first version).
+fn tally_nodes(
+    previous: Option<&Versioned>,
+    diff: &[(Option<&Workload>, Option<&Workload>)],
+) -> (PodTally, NodeNamespaces) {
+    let mut counts = previous
+        .map(|p| p.pods_per_node_namespace.clone())
+        .unwrap_or_default();
+    let mut nodes = previous
+        .map(|p| p.node_namespaces.clone())
+        .unwrap_or_default();
+    // Nodes whose set of namespaces moved (a count went to or from zero).
+    let mut moved: BTreeSet<&str> = BTreeSet::new();
+    for (old, new) in diff {
+        if let Some(o) = old {
+            let key = (o.node.clone(), o.namespace.clone());
+            match counts.get(&key).copied() {
+                Some(n) if n > 1 => {
+                    counts.insert(key, n - 1);
+                }
+                _ => {
+                    counts.remove(&key);
+                    moved.insert(&o.node);
+                }
+            }
+        }
+        if let Some(n) = new {
+            let key = (n.node.clone(), n.namespace.clone());
+            let count = counts.get(&key).copied().unwrap_or(0);
+            if count == 0 {
+                moved.insert(&n.node);
+            }
+            counts.insert(key, count + 1);
+        }
+    }
+    for node in moved {
+        let from = (node.to_owned(), String::new());
+        let set: BTreeSet<String> = counts
+            .range(from..)
+            .take_while(|((n, _), _)| n == node)
+            .map(|((_, ns), _)| ns.clone())
+            .collect();
+        if set.is_empty() {
+            nodes.remove(node);
+        } else if nodes.get(node).is_none_or(|s| **s != set) {
+            nodes.insert(node.to_owned(), Arc::new(set));
+        }
+    }
+    (counts, nodes)
+}
+
 impl Versioned {
+    /// Version `version` of `model`; with `previous` (the version before
+    /// and the model it was made from), made from it and the items that
+    /// changed.
     fn new(
         version: u64,
         model: &MeshModel,
         bundle: &TrustBundle,
-        previous: Option<&Versioned>,
+        previous: Option<(&Versioned, &MeshModel)>,
     ) -> Self {
         let mut c = ChangeSet::default();
         let [c_ns, c_wl, c_svc, c_pol, c_pa, c_wp, c_http, c_grpc, c_tp] = &mut c.kinds;
-        let mut node_namespaces: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for w in &model.workloads {
-            if !node_namespaces
-                .get(&w.node)
-                .is_some_and(|n| n.contains(&w.namespace))
-            {
-                node_namespaces
-                    .entry(w.node.clone())
-                    .or_default()
-                    .insert(w.namespace.clone());
-            }
+        let (p, pm) = (previous.map(|p| p.0), previous.map(|p| p.1));
+        let workload_diff = match pm {
+            Some(pm) => changed_items(&pm.workloads, &model.workloads),
+            None => in_key_order(&model.workloads)
+                .into_iter()
+                .map(|w| (None, Some(w)))
+                .collect(),
+        };
+        let (pods_per_node_namespace, node_namespaces) = tally_nodes(p, &workload_diff);
+        macro_rules! index {
+            ($field:ident, $changed:expr) => {
+                index(
+                    &model.$field,
+                    previous.map(|(p, pm)| (&pm.$field[..], &p.$field)),
+                    $changed,
+                )
+            };
         }
         Self {
             version,
             created: Instant::now(),
             trust_domain: model.trust_domain.clone(),
-            namespaces: index(&model.namespaces, previous.map(|p| &p.namespaces), c_ns),
-            workloads: index(&model.workloads, previous.map(|p| &p.workloads), c_wl),
-            services: index(&model.services, previous.map(|p| &p.services), c_svc),
-            policies: index(&model.policies, previous.map(|p| &p.policies), c_pol),
-            peer_authentications: index(
-                &model.peer_authentications,
-                previous.map(|p| &p.peer_authentications),
-                c_pa,
-            ),
-            waypoints: index(&model.waypoints, previous.map(|p| &p.waypoints), c_wp),
-            http_routes: index(&model.http_routes, previous.map(|p| &p.http_routes), c_http),
-            grpc_routes: index(&model.grpc_routes, previous.map(|p| &p.grpc_routes), c_grpc),
-            traffic_policies: index(
-                &model.traffic_policies,
-                previous.map(|p| &p.traffic_policies),
-                c_tp,
-            ),
+            namespaces: index!(namespaces, c_ns),
+            workloads: index!(workloads, c_wl),
+            services: index!(services, c_svc),
+            policies: index!(policies, c_pol),
+            peer_authentications: index!(peer_authentications, c_pa),
+            waypoints: index!(waypoints, c_wp),
+            http_routes: index!(http_routes, c_http),
+            grpc_routes: index!(grpc_routes, c_grpc),
+            traffic_policies: index!(traffic_policies, c_tp),
             changes: previous.map(|_| c),
-            node_namespaces: match previous {
-                Some(p) if *p.node_namespaces == node_namespaces => p.node_namespaces.clone(),
-                _ => Arc::new(node_namespaces),
-            },
+            pods_per_node_namespace,
+            node_namespaces,
             trust_bundle_pem: bundle
                 .roots
                 .iter()
@@ -357,7 +485,7 @@ impl Versioned {
 struct NodeView {
     base: Arc<Versioned>,
     /// Namespaces with a workload on the node: their policies are included.
-    policy_namespaces: BTreeSet<String>,
+    policy_namespaces: Arc<BTreeSet<String>>,
     /// A waypoint: gets routes, traffic policies and every policy.
     waypoint: bool,
 }
@@ -381,7 +509,7 @@ impl NodeView {
 }
 
 /// One side of a diff: a resource map and which keys the node wants.
-type Side<'a, T> = (&'a BTreeMap<Key, Arc<T>>, &'a dyn Fn(&Key) -> bool);
+type Side<'a, T> = (&'a Map<T>, &'a dyn Fn(&Key) -> bool);
 
 /// Upserts and removals taking `old` to `new`. With `only`, just those keys
 /// are looked at (the ones changed between the two versions); without it,
@@ -442,7 +570,10 @@ fn update_between(
     changes: Option<&ChangeSet>,
 ) -> ConfigUpdate {
     let all = |_: &Key| true;
-    let same_policy_view = old.is_some_and(|o| o.policy_namespaces == new.policy_namespaces);
+    let same_policy_view = old.is_some_and(|o| {
+        Arc::ptr_eq(&o.policy_namespaces, &new.policy_namespaces)
+            || o.policy_namespaces == new.policy_namespaces
+    });
     let only = |kind: usize| changes.map(|c| &c.kinds[kind]);
     let only_policies = |kind: usize| only(kind).filter(|_| same_policy_view);
     let mut up = Resources::default();
@@ -620,7 +751,8 @@ impl XdsServer {
         } else {
             options.history
         };
-        let first = Arc::new(Versioned::new(1, &models.borrow(), &trust.borrow(), None));
+        let first_model = models.borrow().clone();
+        let first = Arc::new(Versioned::new(1, &first_model, &trust.borrow(), None));
         let (tx, current) = watch::channel(first.clone());
         let counters = Arc::new(XdsCounters::default());
         counters.latest_version.store(1, Ordering::Relaxed);
@@ -632,7 +764,13 @@ impl XdsServer {
             counters,
             authenticator: options.authenticator,
         });
-        tokio::spawn(version_changes(models, trust, tx, shared.clone()));
+        tokio::spawn(version_changes(
+            models,
+            first_model,
+            trust,
+            tx,
+            shared.clone(),
+        ));
         Self { shared }
     }
 
@@ -655,8 +793,12 @@ impl XdsServer {
     }
 }
 
+/// Makes a version per model or bundle change, each from the one before
+/// and the model it was made from (`last_model`, held here only: the
+/// history keeps the versions, not the models).
 async fn version_changes(
     mut models: watch::Receiver<Arc<MeshModel>>,
+    mut last_model: Arc<MeshModel>,
     mut trust: watch::Receiver<TrustBundle>,
     tx: watch::Sender<Arc<Versioned>>,
     shared: Arc<Shared>,
@@ -668,12 +810,17 @@ async fn version_changes(
             r = trust.changed(), if trust_open => if r.is_err() { trust_open = false; continue },
         }
         let prev = tx.borrow().clone();
+        // Clones of the Arcs: the watches' locks are not held while the
+        // version is made.
+        let model = models.borrow_and_update().clone();
+        let bundle = trust.borrow_and_update().clone();
         let next = Arc::new(Versioned::new(
             prev.version + 1,
-            &models.borrow_and_update(),
-            &trust.borrow_and_update(),
-            Some(&prev),
+            &model,
+            &bundle,
+            Some((&prev, &last_model)),
         ));
+        last_model = model;
         {
             let mut h = shared.history.lock().unwrap_or_else(|p| p.into_inner());
             h.push_back(next.clone());
@@ -1055,8 +1202,23 @@ mod tests {
     fn deltas_from_changed_keys_equal_whole_diffs() {
         let bundle = TrustBundle { roots: Vec::new() };
         let mut versions: Vec<Arc<Versioned>> = Vec::new();
-        for (i, m) in models().iter().enumerate() {
-            let v = Versioned::new(i as u64 + 1, m, &bundle, versions.last().map(|v| &**v));
+        let models = models();
+        for (i, m) in models.iter().enumerate() {
+            let previous = versions.last().map(|v| (&**v, &models[i - 1]));
+            let v = Versioned::new(i as u64 + 1, m, &bundle, previous);
+            // Made from the one before, it holds what one made from the
+            // model alone holds.
+            let whole = Versioned::new(i as u64 + 1, m, &bundle, None);
+            assert!(
+                v.namespaces == whole.namespaces
+                    && v.workloads == whole.workloads
+                    && v.services == whole.services
+                    && v.policies == whole.policies
+                    && v.pods_per_node_namespace == whole.pods_per_node_namespace
+                    && v.node_namespaces == whole.node_namespaces,
+                "version {} made from the one before differs from one made whole",
+                i + 1
+            );
             versions.push(Arc::new(v));
         }
         let mut checked = 0;

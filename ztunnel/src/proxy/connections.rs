@@ -70,7 +70,7 @@ pub fn check(
         return Err(Refusal::Policy(Some("unknown-destination".into())));
     };
     weft_api::authorize::inbound(
-        &snap.model,
+        snap.policy_model(&dst.workload.namespace),
         dst.workload,
         snap.required_waypoints(dst.workload),
         src_ip,

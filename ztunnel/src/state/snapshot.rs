@@ -4,9 +4,12 @@
 //! persistent maps: a new version shares everything it did not change with
 //! the one before, so a pod change costs that pod's entries and the
 //! endpoint lists of its namespace (Services select within their own
-//! namespace), not a copy of the model. The rest (namespaces, policies,
-//! peer authentications, waypoints) is a small model shared by `Arc` until
-//! one of those changes.
+//! namespace), not a copy of the model. AuthorizationPolicies and
+//! PeerAuthentications apply within their own namespace, so they are kept
+//! as one small model per namespace: a policy change rebuilds that
+//! namespace's, and a connection's check reads only its destination's
+//! namespace. The rest (namespaces, waypoints, routes) is a small model
+//! shared by `Arc` until one of those changes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -21,9 +24,13 @@ use weft_api::{Identity, MeshModel};
 
 pub struct Snapshot {
     pub version: u64,
-    /// Everything but the workloads and services (empty in it): read
-    /// those through the methods below.
+    /// Everything but the workloads, Services, AuthorizationPolicies and
+    /// PeerAuthentications (empty in it): read those through the methods
+    /// below.
     pub model: Arc<MeshModel>,
+    /// Each namespace's AuthorizationPolicies and PeerAuthentications, as
+    /// a model holding only those (namespaces without any are absent).
+    policies: imbl::HashMap<String, Arc<MeshModel>>,
     workloads: OrdMap<Key, Arc<Workload>>,
     services: OrdMap<Key, Arc<Service>>,
     /// The workloads with each address (one, but for a misconfiguration:
@@ -156,6 +163,23 @@ impl Default for Snapshot {
     }
 }
 
+/// The policy model of `namespace` in `by_ns`, made empty if absent.
+fn namespace_model<'a>(
+    by_ns: &'a mut HashMap<String, MeshModel>,
+    namespace: &str,
+    trust_domain: &str,
+) -> &'a mut MeshModel {
+    by_ns
+        .entry(namespace.to_owned())
+        .or_insert_with(|| MeshModel {
+            trust_domain: trust_domain.to_owned(),
+            ..MeshModel::default()
+        })
+}
+
+/// The model of a namespace without policies.
+static NO_POLICIES: std::sync::LazyLock<MeshModel> = std::sync::LazyLock::new(MeshModel::default);
+
 impl Snapshot {
     /// Indexes a whole model (from a file, or a test). An empty trust
     /// domain is the default one, as in a model read from YAML and in the
@@ -172,7 +196,19 @@ impl Snapshot {
             .into_iter()
             .map(|s| ((s.namespace.clone(), s.name.clone()), Arc::new(s)))
             .collect();
-        Self::build(Arc::new(model), workloads, services, version, 0)
+        let mut by_ns: HashMap<String, MeshModel> = HashMap::new();
+        for p in std::mem::take(&mut model.policies) {
+            namespace_model(&mut by_ns, &p.namespace, &model.trust_domain)
+                .policies
+                .push(p);
+        }
+        for p in std::mem::take(&mut model.peer_authentications) {
+            namespace_model(&mut by_ns, &p.namespace, &model.trust_domain)
+                .peer_authentications
+                .push(p);
+        }
+        let policies = by_ns.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        Self::build(Arc::new(model), policies, workloads, services, version, 0)
     }
 
     /// Indexes the whole of `cache`, sharing its workloads and services.
@@ -187,8 +223,14 @@ impl Snapshot {
             .iter()
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
+        let policies = cache
+            .policy_namespaces()
+            .into_iter()
+            .map(|ns| (ns.to_owned(), Arc::new(cache.namespace_policies(ns))))
+            .collect();
         Self::build(
-            Arc::new(cache.rest_model()),
+            Arc::new(cache.global_model()),
+            policies,
             workloads,
             services,
             version,
@@ -198,6 +240,7 @@ impl Snapshot {
 
     fn build(
         model: Arc<MeshModel>,
+        policies: imbl::HashMap<String, Arc<MeshModel>>,
         workloads: OrdMap<Key, Arc<Workload>>,
         services: OrdMap<Key, Arc<Service>>,
         version: u64,
@@ -226,6 +269,7 @@ impl Snapshot {
         Self {
             version,
             model,
+            policies,
             workloads,
             services,
             workload_by_ip,
@@ -248,10 +292,19 @@ impl Snapshot {
             return s;
         }
         let model = if changes.rest {
-            Arc::new(cache.rest_model())
+            Arc::new(cache.global_model())
         } else {
             self.model.clone()
         };
+        let mut policies = self.policies.clone();
+        for ns in &changes.policies {
+            let m = cache.namespace_policies(ns);
+            if m.policies.is_empty() && m.peer_authentications.is_empty() {
+                policies.remove(ns);
+            } else {
+                policies.insert(ns.clone(), Arc::new(m));
+            }
+        }
         let mut workloads = self.workloads.clone();
         let mut workload_by_ip = self.workload_by_ip.clone();
         let mut dirty: BTreeSet<&str> = BTreeSet::new();
@@ -278,7 +331,7 @@ impl Snapshot {
             dirty.insert(&k.0);
         }
         if changes.waypoints {
-            return Self::build(model, workloads, services, version, round_robin);
+            return Self::build(model, policies, workloads, services, version, round_robin);
         }
         let mut namespaces = self.namespaces.clone();
         for ns in dirty {
@@ -292,6 +345,7 @@ impl Snapshot {
         Self {
             version,
             model,
+            policies,
             workloads,
             services,
             workload_by_ip,
@@ -303,11 +357,31 @@ impl Snapshot {
 
     /// The whole model (a copy: for dumps, not for the data path).
     pub fn to_model(&self) -> MeshModel {
+        let mut namespaces: Vec<_> = self.policies.iter().collect();
+        namespaces.sort_by(|a, b| a.0.cmp(b.0));
         MeshModel {
             workloads: self.workloads.values().map(|w| (**w).clone()).collect(),
             services: self.services.values().map(|s| (**s).clone()).collect(),
+            policies: namespaces
+                .iter()
+                .flat_map(|(_, m)| m.policies.iter().cloned())
+                .collect(),
+            peer_authentications: namespaces
+                .iter()
+                .flat_map(|(_, m)| m.peer_authentications.iter().cloned())
+                .collect(),
             ..(*self.model).clone()
         }
+    }
+
+    /// The AuthorizationPolicies and PeerAuthentications of `namespace`,
+    /// as a model holding only those: what `weft_api::authorize` decides
+    /// a connection to a pod of that namespace from.
+    pub fn policy_model(&self, namespace: &str) -> &MeshModel {
+        self.policies
+            .get(namespace)
+            .map(|m| &**m)
+            .unwrap_or(&NO_POLICIES)
     }
 
     pub fn workload_count(&self) -> usize {
@@ -482,7 +556,7 @@ impl Snapshot {
         &'a self,
         w: &'a Workload,
     ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
-        weft_api::authorize::l4_policies(&self.model, w)
+        weft_api::authorize::l4_policies(self.policy_model(&w.namespace), w)
     }
 
     /// One line per index entry in a stable order (what each address
@@ -516,6 +590,21 @@ impl Snapshot {
                 s.namespace,
                 s.name,
                 names(self.endpoints(s))
+            ));
+        }
+        let mut policies: Vec<_> = self.policies.iter().collect();
+        policies.sort_by(|a, b| a.0.cmp(b.0));
+        for (ns, m) in policies {
+            let names = |keys: Vec<&str>| keys.join(",");
+            out.push(format!(
+                "policies {ns}: [{}] peer authentications: [{}]",
+                names(m.policies.iter().map(|p| p.name.as_str()).collect()),
+                names(
+                    m.peer_authentications
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect()
+                )
             ));
         }
         let mut namespaces: Vec<_> = self.namespaces.iter().collect();
@@ -842,12 +931,57 @@ workloads:
         );
         assert!(!s.workload("shop", "web-4").unwrap().captured);
         assert!(s.service_by_vip("10.96.1.1".parse().unwrap()).is_none());
+        // Policies of two namespaces arrive; only shop's then go.
+        let s = step(
+            &mut cache,
+            &s,
+            update(
+                6,
+                false,
+                proto_of(
+                    r#"
+policies:
+  - { name: deny-job, namespace: ops, action: DENY, rules: [{ from: [{ ip_blocks: [192.0.2.1/32] }] }] }
+  - { name: allow-web, namespace: shop, selector: { app: web }, rules: [{ from: [{ namespaces: [shop] }] }] }
+peer_authentications:
+  - { name: strict, namespace: shop, mode: STRICT }
+"#,
+                ),
+                Removals::default(),
+            ),
+        );
+        let web = s.workload("shop", "web-4").unwrap().workload;
+        assert_eq!(s.policies_for(web).count(), 1);
+        assert_eq!(
+            s.policy_model("shop").mtls_mode(web),
+            weft_api::model::MtlsMode::Strict
+        );
+        let s = step(
+            &mut cache,
+            &s,
+            update(
+                7,
+                false,
+                Resources::default(),
+                Removals {
+                    policies: vec![ResourceKey::new("shop", "allow-web")],
+                    peer_authentications: vec![ResourceKey::new("shop", "strict")],
+                    ..Default::default()
+                },
+            ),
+        );
+        assert_eq!(
+            s.policies_for(s.workload("shop", "web-4").unwrap().workload)
+                .count(),
+            0
+        );
+        assert_eq!(s.policy_model("ops").policies.len(), 1);
         // A full snapshot back to the start.
         let s = step(
             &mut cache,
             &s,
-            update(6, true, Resources::from(&m), Removals::default()),
+            update(8, true, Resources::from(&m), Removals::default()),
         );
-        assert_eq!(s.indexes(), Snapshot::new(m, 6).indexes());
+        assert_eq!(s.indexes(), Snapshot::new(m, 8).indexes());
     }
 }
