@@ -11,7 +11,7 @@
 //! namespace. The rest (namespaces, waypoints, routes) is a small model
 //! shared by `Arc` until one of those changes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -129,6 +129,32 @@ fn unindex_addrs(map: &mut imbl::HashMap<IpAddr, Vec<Key>>, addrs: &[IpAddr], ke
     }
 }
 
+/// Resources of one kind by key, and the keys under each of their
+/// addresses.
+type Indexed<T> = (OrdMap<Key, Arc<T>>, imbl::HashMap<IpAddr, Vec<Key>>);
+
+/// `map` and its address index `by_addr` with each of `keys` as it is now
+/// in `source` (absent there: removed).
+fn patch<T>(
+    map: &OrdMap<Key, Arc<T>>,
+    by_addr: &imbl::HashMap<IpAddr, Vec<Key>>,
+    keys: &[Key],
+    source: &BTreeMap<Key, Arc<T>>,
+    addrs: impl Fn(&T) -> &[IpAddr],
+) -> Indexed<T> {
+    let (mut map, mut by_addr) = (map.clone(), by_addr.clone());
+    for k in keys {
+        if let Some(old) = map.remove(k) {
+            unindex_addrs(&mut by_addr, addrs(&old), k);
+        }
+        if let Some(new) = source.get(k) {
+            index_addrs(&mut by_addr, addrs(new), k);
+            map.insert(k.clone(), new.clone());
+        }
+    }
+    (map, by_addr)
+}
+
 /// A workload plus what the data plane derives from it.
 #[derive(Clone, Copy)]
 pub struct WorkloadRef<'a> {
@@ -238,6 +264,8 @@ impl Snapshot {
         )
     }
 
+    /// Indexes `workloads` and `services` whole: their addresses and every
+    /// namespace's index.
     fn build(
         model: Arc<MeshModel>,
         policies: imbl::HashMap<String, Arc<MeshModel>>,
@@ -254,18 +282,6 @@ impl Snapshot {
         for (k, s) in &services {
             index_addrs(&mut service_by_vip, &s.vips, k);
         }
-        let names: BTreeSet<&String> = workloads
-            .keys()
-            .chain(services.keys())
-            .map(|k| &k.0)
-            .collect();
-        let mut namespaces = imbl::HashMap::new();
-        for ns in names {
-            let idx = NamespaceIndex::build(ns, &workloads, &services, &model);
-            if !idx.is_empty() {
-                namespaces.insert(ns.clone(), Arc::new(idx));
-            }
-        }
         Self {
             version,
             model,
@@ -274,16 +290,42 @@ impl Snapshot {
             services,
             workload_by_ip,
             service_by_vip,
-            namespaces,
+            namespaces: imbl::HashMap::new(),
             round_robin: AtomicUsize::new(round_robin),
         }
+        .with_namespace_indexes(None)
+    }
+
+    /// This version with the index of each of `only`'s namespaces built
+    /// again from its workloads and Services (every namespace: `None`).
+    fn with_namespace_indexes(mut self, only: Option<BTreeSet<&str>>) -> Self {
+        let names: BTreeSet<&str> = match only {
+            Some(names) => names,
+            None => {
+                self.namespaces = imbl::HashMap::new();
+                self.workloads
+                    .keys()
+                    .chain(self.services.keys())
+                    .map(|k| k.0.as_str())
+                    .collect()
+            }
+        };
+        for ns in names {
+            let idx = NamespaceIndex::build(ns, &self.workloads, &self.services, &self.model);
+            if idx.is_empty() {
+                self.namespaces.remove(ns);
+            } else {
+                self.namespaces.insert(ns.to_owned(), Arc::new(idx));
+            }
+        }
+        self
     }
 
     /// The next version: this one with `changes` applied from `cache`.
     /// Costs what the changes touch (their entries, and the index of each
     /// namespace they are in); a full snapshot, or a change to waypoints
     /// or the trust domain (which every namespace's waypoint requirements
-    /// read), rebuilds the indexes whole.
+    /// read), rebuilds the namespace indexes whole.
     pub fn update(&self, cache: &ConfigCache, changes: &Changes, version: u64) -> Self {
         let round_robin = self.round_robin.load(Ordering::Relaxed);
         if changes.full {
@@ -305,43 +347,26 @@ impl Snapshot {
                 policies.insert(ns.clone(), Arc::new(m));
             }
         }
-        let mut workloads = self.workloads.clone();
-        let mut workload_by_ip = self.workload_by_ip.clone();
-        let mut dirty: BTreeSet<&str> = BTreeSet::new();
-        for k in &changes.workloads {
-            if let Some(old) = workloads.remove(k) {
-                unindex_addrs(&mut workload_by_ip, &old.ips, k);
-            }
-            if let Some(new) = cache.workloads().get(k) {
-                index_addrs(&mut workload_by_ip, &new.ips, k);
-                workloads.insert(k.clone(), new.clone());
-            }
-            dirty.insert(&k.0);
-        }
-        let mut services = self.services.clone();
-        let mut service_by_vip = self.service_by_vip.clone();
-        for k in &changes.services {
-            if let Some(old) = services.remove(k) {
-                unindex_addrs(&mut service_by_vip, &old.vips, k);
-            }
-            if let Some(new) = cache.services().get(k) {
-                index_addrs(&mut service_by_vip, &new.vips, k);
-                services.insert(k.clone(), new.clone());
-            }
-            dirty.insert(&k.0);
-        }
-        if changes.waypoints {
-            return Self::build(model, policies, workloads, services, version, round_robin);
-        }
-        let mut namespaces = self.namespaces.clone();
-        for ns in dirty {
-            let idx = NamespaceIndex::build(ns, &workloads, &services, &model);
-            if idx.is_empty() {
-                namespaces.remove(ns);
-            } else {
-                namespaces.insert(ns.to_owned(), Arc::new(idx));
-            }
-        }
+        let (workloads, workload_by_ip) = patch(
+            &self.workloads,
+            &self.workload_by_ip,
+            &changes.workloads,
+            cache.workloads(),
+            |w| &w.ips,
+        );
+        let (services, service_by_vip) = patch(
+            &self.services,
+            &self.service_by_vip,
+            &changes.services,
+            cache.services(),
+            |s| &s.vips,
+        );
+        let dirty = changes
+            .workloads
+            .iter()
+            .chain(&changes.services)
+            .map(|k| k.0.as_str())
+            .collect();
         Self {
             version,
             model,
@@ -350,9 +375,10 @@ impl Snapshot {
             services,
             workload_by_ip,
             service_by_vip,
-            namespaces,
+            namespaces: self.namespaces.clone(),
             round_robin: AtomicUsize::new(round_robin),
         }
+        .with_namespace_indexes((!changes.waypoints).then_some(dirty))
     }
 
     /// The whole model (a copy: for dumps, not for the data path).
