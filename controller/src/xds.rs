@@ -32,13 +32,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
 use imbl::OrdMap;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 use weft_api::model::Workload;
@@ -54,6 +54,17 @@ use crate::ca::auth::{authenticate, Authenticator};
 
 /// How many past versions are remembered for resuming clients.
 pub const DEFAULT_HISTORY: usize = 64;
+
+/// How many full snapshots may await their client's answer at once. A full
+/// snapshot costs the controller about three times its encoded size (about
+/// 1 MB per 10,000 pods) until the client has read it; when every ztunnel
+/// of a large cluster reconnects at once (a controller restart), the
+/// others wait their turn instead of holding one each.
+pub const FULL_SNAPSHOTS_IN_FLIGHT: usize = 8;
+
+/// How long a full snapshot keeps its turn without an answer: a client
+/// that never answers holds up the others only this long.
+pub const FULL_SNAPSHOT_TURN: Duration = Duration::from_secs(10);
 
 /// Counters for metrics and benchmarks; cheap to read at any time.
 #[derive(Debug)]
@@ -678,6 +689,8 @@ struct Shared {
     current: watch::Receiver<Arc<Versioned>>,
     counters: Arc<XdsCounters>,
     authenticator: Option<Arc<dyn Authenticator>>,
+    /// Turns for full snapshots ([`FULL_SNAPSHOTS_IN_FLIGHT`]).
+    full_snapshots: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -763,6 +776,7 @@ impl XdsServer {
             current,
             counters,
             authenticator: options.authenticator,
+            full_snapshots: Arc::new(Semaphore::new(FULL_SNAPSHOTS_IN_FLIGHT)),
         });
         tokio::spawn(version_changes(
             models,
@@ -820,7 +834,9 @@ async fn version_changes(
             &bundle,
             Some((&prev, &last_model)),
         ));
-        last_model = model;
+        // Dropped once the version is out: freeing a large model takes a
+        // while, and no subscriber should wait for it.
+        let replaced = std::mem::replace(&mut last_model, model);
         {
             let mut h = shared.history.lock().unwrap_or_else(|p| p.into_inner());
             h.push_back(next.clone());
@@ -838,6 +854,7 @@ async fn version_changes(
             .latest_version
             .store(next.version, Ordering::Relaxed);
         tx.send_replace(next);
+        drop(replaced);
     }
 }
 
@@ -907,12 +924,21 @@ impl MeshConfig for XdsServer {
             in_flight: None,
             considered: 0,
             tx,
+            full_turn: None,
         };
         tokio::spawn(sub.run(hello.resume, inbound));
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Sleeps until `at` (forever without one).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -936,6 +962,9 @@ struct Subscriber {
     /// Newest version already turned into an update (or found empty).
     considered: u64,
     tx: mpsc::Sender<Result<ConfigUpdate, Status>>,
+    /// This stream's turn for a full snapshot, held until the client
+    /// answers it or [`FULL_SNAPSHOT_TURN`] passes.
+    full_turn: Option<(OwnedSemaphorePermit, tokio::time::Instant)>,
 }
 
 /// Client went away.
@@ -964,7 +993,13 @@ impl Subscriber {
         }
         let mut models_open = true;
         loop {
+            let turn_ends = self.full_turn.as_ref().map(|(_, ends)| *ends);
             tokio::select! {
+                _ = sleep_until_some(turn_ends), if turn_ends.is_some() => {
+                    warn!(component = "xds", node = %self.node, "no answer to the full snapshot within {FULL_SNAPSHOT_TURN:?}; giving its turn to the next stream");
+                    self.full_turn = None;
+                    continue;
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {
                         if let Err(status) = self.on_request(req) {
@@ -1001,11 +1036,14 @@ impl Subscriber {
     }
 
     async fn start(&mut self, resume: Option<ResumePoint>) -> Result<(), Gone> {
-        let current = self.models.borrow_and_update().clone();
         let base = resume
             .filter(|r| r.instance_id == self.shared.instance_id)
             .and_then(|r| self.shared.at_version(r.version))
             .map(|v| (v.version, NodeView::new(v, &self.node, self.waypoint)));
+        if base.is_none() {
+            self.take_full_turn().await?;
+        }
+        let current = self.models.borrow_and_update().clone();
         let view = NodeView::new(current.clone(), &self.node, self.waypoint);
         let changes = base
             .as_ref()
@@ -1036,6 +1074,11 @@ impl Subscriber {
         if current.version <= self.considered {
             return Ok(());
         }
+        if self.acked.is_none() && self.full_turn.is_none() {
+            // Nothing acknowledged yet (the first snapshot was rejected):
+            // this one is full too.
+            self.take_full_turn().await?;
+        }
         self.considered = current.version;
         let changes = self
             .acked
@@ -1048,6 +1091,19 @@ impl Subscriber {
             return Ok(());
         }
         self.send(update, view).await
+    }
+
+    /// Waits for a turn to send a full snapshot.
+    async fn take_full_turn(&mut self) -> Result<(), Gone> {
+        let permit = self
+            .shared
+            .full_snapshots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Gone)?;
+        self.full_turn = Some((permit, tokio::time::Instant::now() + FULL_SNAPSHOT_TURN));
+        Ok(())
     }
 
     async fn send(&mut self, update: ConfigUpdate, view: NodeView) -> Result<(), Gone> {
@@ -1072,6 +1128,10 @@ impl Subscriber {
     }
 
     fn on_request(&mut self, req: SubscribeRequest) -> Result<(), Status> {
+        if matches!(req.request, Some(Req::Ack(_) | Req::Nack(_))) {
+            // One update is in flight at a time: an answer is to it.
+            self.full_turn = None;
+        }
         match req.request {
             Some(Req::Ack(ack)) => match self.in_flight.take() {
                 Some((v, view, sent)) if v == ack.version => {

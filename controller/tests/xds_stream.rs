@@ -12,7 +12,7 @@ use weft_api::proto::mesh_config_client::MeshConfigClient;
 use weft_api::proto::{ConfigUpdate, ResourceKey, ResumePoint, SubscribeRequest};
 use weft_api::MeshModel;
 use weft_controller::ca::BootstrapTokens;
-use weft_controller::xds::{XdsOptions, XdsServer};
+use weft_controller::xds::{XdsOptions, XdsServer, FULL_SNAPSHOTS_IN_FLIGHT, FULL_SNAPSHOT_TURN};
 use weft_pki::{LocalCa, TrustBundle};
 
 const MODEL: &str = r#"
@@ -197,6 +197,44 @@ async fn xds_initial_full_sync_then_a_pod_change_is_a_one_workload_delta() {
         (3, 1, 1)
     );
     assert!(stats.bytes_pushed > 0);
+}
+
+/// When many clients connect at once (a controller restart), full
+/// snapshots take turns: an answer frees a turn, and a client that never
+/// answers gives its turn up after `FULL_SNAPSHOT_TURN`.
+#[tokio::test]
+async fn xds_full_snapshots_take_turns_and_a_silent_client_gives_its_turn_up() {
+    let h = start().await;
+    let n = FULL_SNAPSHOTS_IN_FLIGHT;
+    let mut subs = Vec::new();
+    for i in 0..=n {
+        subs.push(subscribe(h.addr, &format!("n{i}"), None).await);
+    }
+    let mut fulls = Vec::new();
+    for s in subs.iter_mut().take(n) {
+        let u = s.next().await;
+        assert!(u.full);
+        fulls.push(u);
+    }
+    // The one past the limit waits for a turn...
+    subs[n].quiet(300).await;
+    // ...which an answer frees.
+    subs[0].ack(&fulls[0]).await;
+    assert!(subs[n].next().await.full);
+    // Every turn is now held by a client that does not answer: the next
+    // one gets its snapshot once the oldest turn runs out.
+    let mut late = subscribe(h.addr, "late", None).await;
+    late.quiet(300).await;
+    let u = tokio::time::timeout(
+        FULL_SNAPSHOT_TURN + Duration::from_secs(5),
+        late.rx.message(),
+    )
+    .await
+    .expect("no full snapshot once a silent client's turn ran out")
+    .expect("stream error")
+    .expect("stream ended");
+    assert!(u.full);
+    assert_eq!(h.xds.counters().snapshot().full_pushes, n as u64 + 2);
 }
 
 #[tokio::test]
