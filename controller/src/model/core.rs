@@ -2,7 +2,7 @@
 //! with their ports (named target ports resolved through EndpointSlices or
 //! the pods) and the waypoint each Service's traffic goes through.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -172,6 +172,17 @@ pub(crate) fn build_services(
 ) -> Vec<model::Service> {
     let pods = by_key(&state.pods);
     let namespaces = by_key(&state.namespaces);
+    // Each Service looks at its own namespace's pods and its own slices
+    // only: found by key, not by a scan of the cluster per Service.
+    let mut slices_of: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for s in state.endpoint_slices.iter().map(Arc::as_ref) {
+        if let (Some(ns), Some(svc)) = (
+            s.metadata.namespace.as_deref(),
+            s.labels().get("kubernetes.io/service-name"),
+        ) {
+            slices_of.entry((ns, svc)).or_default().push(s);
+        }
+    }
     let mut out = Vec::new();
     for ((ns, name), svc) in by_key(&state.services) {
         let Some(spec) = &svc.spec else { continue };
@@ -206,22 +217,15 @@ pub(crate) fn build_services(
         let selected: Vec<&Pod> = if selector.is_empty() {
             Vec::new()
         } else {
-            pods.iter()
-                .filter(|((pns, _), p)| {
-                    *pns == ns && selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
-                })
+            pods.range((ns.clone(), String::new())..)
+                .take_while(|((pns, _), _)| *pns == ns)
+                .filter(|(_, p)| selector.iter().all(|(k, v)| p.labels().get(k) == Some(v)))
                 .map(|(_, p)| *p)
                 .collect()
         };
-        let slices: Vec<&EndpointSlice> = state
-            .endpoint_slices
-            .iter()
-            .map(Arc::as_ref)
-            .filter(|s| {
-                s.namespace().as_deref() == Some(ns.as_str())
-                    && s.labels().get("kubernetes.io/service-name") == Some(&name)
-            })
-            .collect();
+        let slices: &[&EndpointSlice] = slices_of
+            .get(&(ns.as_str(), name.as_str()))
+            .map_or(&[], Vec::as_slice);
         let mut ports = Vec::new();
         for sp in spec.ports.iter().flatten() {
             let Ok(port) = u16::try_from(sp.port).map_err(|_| ()).and_then(|p| {
@@ -252,7 +256,7 @@ pub(crate) fn build_services(
                     Ok(t) if t != 0 => Some(t),
                     _ => {
                         let resolved =
-                            resolve_named_port(named, sp.name.as_deref(), &slices, &selected);
+                            resolve_named_port(named, sp.name.as_deref(), slices, &selected);
                         if resolved.is_none() && !selected.is_empty() {
                             problems.insert(format!(
                                 "service {ns}/{name}: targetPort {named:?} names no container port of the selected pods; using port {port}"
