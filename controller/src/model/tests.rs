@@ -49,6 +49,50 @@ spec:
         }
     }
 
+    /// A named targetPort comes from the Service's own EndpointSlice when
+    /// there is one (the EndpointSlice controller resolved it), and a
+    /// Service selects pods of its own namespace only.
+    #[test]
+    fn named_target_ports_come_from_the_services_own_slices() {
+        let mut st = state();
+        st.services.push(obj(r#"
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.0.11, selector: {app: web}, ports: [{name: grpc, port: 90, targetPort: grpc}]}
+"#));
+        st.endpoint_slices = vec![
+            obj("metadata: {name: api-x1, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+endpoints: []
+ports: [{name: grpc, port: 7070}]"),
+            // Another Service's slice, and one of a namesake in another
+            // namespace: neither is api's.
+            obj("metadata: {name: web-x1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: []
+ports: [{name: grpc, port: 1111}]"),
+            obj("metadata: {name: api-y1, namespace: legacy, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+endpoints: []
+ports: [{name: grpc, port: 2222}]"),
+        ];
+        // A pod of another namespace with the same labels is not selected.
+        st.pods.push(obj(r#"
+metadata: {name: web-9, namespace: legacy, labels: {app: web}}
+spec: {nodeName: n2, containers: [{name: c, ports: [{name: grpc, containerPort: 3333}]}]}
+status: {phase: Running, podIP: 10.0.1.9}
+"#));
+        let out = build(&st, "cluster.local");
+        let api = out.model.services.iter().find(|s| s.name == "api").unwrap();
+        assert_eq!(api.ports[0].target_port, Some(7070));
+        st.endpoint_slices.remove(0);
+        let out = build(&st, "cluster.local");
+        let api = out.model.services.iter().find(|s| s.name == "api").unwrap();
+        // No slice of its own, and its namespace's pods do not declare
+        // `grpc`: the service port is used (and reported).
+        assert_eq!(api.ports[0].target_port, None);
+        assert!(out.problems.iter().any(|p| p.contains("service shop/api")));
+    }
+
     #[test]
     fn builds_workloads_and_services() {
         let out = build(&state(), "cluster.local");
