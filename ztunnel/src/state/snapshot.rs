@@ -857,6 +857,9 @@ waypoints:
                 trust_bundle_pem: vec![],
             };
         let proto_of = |yaml: &str| Resources::from(&MeshModel::from_yaml(yaml).unwrap());
+        let delta = |version: u64, yaml: &str, removals: Removals| {
+            update(version, false, proto_of(yaml), removals)
+        };
         let mut cache = ConfigCache::default();
         let s = step(
             &mut cache,
@@ -867,16 +870,13 @@ waypoints:
         let s = step(
             &mut cache,
             &s,
-            update(
+            delta(
                 2,
-                false,
-                proto_of(
-                    r#"
+                r#"
 workloads:
   - { name: web-3, namespace: shop, service_account: web, node: n1, ips: [10.1.0.4], labels: { app: web } }
   - { name: web-2, namespace: shop, service_account: web, node: n2, ips: [10.1.0.3], labels: { app: other } }
 "#,
-                ),
                 Removals {
                     workloads: vec![ResourceKey::new("ops", "job")],
                     ..Default::default()
@@ -895,15 +895,12 @@ workloads:
         let s = step(
             &mut cache,
             &s,
-            update(
+            delta(
                 3,
-                false,
-                proto_of(
-                    r#"
+                r#"
 services:
   - { name: web, namespace: shop, vips: [10.96.0.1], ports: [{ port: 80 }], selector: { app: web }, waypoint: wp }
 "#,
-                ),
                 Removals::default(),
             ),
         );
@@ -917,17 +914,14 @@ services:
         let s = step(
             &mut cache,
             &s,
-            update(
+            delta(
                 4,
-                false,
-                proto_of(
-                    r#"
+                r#"
 waypoints:
   - { name: wp, namespace: shop, service_account: wp-2 }
 workloads:
   - { name: web-4, namespace: shop, service_account: web, node: n1, ips: [10.1.0.2], labels: { app: web } }
 "#,
-                ),
                 Removals {
                     workloads: vec![ResourceKey::new("shop", "web-1")],
                     ..Default::default()
@@ -961,18 +955,15 @@ workloads:
         let s = step(
             &mut cache,
             &s,
-            update(
+            delta(
                 6,
-                false,
-                proto_of(
-                    r#"
+                r#"
 policies:
   - { name: deny-job, namespace: ops, action: DENY, rules: [{ from: [{ ip_blocks: [192.0.2.1/32] }] }] }
   - { name: allow-web, namespace: shop, selector: { app: web }, rules: [{ from: [{ namespaces: [shop] }] }] }
 peer_authentications:
   - { name: strict, namespace: shop, mode: STRICT }
 "#,
-                ),
                 Removals::default(),
             ),
         );
