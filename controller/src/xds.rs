@@ -313,7 +313,7 @@ fn in_key_order<M: Keyed>(items: &[M]) -> Vec<&M> {
 fn changed_items<'a, M: Keyed + PartialEq>(
     previous: &'a [M],
     items: &'a [M],
-) -> Vec<(Option<&'a M>, Option<&'a M>)> {
+) -> Vec<ItemChange<'a, M>> {
     let (old, new) = (in_key_order(previous), in_key_order(items));
     let (mut i, mut j) = (0, 0);
     let mut out = Vec::new();
@@ -339,23 +339,27 @@ fn changed_items<'a, M: Keyed + PartialEq>(
     }
 }
 
+/// An item's change between two models: `(old, new)`, `None` on the side
+/// where it is absent.
+type ItemChange<'a, M> = (Option<&'a M>, Option<&'a M>);
+
 /// The wire messages of `items` by key: all converted for a first version;
-/// otherwise the previous version's map with only the items that changed
-/// since `previous` converted again. The keys whose message changed go
-/// into `changed`.
+/// otherwise the previous version's map with only the items of `diff` (the
+/// [`changed_items`] since the previous model) converted again. The keys
+/// whose message changed go into `changed`.
 fn index<M: Keyed + PartialEq, P: for<'b> From<&'b M> + PartialEq>(
     items: &[M],
-    previous: Option<(&[M], &Map<P>)>,
+    previous: Option<(&Map<P>, &[ItemChange<'_, M>])>,
     changed: &mut BTreeSet<Key>,
 ) -> Map<P> {
-    let Some((previous, old_map)) = previous else {
+    let Some((old_map, diff)) = previous else {
         return in_key_order(items)
             .into_iter()
             .map(|m| (owned_key(m), Arc::new(P::from(m))))
             .collect();
     };
     let mut map = old_map.clone();
-    for (old, new) in changed_items(previous, items) {
+    for &(old, new) in diff {
         match new {
             Some(n) => {
                 let key = owned_key(n);
@@ -383,7 +387,7 @@ fn index<M: Keyed + PartialEq, P: for<'b> From<&'b M> + PartialEq>(
 /// first version).
 fn tally_nodes(
     previous: Option<&Versioned>,
-    diff: &[(Option<&Workload>, Option<&Workload>)],
+    diff: &[ItemChange<'_, Workload>],
 ) -> (PodTally, NodeNamespaces) {
     let mut counts = previous
         .map(|p| p.pods_per_node_namespace.clone())
@@ -453,20 +457,26 @@ impl Versioned {
         };
         let (pods_per_node_namespace, node_namespaces) = tally_nodes(p, &workload_diff);
         macro_rules! index {
-            ($field:ident, $changed:expr) => {
+            ($field:ident, $changed:expr) => {{
+                let diff = pm.map(|pm| changed_items(&pm.$field, &model.$field));
                 index(
                     &model.$field,
-                    previous.map(|(p, pm)| (&pm.$field[..], &p.$field)),
+                    p.map(|p| &p.$field).zip(diff.as_deref()),
                     $changed,
                 )
-            };
+            }};
         }
         Self {
             version,
             created: Instant::now(),
             trust_domain: model.trust_domain.clone(),
             namespaces: index!(namespaces, c_ns),
-            workloads: index!(workloads, c_wl),
+            // The workloads' diff is the one the tally above used.
+            workloads: index(
+                &model.workloads,
+                p.map(|p| (&p.workloads, &workload_diff[..])),
+                c_wl,
+            ),
             services: index!(services, c_svc),
             policies: index!(policies, c_pol),
             peer_authentications: index!(peer_authentications, c_pa),
